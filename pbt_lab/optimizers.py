@@ -1,0 +1,62 @@
+"""The study's six optimizers, by case-insensitive name, with TensorFlow 1's defaults.
+
+    make_optimizer("RMSProp", 1e-3)                 # decay 0.9, epsilon 1e-10, momentum 0
+    make_optimizer("adam", 1e-3, epsilon=1e-7)      # any Keras argument overrides a default
+
+Keras 3's optimizers compute the same updates as TF1's, with two default-level differences
+this module removes: Keras's epsilons default to 1e-7, and Keras starts RMSProp's mean-square
+slot at 0 where TF1 started it at 1 (the main reason the study's RMSProp needed small rates).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import keras
+
+from pbt_lab import UserError
+
+
+class TF1RMSprop(keras.optimizers.RMSprop):
+    """Keras RMSprop whose mean-square slot starts at ``initial_rms`` (TF1: 1.0), not 0."""
+
+    def __init__(self, *args, initial_rms: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial_rms = initial_rms
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        for v in self._velocities:
+            v.assign(keras.ops.full(v.shape, self.initial_rms, v.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "initial_rms": self.initial_rms}
+
+
+# name → (Keras class, TF1 defaults). Names are the study's.
+OPTIMIZERS: dict[str, tuple[type, dict]] = {
+    "gd": (keras.optimizers.SGD, {}),
+    "momentum": (keras.optimizers.SGD, {"momentum": 0.5}),
+    "adam": (keras.optimizers.Adam, {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-8}),
+    "adagrad": (keras.optimizers.Adagrad, {"initial_accumulator_value": 0.1, "epsilon": 1e-8}),
+    "adadelta": (keras.optimizers.Adadelta, {"rho": 0.95, "epsilon": 1e-8}),
+    "rmsprop": (TF1RMSprop, {"rho": 0.9, "momentum": 0.0, "epsilon": 1e-10, "initial_rms": 1.0}),
+}
+
+
+def canonical_name(name: str) -> str:
+    """The registry key for ``name`` (case-insensitive), or a one-line error with the close match."""
+    key = str(name).strip().lower()
+    if key in OPTIMIZERS:
+        return key
+    close = difflib.get_close_matches(key, OPTIMIZERS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UserError(f"unknown optimizer '{name}'{hint}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(name: str, learning_rate: float, **overrides) -> keras.optimizers.Optimizer:
+    """A fresh Keras optimizer for ``name`` with the study's TF1 defaults and ``overrides``."""
+    cls, defaults = OPTIMIZERS[canonical_name(name)]
+    return cls(learning_rate=float(learning_rate), **{**defaults, **overrides})

@@ -1,0 +1,161 @@
+"""The Trainer's behaviour on real data: the valley's three regimes, exact resume, live rate changes."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pbt_lab.config import ModelConfig, TrainConfig
+from pbt_lab.train import CAPPED, DIVERGED, REACHED, Trainer, main
+
+SMALL = ModelConfig(scale=0.25)
+
+
+def trainer(data, **train):
+    return Trainer(data, TrainConfig(**{"steps_per_check": 20, **train}), SMALL)
+
+
+def weights(t):
+    return [v.numpy().copy() for v in t.model.variables]
+
+
+def test_adam_at_1e3_reaches_97_percent(bundled):
+    summary = trainer(bundled, optimizer="adam", lr=1e-3, steps_per_check=50, max_steps=2000).run()
+    assert summary["status"] == REACHED
+    assert summary["steps_to_target"] == summary["steps"] <= 2000
+    assert 0 < summary["seconds_to_target"] == summary["train_seconds"]
+    assert summary["final_train_acc"] >= 0.97 and summary["final_val_acc"] > 0.95
+
+
+def test_gd_at_1e6_is_capped(bundled):
+    summary = trainer(bundled, optimizer="gd", lr=1e-6, max_steps=100).run()
+    assert summary["status"] == CAPPED
+    assert summary["steps"] == 100 and summary["steps_to_target"] is None
+    assert summary["final_val_acc"] < 0.5
+
+
+def test_gd_at_100_diverges_within_the_first_check(bundled):
+    t = trainer(bundled, optimizer="gd", lr=100.0, steps_per_check=50)
+    rows = []
+    t.run(on_check=rows.append)
+    assert t.status == DIVERGED and len(rows) == 1 and t.step < 50
+    assert all(np.isfinite(w).all() for w in weights(t))  # stopped before the non-finite update
+
+
+def test_seconds_budget_caps_the_run(bundled):
+    t = trainer(bundled, optimizer="gd", lr=1e-6, max_seconds=0.5)
+    t.run()
+    assert t.status == CAPPED and t.train_seconds >= 0.5
+
+
+def test_resume_is_exact(bundled, tmp_path):
+    straight = trainer(bundled, optimizer="adam", lr=1e-3)
+    for _ in range(3):
+        straight.check()
+    first = trainer(bundled, optimizer="adam", lr=1e-3)
+    first.check()
+    first.save(tmp_path / "ckpt")
+    resumed = trainer(bundled, optimizer="adam", lr=1e-3, seed=7)  # another seed: the state must carry it
+    resumed.restore(tmp_path / "ckpt")
+    assert resumed.step == 20
+    resumed.check()
+    resumed.check()
+    assert resumed.step == straight.step == 60
+    for a, b in zip(weights(straight), weights(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_set_lr_scales_the_update_without_retracing(bundled, tmp_path):
+    t = trainer(bundled, optimizer="gd", lr=0.01)
+    t.check()  # traced once here
+    t.save(tmp_path / "before")
+    start = weights(t)
+    t.train(1)
+    small = [w - s for w, s in zip(weights(t), start)]
+    t.restore(tmp_path / "before")
+    traces = t.tracing_count
+    t.set_lr(0.02)
+    t.train(1)
+    large = [w - s for w, s in zip(weights(t), start)]
+    assert t.tracing_count == traces == 1
+    assert float(t.optimizer.learning_rate) == pytest.approx(0.02)
+    kernels = [i for i, s in enumerate(small) if s.ndim > 1]
+    for i in kernels:  # plain gradient descent: twice the rate, twice the step
+        np.testing.assert_allclose(large[i], 2 * small[i], rtol=1e-3, atol=1e-7)
+
+
+def test_restore_keeps_the_configured_rate_and_changes_slots_only_with_the_same_optimizer(bundled, tmp_path):
+    donor = trainer(bundled, optimizer="adam", lr=1e-3)
+    donor.check()
+    donor.save(tmp_path / "donor")
+    same = trainer(bundled, optimizer="adam", lr=5e-4)
+    same.restore(tmp_path / "donor")
+    assert float(same.optimizer.learning_rate) == pytest.approx(5e-4)  # not the donor's 1e-3
+    assert int(same.optimizer.iterations) == 20
+    other = trainer(bundled, optimizer="momentum", lr=0.05)
+    other.restore(tmp_path / "donor")
+    assert other.weights_digest() == donor.weights_digest()
+    assert int(other.optimizer.iterations) == 0  # fresh slots for a different optimizer
+    assert all(not v.numpy().any() for v in other.optimizer.variables if "momentum" in v.path)
+
+
+def test_switching_optimizers_reuses_traced_calls(bundled):
+    t = trainer(bundled, optimizer="adam", lr=1e-3)
+    t.check()
+    t.set_optimizer("gd", 0.1)
+    t.check()
+    t.set_optimizer("adam", 1e-3)
+    assert int(t.optimizer.iterations) == 0  # fresh slots on switching
+    t.check()
+    assert t.tracing_count == 2 and t.optimizer_name == "adam" and t.step == 60
+
+
+def test_corrupt_checkpoint_is_a_clear_error(bundled, tmp_path):
+    t = trainer(bundled)
+    t.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "trainer.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="checkpoint .*ckpt is missing or corrupt"):
+        t.restore(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizer", "adma"], "unknown optimizer 'adma'"),
+        (["--lr", "0"], "train.lr must be a positive number"),
+        (["--lr=-1e-3"], "train.lr must be a positive number"),
+        (["--lr", "nan"], "train.lr must be a positive number"),
+        (["--lr", "fast"], "invalid float value: 'fast'"),
+        (["--target", "1.5"], r"train.target must be in \(0, 1\]"),
+        (["--target", "0"], r"train.target must be in \(0, 1\]"),
+        (["--scale", "0"], "model.scale must be a positive number"),
+        (["--max-steps", "0"], "train.max_steps must be a positive integer"),
+        (["--data", "/nonexistent/mnist.npz"], "data file /nonexistent/mnist.npz does not exist"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", "bundled", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_cli_prints_progress_then_json(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pbt_lab.train", "--optimizer", "adam", "--lr", "1e-3", "--scale", "0.25",
+         "--data", "bundled", "--max-steps", "100", "--json"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout.splitlines()
+    result = json.loads(out[-1])
+    assert result["status"] in ("reached", "capped") and result["steps"] <= 100
+    for key in ("steps_to_target", "seconds_to_target", "train_seconds", "final_train_acc", "final_val_acc"):
+        assert key in result
+    assert sum(line.startswith("step ") for line in out) == 2  # a progress line per 50-step check
