@@ -19,11 +19,11 @@ import keras
 import numpy as np
 
 from pbt_lab import UserError
-from pbt_lab.config import ModelConfig, TrainConfig
+from pbt_lab.config import ModelConfig, OneLineParser, TrainConfig
 from pbt_lab.data import Mnist, load_mnist
 from pbt_lab.model import build_cnn
 from pbt_lab.optimizers import make_optimizer
-from pbt_lab.train import OneLineParser, Trainer, configure_tensorflow
+from pbt_lab.train import Trainer, configure_tensorflow
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,37 @@
 """Typed configuration: defaults live here once, each field with a one-line docstring.
 
 Every dataclass validates itself on construction (and on ``dataclasses.replace``), so a bad
-value fails with one clear line before any work starts.
+value fails with one clear line before any work starts. ``load_config`` layers a YAML file
+(listing only what differs) and ``--set key=value`` overrides on top of the defaults.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import math
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
 
 from pbt_lab import UserError
-from pbt_lab.optimizers import canonical_name
 
 TARGET_METRICS = ("train_acc", "val_acc")
+# The study's optimizers; optimizers.py maps each to Keras (kept here so configs load without TF).
+OPTIMIZER_NAMES = ("gd", "momentum", "adam", "adagrad", "adadelta", "rmsprop")
+
+
+def canonical_name(optimizer: str) -> str:
+    """The study's name for ``optimizer`` (case-insensitive), or one line naming the close match."""
+    key = str(optimizer).strip().lower()
+    if key in OPTIMIZER_NAMES:
+        return key
+    close = difflib.get_close_matches(key, OPTIMIZER_NAMES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UserError(f"unknown optimizer '{optimizer}'{hint}: choose one of {', '.join(OPTIMIZER_NAMES)}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -96,3 +115,173 @@ class TrainConfig:
         _positive("train.val_every", self.val_every, int)
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
                  f"train.seed must be a non-negative integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where MNIST comes from (DESIGN §6)."""
+
+    source: str | None = None
+    """A Keras-layout mnist.npz path, 'bundled' (the offline subset), or null: $PBT_LAB_DATA, then Keras's cache."""
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each trial holds while it runs."""
+
+    cpu: float = 1.0
+    """CPUs per trial; TensorFlow's thread pools are sized to match."""
+    gpu: float = 0.0
+    """GPUs per trial; a fraction (e.g. 0.25) shares one card between trials."""
+    max_concurrent: int | None = None
+    """Most trials at once; null: as many as the cluster's free resources allow."""
+
+    def __post_init__(self):
+        _positive("resources.cpu", self.cpu)
+        _require(isinstance(self.gpu, (int, float)) and 0 <= self.gpu, f"resources.gpu must be ≥ 0, got {self.gpu!r}")
+        _positive("resources.max_concurrent", self.max_concurrent, int, allow_none=True)
+
+
+@dataclass(frozen=True)
+class TuneRunConfig:
+    """How Ray Tune runs and keeps the trials."""
+
+    checkpoint_every: int = 0
+    """Checks between checkpoints (0: none; an interrupted trial then restarts from scratch)."""
+    keep_checkpoints: int | None = 4
+    """Checkpoints kept per trial (null: all)."""
+    max_failures: int = 0
+    """Times a trial whose worker died is restarted from its last checkpoint."""
+
+    def __post_init__(self):
+        _require(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+                 f"run.checkpoint_every must be a non-negative integer, got {self.checkpoint_every!r}")
+        _positive("run.keep_checkpoints", self.keep_checkpoints, int, allow_none=True)
+        _require(isinstance(self.max_failures, int) and self.max_failures >= -1,
+                 f"run.max_failures must be an integer ≥ -1 (-1: forever), got {self.max_failures!r}")
+
+
+def study_learning_rates() -> list[float]:
+    """The study's 48 rates: 10^(k/6) for k = -36…12, k ≠ 0 (1e-6 to 100, 1/6 decade apart)."""
+    return [10 ** (k / 6) for k in range(-36, 13) if k != 0]
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The exhaustive optimizer × learning rate (× seed) grid."""
+
+    optimizers: list[str] = field(default_factory=lambda: list(OPTIMIZER_NAMES))
+    """Optimizers to try (all six by default)."""
+    lrs: list[float] = field(default_factory=study_learning_rates)
+    """Learning rates to try with every optimizer (default: the study's 48)."""
+    seeds: list[int] = field(default_factory=lambda: [TrainConfig.seed])
+    """Seeds: each optimizer × rate runs once per seed."""
+
+    def __post_init__(self):
+        _require(bool(self.optimizers), "grid.optimizers must name at least one optimizer")
+        object.__setattr__(self, "optimizers", [canonical_name(o) for o in self.optimizers])
+        _require(bool(self.lrs), "grid.lrs must list at least one learning rate")
+        for lr in self.lrs:
+            _positive("grid.lrs", lr)
+        _require(bool(self.seeds) and all(isinstance(s, int) and s >= 0 for s in self.seeds),
+                 f"grid.seeds must be non-negative integers, got {self.seeds!r}")
+
+
+@dataclass(frozen=True)
+class GridExperiment:
+    """``python -m pbt_lab.grid``: every optimizer × rate trained to the target or a budget."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: TuneRunConfig = field(default_factory=TuneRunConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+
+
+# --- YAML and --set ------------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()):
+    """``cls`` built from its defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    values: dict = read_yaml(path) if path else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _require(bool(sep and key), f"--set expects key=value, got {item!r}")
+        node = values
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), f"--set {key}: {part} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return build(cls, values)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise UserError(f"config file {path} is not valid YAML{line}: {getattr(e, 'problem', e)}") from e
+    _require(isinstance(values, dict), f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def build(cls: type, values: dict, prefix: str = ""):
+    """``cls(**values)`` with nested sections built, types checked and unknown keys named."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if is_dataclass(kind):
+            _require(isinstance(value, dict), f"{prefix}{name} must be a section of keys, got {value!r}")
+            kwargs[name] = build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, kind, name: str):
+    """``value`` as type ``kind`` (float, int, bool, str, list[...], dict, or X | None)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), name)
+    if origin is list:
+        _require(isinstance(value, list), f"{name} must be a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value]
+    if kind is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number, got {value!r}")
+        return float(value)
+    if kind is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+        return value
+    expected = {bool: "true or false", str: "a string", dict: "a mapping"}[kind]
+    _require(isinstance(value, kind), f"{name} must be {expected}, got {value!r}")
+    return value

@@ -10,11 +10,9 @@ slot at 0 where TF1 started it at 1 (the main reason the study's RMSProp needed 
 
 from __future__ import annotations
 
-import difflib
-
 import keras
 
-from pbt_lab import UserError
+from pbt_lab.config import OPTIMIZER_NAMES, canonical_name
 
 
 class TF1RMSprop(keras.optimizers.RMSprop):
@@ -44,16 +42,7 @@ OPTIMIZERS: dict[str, tuple[type, dict]] = {
     "adadelta": (keras.optimizers.Adadelta, {"rho": 0.95, "epsilon": 1e-8}),
     "rmsprop": (TF1RMSprop, {"rho": 0.9, "momentum": 0.0, "epsilon": 1e-10, "initial_rms": 1.0}),
 }
-
-
-def canonical_name(name: str) -> str:
-    """The registry key for ``name`` (case-insensitive), or a one-line error with the close match."""
-    key = str(name).strip().lower()
-    if key in OPTIMIZERS:
-        return key
-    close = difflib.get_close_matches(key, OPTIMIZERS, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise UserError(f"unknown optimizer '{name}'{hint}: choose one of {', '.join(OPTIMIZERS)}")
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES
 
 
 def make_optimizer(name: str, learning_rate: float, **overrides) -> keras.optimizers.Optimizer:

@@ -10,7 +10,6 @@ from a directory, exactly: N steps straight equal k steps, save, restore, N − 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,10 +26,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pbt_lab import UserError  # noqa: E402
-from pbt_lab.config import ModelConfig, TrainConfig  # noqa: E402
+from pbt_lab.config import ModelConfig, OneLineParser, TrainConfig  # noqa: E402
 from pbt_lab.data import Mnist, load_mnist  # noqa: E402
 from pbt_lab.model import build_cnn  # noqa: E402
-from pbt_lab.optimizers import canonical_name, make_optimizer  # noqa: E402
+from pbt_lab.config import canonical_name  # noqa: E402
+from pbt_lab.optimizers import make_optimizer  # noqa: E402
 
 # Metric names: defined once, used by the trainable, the results tables and the plots.
 STEP = "step"
@@ -125,7 +125,6 @@ class Trainer:
     """
 
     def __init__(self, data: Mnist, train: TrainConfig = TrainConfig(), model: ModelConfig = ModelConfig()):
-        seed_everything(train.seed)
         self.cfg, self.model_cfg = train, model
         self.model = build_cnn(**asdict(model))
         # Images stay uint8 on the device (4× less memory, and what the object store ships);
@@ -134,9 +133,25 @@ class Trainer:
         self._y = tf.constant(data.y_train.astype(np.int32))
         self._x_val = tf.constant(data.x_val)
         self._y_val = tf.constant(data.y_val.astype(np.int32))
-        self._order = DataOrder(len(data.y_train), train.seed)
         self._eval_fn = self._make_eval_fn()
         self._slots: dict[str, _OptimizerSlot] = {}
+        self.reset(train)
+
+    def reset(self, train: TrainConfig) -> bool:
+        """Start a fresh run with ``train`` (new seed, optimizer, rate, budgets) on this trainer.
+
+        Weights are re-initialized exactly as a new Trainer would initialize them, and the traced
+        calls are reused (Ray Tune reuses actors this way). False, changing nothing, if ``train``
+        differs in a setting baked into the traced calls: then build a new Trainer.
+        """
+        traced = ("batch_size", "jit_compile", "divergence_loss")
+        if self._slots and any(getattr(train, k) != getattr(self.cfg, k) for k in traced):
+            return False
+        seed_everything(train.seed)
+        for variable, value in zip(self.model.variables, build_cnn(**asdict(self.model_cfg)).variables):
+            variable.assign(value)
+        self.cfg = train
+        self._order = DataOrder(len(self._y), train.seed)
         self.optimizer_name, self.lr = "", 0.0
         self.set_optimizer(train.optimizer, train.lr, **train.optimizer_args)
         self.step, self.checks, self.train_seconds = 0, 0, 0.0
@@ -144,12 +159,13 @@ class Trainer:
         self.steps_to_target: int | None = None
         self.seconds_to_target: float | None = None
         self.last: dict = {}
+        return True
 
     # --- optimizer and learning rate -------------------------------------------------------
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
-        return self._slots[self.optimizer_name].optimizer
+        return self._slots[self._slot_key].optimizer
 
     def set_optimizer(self, name: str, lr: float, **overrides) -> None:
         """Switch to optimizer ``name`` with fresh slots and rate ``lr``.
@@ -158,15 +174,16 @@ class Trainer:
         forth (as PBT does) costs a variable reset, not a retrace.
         """
         name = canonical_name(name)
-        if name not in self._slots:
+        key = f"{name} {sorted(overrides.items())}"
+        if key not in self._slots:
             optimizer = make_optimizer(name, lr, **overrides)
             optimizer.build(self.model.trainable_variables)
             fresh = [v.numpy() for v in optimizer.variables]
-            self._slots[name] = _OptimizerSlot(optimizer, fresh, self._make_train_fn(optimizer))
-        slot = self._slots[name]
+            self._slots[key] = _OptimizerSlot(optimizer, fresh, self._make_train_fn(optimizer))
+        slot = self._slots[key]
         for variable, value in zip(slot.optimizer.variables, slot.fresh):
             variable.assign(value)
-        self.optimizer_name = name
+        self.optimizer_name, self._slot_key = name, key
         self.set_lr(lr)
 
     def set_lr(self, lr: float) -> None:
@@ -232,7 +249,7 @@ class Trainer:
         """Run ``steps`` training steps in one call (fewer if the loss diverges)."""
         batches = self._order.take(steps, self.cfg.batch_size)
         start = time.perf_counter()
-        done, loss_sum, correct, diverged = self._slots[self.optimizer_name].train_fn(batches)
+        done, loss_sum, correct, diverged = self._slots[self._slot_key].train_fn(batches)
         done = int(done)  # note: a device-to-host sync point, so the time below is the real one
         self.train_seconds += time.perf_counter() - start
         self.step += done
@@ -342,7 +359,7 @@ class Trainer:
             for i, v in enumerate(self.optimizer.variables):
                 v.assign(arrays[f"optimizer/{i}"])
         else:
-            self.set_optimizer(self.optimizer_name, self.lr)  # a different optimizer starts fresh
+            self.set_optimizer(self.optimizer_name, self.lr, **self.cfg.optimizer_args)  # a different one starts fresh
         self.set_lr(self.lr)
         self.step, self.checks, self.train_seconds = meta[STEP], meta["checks"], meta[TRAIN_SECONDS]
         self.status, self.steps_to_target, self.seconds_to_target = meta[STATUS], meta[STEPS_TO_TARGET], meta[SECONDS_TO_TARGET]
@@ -359,13 +376,6 @@ class Trainer:
 
 
 # --- command line ---------------------------------------------------------------------------
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (no usage block) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _progress(row: dict) -> str:

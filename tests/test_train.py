@@ -159,3 +159,16 @@ def test_cli_prints_progress_then_json(tmp_path):
     for key in ("steps_to_target", "seconds_to_target", "train_seconds", "final_train_acc", "final_val_acc"):
         assert key in result
     assert sum(line.startswith("step ") for line in out) == 2  # a progress line per 50-step check
+
+
+def test_reset_trains_exactly_like_a_new_trainer(bundled):
+    reused = trainer(bundled, optimizer="gd", lr=0.1, seed=1)
+    reused.check()
+    assert reused.reset(TrainConfig(optimizer="adam", lr=1e-3, seed=2, steps_per_check=20))
+    reused.check()
+    fresh = trainer(bundled, optimizer="adam", lr=1e-3, seed=2)
+    fresh.check()
+    assert reused.step == fresh.step == 20 and reused.train_seconds < fresh.train_seconds + 5
+    for a, b in zip(weights(reused), weights(fresh)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not reused.reset(TrainConfig(batch_size=50))  # baked into the traced call: needs a new Trainer
