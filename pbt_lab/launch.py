@@ -1,0 +1,128 @@
+"""Shared launching code for every experiment module: flags, config, Ray, the Tuner, the run dir.
+
+Each experiment's ``main`` is ``Launch.parse`` (everything validated before Ray starts), then
+``launch.fit(param_space, …)``, then ``results.write_tables``. Common flags:
+
+    --config PATH  --set key=value …  --name NAME  --storage-path PATH|URI  --address auto|HOST:PORT  --resume
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pbt_lab import UserError
+from pbt_lab.config import OneLineParser, load_config
+from pbt_lab.data import Mnist, load_mnist
+
+STORAGE_ENV = "PBT_LAB_STORAGE"
+DEFAULT_STORAGE = "~/ray_results"  # Ray's own default
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass
+class Launch:
+    """A validated experiment launch: its config, data, and where its run directory is."""
+
+    kind: str
+    cfg: object
+    data: Mnist
+    name: str
+    storage_path: str
+    address: str | None
+    resume: bool
+    parser: OneLineParser
+    wall_seconds: float = 0.0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+    @classmethod
+    def parse(cls, kind: str, config_cls: type, description: str, argv: list[str] | None = None) -> Launch:
+        """Parse the common flags and validate config, data and run directory; one line and exit 2 if bad."""
+        parser = OneLineParser(prog=f"python -m pbt_lab.{kind}", description=description)
+        parser.add_argument("--config", help="YAML file listing what differs from the defaults (see configs/)")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one config value, e.g. --set train.target=0.96 (repeatable)")
+        parser.add_argument("--name", help=f"run name (default: {kind}-DATE-TIME)")
+        parser.add_argument("--storage-path", help=f"where runs live: a path or URI (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
+        parser.add_argument("--address", help="connect to this Ray cluster (auto or HOST:PORT) instead of starting one")
+        parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
+        args = parser.parse_args(argv)
+        try:
+            cfg = load_config(config_cls, args.config, args.set)
+            storage = args.storage_path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+            if not _is_uri(storage):
+                storage = str(Path(storage).expanduser().resolve())
+            launch = cls(kind, cfg, data=None, name=args.name or f"{kind}-{datetime.now():%Y%m%d-%H%M%S}",
+                         storage_path=storage, address=args.address, resume=args.resume, parser=parser)
+            launch._check_run_dir(args.name)
+            launch.data = load_mnist(cfg.data.source)
+        except UserError as e:
+            parser.error(str(e))
+        return launch
+
+    def _check_run_dir(self, named: str | None) -> None:
+        if _is_uri(self.storage_path):
+            return  # checked by Ray when the Tuner starts
+        exists = self.run_dir.is_dir() and any(self.run_dir.iterdir())
+        if self.resume and not named:
+            raise UserError("--resume needs --name of the run to continue")
+        if self.resume and not exists:
+            raise UserError(f"--resume: there is no run {self.run_dir} (check --name and --storage-path)")
+        if not self.resume and exists:
+            raise UserError(f"run {self.run_dir} already exists: pass --resume to continue it, or choose another --name")
+
+    def fit(self, param_space: dict, *, scheduler=None, metric: str | None = None, mode: str | None = None,
+            checkpoint_every: int | None = None):
+        """Run (or resume) the experiment on Ray Tune with the lab's trainable; returns the ResultGrid."""
+        import ray
+        from ray import tune
+
+        from pbt_lab.trainable import LabTrainable
+
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, logging_level="WARNING")
+        res = self.cfg.resources
+        if self.address is None and res.gpu > ray.cluster_resources().get("GPU", 0):
+            if started:
+                ray.shutdown()  # a local cluster never grows GPUs: trials would wait forever
+            self.parser.error(f"resources.gpu={res.gpu:g} but this machine has no GPU: use --set resources.gpu=0")
+        trainable = tune.with_resources(tune.with_parameters(LabTrainable, data=self.data),
+                                        {"cpu": res.cpu, "gpu": res.gpu})
+        run = self.cfg.run
+        every = run.checkpoint_every if checkpoint_every is None else checkpoint_every
+        start = time.perf_counter()
+        if self.resume:
+            tuner = tune.Tuner.restore(str(self.run_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(scheduler=scheduler, metric=metric, mode=mode, reuse_actors=True,
+                                            max_concurrent_trials=res.max_concurrent),
+                run_config=tune.RunConfig(
+                    name=self.name,
+                    storage_path=self.storage_path,
+                    # No checkpoint at the end unless asked: a finished grid trial never resumes, and
+                    # 288 final checkpoints of the full model would take 11 GB.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=run.keep_checkpoints, checkpoint_frequency=every,
+                                                            checkpoint_at_end=every > 0),
+                    failure_config=tune.FailureConfig(max_failures=run.max_failures),
+                    verbose=1,
+                ),
+            )
+        results = tuner.fit()
+        self.wall_seconds += time.perf_counter() - start
+        return results
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)

@@ -1,0 +1,228 @@
+"""Tidy tables from a Ray Tune run directory: the output contract of DESIGN §3.
+
+    from pbt_lab.results import write_tables, read_tables
+    write_tables("~/ray_results/grid-quick")      # (re)builds trials/history parquet + summary.json
+    trials, history, summary = read_tables("~/ray_results/grid-quick")
+
+Reads only what Ray and the trainable write as JSON (``params.json``, ``result.json``): no pickle.
+Everything downstream (plots, report, notebooks) reads these tables and never imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pbt_lab import UserError
+
+TRIALS, HISTORY, SUMMARY, FIGURES = "trials.parquet", "history.parquet", "summary.json", "figures"
+HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc", "train_loss", "val_acc",
+                   "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "trial_seconds",
+                   "node_ip", "pid"]
+ERROR = "error"
+
+
+def trial_dirs(run_dir: Path) -> list[Path]:
+    """The trial directories of a run: those holding Ray's ``params.json``."""
+    return sorted(p.parent for p in Path(run_dir).glob("*/params.json"))
+
+
+def read_history(run_dir: Path) -> pd.DataFrame:
+    """One row per reported iteration of every trial (the last report wins if a resume repeated one)."""
+    rows = []
+    for trial_dir in trial_dirs(run_dir):
+        result_file = trial_dir / "result.json"
+        if not result_file.is_file():
+            continue
+        for line in result_file.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows.append({**{k: r.get(k) for k in HISTORY_COLUMNS}, "iteration": r["training_iteration"],
+                             "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir.name})
+    history = pd.DataFrame(rows, columns=[*HISTORY_COLUMNS, "trial_dir"])
+    history = history.drop_duplicates(["trial_id", "iteration"], keep="last").sort_values(["trial_id", "iteration"])
+    return history.astype({"val_acc": float, "val_loss": float, "train_acc": float, "train_loss": float}).reset_index(drop=True)
+
+
+def read_trials(run_dir: Path, history: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial: its configuration, outcome and compute."""
+    rows = []
+    by_dir = dict(tuple(history.groupby("trial_dir")))
+    for trial_dir in trial_dirs(run_dir):
+        params = json.loads((trial_dir / "params.json").read_text())
+        h = by_dir.get(trial_dir.name, history.iloc[:0])
+        last = h.iloc[-1] if len(h) else pd.Series(dtype=object)
+        val = h["val_acc"].dropna()
+        errored = (trial_dir / "error.txt").is_file() or not len(h)
+        rows.append({
+            "trial_id": last.get("trial_id", trial_dir.name), "optimizer": params["optimizer"], "lr": params["lr"],
+            "scale": params["model"]["scale"], "seed": params["seed"],
+            "status": ERROR if errored else last["status"],
+            "steps_to_target": last.get("steps_to_target"), "seconds_to_target": last.get("seconds_to_target"),
+            "steps": last.get("step", 0), "train_seconds": last.get("train_seconds", 0.0),
+            "trial_seconds": last.get("trial_seconds", 0.0), "final_train_acc": last.get("train_acc"),
+            "final_val_acc": val.iloc[-1] if len(val) else None, "best_val_acc": val.max() if len(val) else None,
+            "iterations": len(h), "node_ip": last.get("node_ip"), "trial_dir": trial_dir.name,
+        })
+    trials = pd.DataFrame(rows)
+    return trials.astype({"steps_to_target": "Int64", "seconds_to_target": float, "final_val_acc": float,
+                          "best_val_acc": float, "final_train_acc": float}).sort_values(["optimizer", "lr", "seed"])
+
+
+def per_optimizer(trials: pd.DataFrame) -> dict:
+    """Per optimizer: best rate (fastest to target), its steps and seconds, the band of rates that reached."""
+    out = {}
+    for name, t in trials.groupby("optimizer"):
+        reached = t[t["status"] == "reached"].sort_values(["seconds_to_target", "steps_to_target"])
+        best = reached.iloc[0] if len(reached) else None
+        out[name] = {
+            "best_lr": float(best["lr"]) if best is not None else None,
+            "steps_to_target": int(best["steps_to_target"]) if best is not None else None,
+            "seconds_to_target": float(best["seconds_to_target"]) if best is not None else None,
+            "band": [float(reached["lr"].min()), float(reached["lr"].max())] if len(reached) else None,
+            "reached_lrs": sorted(float(x) for x in reached["lr"].unique()),
+            "trials": len(t), "reached": len(reached),
+            "diverged": int((t["status"] == "diverged").sum()), "capped": int((t["status"] == "capped").sum()),
+            "errors": int((t["status"] == ERROR).sum()),
+        }
+    return out
+
+
+def best_trial(trials: pd.DataFrame) -> dict | None:
+    """The fastest trial to the target; if none reached it, the best validation accuracy."""
+    reached = trials[trials["status"] == "reached"].sort_values(["seconds_to_target", "steps_to_target"])
+    pool = reached if len(reached) else trials.sort_values("best_val_acc", ascending=False)
+    if not len(pool):
+        return None
+    row = pool.iloc[0]
+    return {k: _plain(row[k]) for k in ("trial_id", "optimizer", "lr", "seed", "scale", "status", "steps_to_target",
+                                        "seconds_to_target", "best_val_acc", "trial_dir")}
+
+
+def compute_totals(trials: pd.DataFrame, wall_seconds: float | None) -> dict:
+    """Compute spent, and what stopping divergent trials early saved (estimated: each diverged trial
+    would otherwise have run as long as the median trial that ran to its budget)."""
+    diverged = trials[trials["status"] == "diverged"]
+    capped = trials[trials["status"] == "capped"]
+    full_run = float(capped["train_seconds"].median()) if len(capped) else None
+    return {
+        "trials": len(trials), "steps": int(trials["steps"].sum()),
+        "train_seconds": float(trials["train_seconds"].sum()),
+        "trial_seconds": float(trials["trial_seconds"].sum()),
+        "wall_seconds": wall_seconds,
+        "diverged_trials": len(diverged),
+        "diverged_train_seconds": float(diverged["train_seconds"].sum()),
+        "divergence_saved_train_seconds_estimate":
+            float((full_run - diverged["train_seconds"]).clip(lower=0).sum()) if full_run else 0.0,
+    }
+
+
+def versions() -> dict:
+    names = ("pbt_lab", "ray", "tensorflow", "keras", "numpy", "pandas", "pyarrow")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), **found}
+
+
+def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict | None = None, data: dict | None = None,
+                 wall_seconds: float | None = None, figures: bool = True) -> dict:
+    """Write trials.parquet, history.parquet, summary.json and figures/ into ``run_dir``.
+
+    Rebuildable: called on an existing run directory alone, it keeps what the last summary
+    recorded (kind, config, data, wall time) and refreshes the tables from Ray's files.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if not trial_dirs(run_dir):
+        raise UserError(f"{run_dir} holds no Ray Tune trials")
+    previous = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+    history = read_history(run_dir)
+    trials = read_trials(run_dir, history)
+    history.drop(columns="trial_dir").to_parquet(run_dir / HISTORY, index=False)
+    trials.to_parquet(run_dir / TRIALS, index=False)
+    summary = {
+        "kind": kind or previous.get("kind"),
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(run_dir),
+        "config": config if config is not None else previous.get("config"),
+        "versions": versions(),
+        "data": data if data is not None else previous.get("data"),
+        "best": best_trial(trials),
+        "optimizers": per_optimizer(trials),
+        "compute": compute_totals(trials, wall_seconds if wall_seconds is not None else
+                                  previous.get("compute", {}).get("wall_seconds")),
+    }
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+    if figures:
+        from pbt_lab import plots
+
+        summary["figures"] = [str(p.relative_to(run_dir)) for p in plots.grid_figures(trials, run_dir / FIGURES)]
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+    return {"trials": trials, "history": history, "summary": summary}
+
+
+def read_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(trials, history, summary) of a run directory written by ``write_tables``."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / SUMMARY).is_file():
+        raise UserError(f"{run_dir} has no {SUMMARY}: run python -m pbt_lab.results {run_dir} to build it")
+    return (pd.read_parquet(run_dir / TRIALS), pd.read_parquet(run_dir / HISTORY),
+            json.loads((run_dir / SUMMARY).read_text()))
+
+
+def console_summary(tables: dict, run_dir: Path) -> str:
+    """The end-of-run table per optimizer, and where the files are."""
+    s = tables["summary"]
+    lines = [f"\n{'optimizer':10} {'best lr':>10} {'steps':>7} {'seconds':>8}  {'band (reached target)':24} {'reached':>8} {'diverged':>8}"]
+    for name, o in s["optimizers"].items():
+        band = f"{o['band'][0]:.3g} – {o['band'][1]:.3g}" if o["band"] else "none"
+        best = [format(v, f) if v is not None else "–"
+                for v, f in ((o["best_lr"], ".3g"), (o["steps_to_target"], "d"), (o["seconds_to_target"], ".2f"))]
+        lines.append(f"{name:10} {best[0]:>10} {best[1]:>7} {best[2]:>8}  {band:24} "
+                     f"{o['reached']:>4}/{o['trials']:<3} {o['diverged']:>8}")
+    c = s["compute"]
+    lines.append(f"\n{c['trials']} trials, {c['steps']:,} steps, {c['train_seconds']:.0f} s training in "
+                 f"{c['trial_seconds']:.0f} trial-seconds" + (f", {c['wall_seconds']:.0f} s wall" if c["wall_seconds"] else ""))
+    lines.append(f"tables:  {run_dir}/{{{TRIALS}, {HISTORY}, {SUMMARY}}}")
+    lines.append(f"figures: {run_dir}/{FIGURES}/")
+    lines.append(f"tensorboard --logdir {run_dir}")
+    return "\n".join(lines)
+
+
+def _plain(value):
+    """JSON-ready Python values from NumPy/pandas scalars (NaN and NA become null)."""
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pbt_lab.config import OneLineParser
+
+    parser = OneLineParser(prog="python -m pbt_lab.results", description="Rebuild a run directory's tables and figures.")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    try:
+        tables = write_tables(args.run_dir)
+    except UserError as e:
+        parser.error(str(e))
+    print(console_summary(tables, Path(args.run_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
