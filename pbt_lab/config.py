@@ -199,6 +199,85 @@ class GridExperiment:
     grid: GridConfig = field(default_factory=GridConfig)
 
 
+# Per-optimizer learning-rate ranges for PBT: the floor of each optimizer's valley in the study
+# and in our grid runs, about a decade either side. Mutations stay inside them.
+DEFAULT_LR_RANGES = {
+    "gd": [1e-2, 1.0], "momentum": [1e-2, 1.0], "adam": [1e-4, 1e-2],
+    "adagrad": [1e-2, 1.0], "adadelta": [1e-1, 10.0], "rmsprop": [1e-4, 1e-2],
+}
+
+
+@dataclass(frozen=True)
+class PBTConfig:
+    """Population-based training (Ray Tune's PopulationBasedTraining)."""
+
+    population: int = 16
+    """Members training at once (initial optimizer × log-uniform rate drawn from ``seed``)."""
+    optimizers: list[str] = field(default_factory=lambda: list(OPTIMIZER_NAMES))
+    """Optimizers members start with and may switch to."""
+    lr_ranges: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_LR_RANGES.items()})
+    """Per optimizer [low, high]: initial rates are drawn and mutations kept inside it."""
+    metric: str = "val_acc"
+    """What ranks members at each perturbation: val_acc or train_acc."""
+    perturbation_interval: int = 4
+    """Checks between perturbations (each member checkpoints at each)."""
+    burn_in_period: int = 0
+    """Checks before a member's first perturbation."""
+    quantile_fraction: float = 0.2
+    """The bottom fraction copies a member of the top fraction."""
+    perturbation_factors: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    """A copied learning rate is multiplied by one of these..."""
+    resample_probability: float = 0.25
+    """...or, with this probability, resampled from the whole range."""
+    optimizer_switch_probability: float = 0.2
+    """Probability that an exploit also switches to another optimizer (resampled, never 'the neighbour')."""
+    stop_at_target: bool = False
+    """Stop the whole population once a member reaches train.target."""
+    seed: int = 0
+    """Seeds the initial population and PBT's choices."""
+
+    def __post_init__(self):
+        _require(isinstance(self.population, int) and self.population >= 2,
+                 f"pbt.population must be an integer ≥ 2, got {self.population!r}")
+        _require(bool(self.optimizers), "pbt.optimizers must name at least one optimizer")
+        object.__setattr__(self, "optimizers", [canonical_name(o) for o in self.optimizers])
+        # Listed ranges override the defaults one optimizer at a time.
+        ranges = {**DEFAULT_LR_RANGES, **{canonical_name(k): v for k, v in self.lr_ranges.items()}}
+        for name, r in ranges.items():
+            r = _coerce(r, list[float], f"pbt.lr_ranges.{name}")
+            _require(len(r) == 2 and 0 < r[0] < r[1], f"pbt.lr_ranges.{name} must be [low, high] with 0 < low < high, got {r!r}")
+            ranges[name] = r
+        object.__setattr__(self, "lr_ranges", ranges)
+        _require(self.metric in TARGET_METRICS, f"pbt.metric must be one of {', '.join(TARGET_METRICS)}, got {self.metric!r}")
+        _positive("pbt.perturbation_interval", self.perturbation_interval, int)
+        _require(isinstance(self.burn_in_period, int) and self.burn_in_period >= 0,
+                 f"pbt.burn_in_period must be a non-negative integer, got {self.burn_in_period!r}")
+        _require(isinstance(self.quantile_fraction, (int, float)) and 0 < self.quantile_fraction <= 0.5,
+                 f"pbt.quantile_fraction must be in (0, 0.5], got {self.quantile_fraction!r}")
+        _require(bool(self.perturbation_factors) and all(f > 0 for f in self.perturbation_factors),
+                 f"pbt.perturbation_factors must be positive numbers, got {self.perturbation_factors!r}")
+        for name in ("resample_probability", "optimizer_switch_probability"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"pbt.{name} must be in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class PBTExperiment:
+    """``python -m pbt_lab.pbt``: a population trained under PBT."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: TuneRunConfig = field(default_factory=TuneRunConfig)
+    pbt: PBTConfig = field(default_factory=PBTConfig)
+
+    def __post_init__(self):
+        keep = self.run.keep_checkpoints
+        _require(keep is None or keep >= 4, "run.keep_checkpoints must be ≥ 4 (or null) under PBT: "
+                 "a donor's checkpoint deleted before it is copied loses the exploit")
+
+
 # --- YAML and --set ------------------------------------------------------------------------
 
 
@@ -209,9 +288,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()):
-    """``cls`` built from its defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
-    values: dict = read_yaml(path) if path else {}
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None):
+    """``cls`` built from its defaults, then ``base`` (e.g. a run's recorded config), then the YAML
+    file at ``path``, then ``key=value`` overrides."""
+    values: dict = _merge(base or {}, read_yaml(path) if path else {})
     for item in overrides:
         key, sep, raw = item.partition("=")
         _require(bool(sep and key), f"--set expects key=value, got {item!r}")
@@ -225,6 +305,13 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         except yaml.YAMLError:
             node[leaf] = raw
     return build(cls, values)
+
+
+def _merge(low: dict, high: dict) -> dict:
+    out = dict(low)
+    for key, value in high.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -38,6 +38,7 @@ class Launch:
     address: str | None
     resume: bool
     parser: OneLineParser
+    args: object = None
     wall_seconds: float = 0.0
 
     @property
@@ -45,8 +46,13 @@ class Launch:
         return Path(self.storage_path) / self.name
 
     @classmethod
-    def parse(cls, kind: str, config_cls: type, description: str, argv: list[str] | None = None) -> Launch:
-        """Parse the common flags and validate config, data and run directory; one line and exit 2 if bad."""
+    def parse(cls, kind: str, config_cls: type, description: str, argv: list[str] | None = None,
+              add_arguments=None, base_config=None) -> Launch:
+        """Parse the common flags and validate config, data and run directory; one line and exit 2 if bad.
+
+        ``add_arguments(parser)`` adds an experiment's own flags; ``base_config(args)`` returns a
+        recorded config (a dict) that the YAML and ``--set`` then override.
+        """
         parser = OneLineParser(prog=f"python -m pbt_lab.{kind}", description=description)
         parser.add_argument("--config", help="YAML file listing what differs from the defaults (see configs/)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -55,14 +61,16 @@ class Launch:
         parser.add_argument("--storage-path", help=f"where runs live: a path or URI (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
         parser.add_argument("--address", help="connect to this Ray cluster (auto or HOST:PORT) instead of starting one")
         parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
+        if add_arguments:
+            add_arguments(parser)
         args = parser.parse_args(argv)
         try:
-            cfg = load_config(config_cls, args.config, args.set)
+            cfg = load_config(config_cls, args.config, args.set, base=base_config(args) if base_config else None)
             storage = args.storage_path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
             if not _is_uri(storage):
                 storage = str(Path(storage).expanduser().resolve())
             launch = cls(kind, cfg, data=None, name=args.name or f"{kind}-{datetime.now():%Y%m%d-%H%M%S}",
-                         storage_path=storage, address=args.address, resume=args.resume, parser=parser)
+                         storage_path=storage, address=args.address, resume=args.resume, parser=parser, args=args)
             launch._check_run_dir(args.name)
             launch.data = load_mnist(cfg.data.source)
         except UserError as e:
@@ -80,7 +88,7 @@ class Launch:
         if not self.resume and exists:
             raise UserError(f"run {self.run_dir} already exists: pass --resume to continue it, or choose another --name")
 
-    def fit(self, param_space: dict, *, scheduler=None, metric: str | None = None, mode: str | None = None,
+    def fit(self, param_space: dict, *, scheduler=None, search_alg=None, num_samples: int = 1, stop=None,
             checkpoint_every: int | None = None):
         """Run (or resume) the experiment on Ray Tune with the lab's trainable; returns the ResultGrid."""
         import ray
@@ -107,11 +115,12 @@ class Launch:
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
-                tune_config=tune.TuneConfig(scheduler=scheduler, metric=metric, mode=mode, reuse_actors=True,
-                                            max_concurrent_trials=res.max_concurrent),
+                tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_alg, num_samples=num_samples,
+                                            reuse_actors=True, max_concurrent_trials=res.max_concurrent),
                 run_config=tune.RunConfig(
                     name=self.name,
                     storage_path=self.storage_path,
+                    stop=stop,
                     # No checkpoint at the end unless asked: a finished grid trial never resumes, and
                     # 288 final checkpoints of the full model would take 11 GB.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=run.keep_checkpoints, checkpoint_frequency=every,

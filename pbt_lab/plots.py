@@ -71,7 +71,7 @@ def plot_fastest_slowest(trials: pd.DataFrame, cap: float, path: Path) -> Path:
 
 
 def grid_figures(trials: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """The grid's figures: the valley in seconds and in steps, and fastest/slowest per rate."""
+    """The valley in seconds and in steps, and fastest/slowest per rate (any run's trials)."""
     seconds_cap, steps_cap = _cap(trials, "seconds_to_target"), _cap(trials, "steps_to_target")
     out_dir = Path(out_dir)
     return [
@@ -87,3 +87,91 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- population-based training --------------------------------------------------------------
+
+
+def _segments(h: pd.DataFrame):
+    """A member's history cut where its state came from elsewhere (an exploit), so lines do not
+    jump back and forth across a copy."""
+    starts = h["segment_from"].notna() & (h["segment_from"] != h["trial_id"])
+    return [seg for _, seg in h.groupby(starts.cumsum())]
+
+
+def plot_population(history: pd.DataFrame, lineage: pd.DataFrame | None, metric: str, path: Path) -> Path:
+    """Every member's ``metric`` over steps, coloured by the optimizer it was using; exploits marked."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    rows = history.dropna(subset=[metric])
+    for _, h in rows.groupby("trial_id"):
+        for seg in _segments(h):
+            for name, part in seg.groupby((seg["optimizer"] != seg["optimizer"].shift()).cumsum()):
+                ax.plot(part["step"], part[metric], "-", color=COLOURS.get(part["optimizer"].iloc[0]), lw=1, alpha=0.8)
+    if lineage is not None and len(lineage):
+        ax.plot(lineage["step"], lineage["donor_score"], "k*", ms=7, label="exploit (copied at)")
+    for name in sorted(rows["optimizer"].unique()):
+        ax.plot([], [], "-", color=COLOURS.get(name), label=name)
+    ax.set(xlabel="training step", ylabel=metric.replace("_", " "), title=f"Population: {metric.replace('_', ' ')} over steps")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lr_schedules(history: pd.DataFrame, path: Path) -> Path:
+    """Every member's learning rate over steps (log scale), coloured by optimizer."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for _, h in history.groupby("trial_id"):
+        for seg in _segments(h):
+            ax.step(seg["step"], seg["lr"], where="pre", color=COLOURS.get(seg["optimizer"].iloc[-1]), lw=1, alpha=0.8)
+    for name in sorted(history["optimizer"].unique()):
+        ax.plot([], [], "-", color=COLOURS.get(name), label=name)
+    ax.set(yscale="log", xlabel="training step", ylabel="learning rate", title="Learning-rate schedules of all members")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lineage(history: pd.DataFrame, lineage: pd.DataFrame, path: Path) -> Path:
+    """Who copied whom, when: a row per member over wall time, an arrow from donor to recipient."""
+    members = sorted(history["trial_id"].unique())
+    y = {t: i for i, t in enumerate(members)}
+    start = history["timestamp"].min()
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(members) + 2))
+    for t, h in history.groupby("trial_id"):
+        ax.plot(h["timestamp"] - start, [y[t]] * len(h), "-", color="lightgrey", lw=3)
+    for _, e in lineage.iterrows():
+        ax.annotate("", xy=(e["timestamp"] - start, y[e["recipient"]]), xytext=(e["timestamp"] - start, y[e["donor"]]),
+                    arrowprops={"arrowstyle": "->", "color": COLOURS.get(e["new_optimizer"]), "lw": 1})
+    ax.set_yticks(range(len(members)), [m.rsplit("_", 1)[-1] for m in members], fontsize=7)
+    ax.set(xlabel="wall seconds", ylabel="member", title="Lineage: arrows from donor to recipient at each exploit")
+    return _save(fig, path)
+
+
+def plot_schedule(schedule_rows: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
+    """One schedule: learning rate (log, left) and accuracy (right) over steps, optimizer labelled."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.step(schedule_rows["step"], schedule_rows["lr"], where="pre", color="black")
+    changed = schedule_rows["optimizer"] != schedule_rows["optimizer"].shift()
+    for _, r in schedule_rows[changed].iterrows():
+        ax.annotate(r["optimizer"], (r["step"], r["lr"]), fontsize=8, color=COLOURS.get(r["optimizer"]))
+    ax.set(yscale="log", xlabel="training step", ylabel="learning rate", title=title)
+    acc = schedule_rows.dropna(subset=[metric])
+    right = ax.twinx()
+    right.plot(acc["step"], acc[metric], "o-", color="tab:green", ms=3)
+    right.set_ylabel(metric.replace("_", " "), color="tab:green")
+    return _save(fig, path)
+
+
+def pbt_figures(tables: dict, out_dir: Path) -> list[Path]:
+    """The PBT figures: population accuracy, learning-rate schedules, lineage, the winner's schedule."""
+    from pbt_lab.results import member_schedule
+
+    history, lineage, summary = tables["history"], tables.get("lineage"), tables["summary"]
+    out_dir = Path(out_dir)
+    made = [plot_population(history, lineage, "val_acc", out_dir / "population.png"),
+            plot_lr_schedules(history, out_dir / "lr_schedules.png")]
+    if lineage is not None and len(lineage):
+        made.append(plot_lineage(history, lineage, out_dir / "lineage.png"))
+    winner = (summary.get("winner") or {}).get("trial_id") or (summary.get("best") or {}).get("trial_id")
+    if winner:
+        made.append(plot_schedule(member_schedule(history, winner), "val_acc", f"Winner {winner}: its schedule",
+                                  out_dir / "winner_schedule.png"))
+    return made

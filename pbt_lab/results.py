@@ -22,11 +22,14 @@ import pandas as pd
 
 from pbt_lab import UserError
 
-TRIALS, HISTORY, SUMMARY, FIGURES = "trials.parquet", "history.parquet", "summary.json", "figures"
+TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet"
+SUMMARY, FIGURES = "summary.json", "figures"
 HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc", "train_loss", "val_acc",
-                   "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "trial_seconds",
-                   "node_ip", "pid"]
+                   "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "check_seconds",
+                   "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "trial_seconds",
+                   "timestamp", "node_ip", "pid"]
 ERROR = "error"
+PER_TRIAL = ["trial_dir", "compute_train_seconds", "compute_trial_seconds"]  # carried to the trials table only
 
 
 def trial_dirs(run_dir: Path) -> list[Path]:
@@ -35,24 +38,40 @@ def trial_dirs(run_dir: Path) -> list[Path]:
 
 
 def read_history(run_dir: Path) -> pd.DataFrame:
-    """One row per reported iteration of every trial (the last report wins if a resume repeated one)."""
-    rows = []
+    """One row per reported check of every trial, in the order reported.
+
+    Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
+    restart) replace the ones they repeat; an exploit starts a new segment from the donor's
+    state and keeps the recipient's earlier rows. ``check_seconds`` counts every row reported,
+    repeats included: it is the compute really spent.
+    """
+    frames = []
     for trial_dir in trial_dirs(run_dir):
         result_file = trial_dir / "result.json"
         if not result_file.is_file():
             continue
-        for line in result_file.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows.append({**{k: r.get(k) for k in HISTORY_COLUMNS}, "iteration": r["training_iteration"],
-                             "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir.name})
-    history = pd.DataFrame(rows, columns=[*HISTORY_COLUMNS, "trial_dir"])
-    history = history.drop_duplicates(["trial_id", "iteration"], keep="last").sort_values(["trial_id", "iteration"])
-    return history.astype({"val_acc": float, "val_loss": float, "train_acc": float, "train_loss": float}).reset_index(drop=True)
+        reports = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        # Compute really spent, repeats included (older runs lack check_seconds: their last train_seconds).
+        spent = {"compute_train_seconds": sum(r.get("check_seconds") or 0.0 for r in reports)
+                 or (reports[-1].get("train_seconds") or 0.0 if reports else 0.0),
+                 "compute_trial_seconds": sum(r.get("time_this_iter_s") or 0.0 for r in reports)}
+        kept: list[dict] = []
+        for r in reports:
+            row = {**{k: r.get(k) for k in HISTORY_COLUMNS}, "iteration": r["training_iteration"],
+                   "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir.name, **spent}
+            if row["segment_from"] == row["trial_id"] and row["segment_step"] is not None:
+                kept = [k for k in kept if k["step"] <= row["segment_step"]]  # a restart repeats these
+            kept.append(row)
+        frames.append(pd.DataFrame(kept))
+    history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    history = history.reindex(columns=[*HISTORY_COLUMNS, *PER_TRIAL])
+    return history.astype({"val_acc": float, "val_loss": float, "train_acc": float, "train_loss": float,
+                           "score": float, "restored_lr": float, "segment_step": "Int64"}).reset_index(drop=True)
 
 
-def read_trials(run_dir: Path, history: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial: its configuration, outcome and compute."""
+def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = None) -> pd.DataFrame:
+    """One row per trial: its configuration, outcome and compute. ``stopped_as`` names the status of
+    trials still running when the experiment stopped them (e.g. PBT's population stop)."""
     rows = []
     by_dir = dict(tuple(history.groupby("trial_dir")))
     for trial_dir in trial_dirs(run_dir):
@@ -64,10 +83,13 @@ def read_trials(run_dir: Path, history: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "trial_id": last.get("trial_id", trial_dir.name), "optimizer": params["optimizer"], "lr": params["lr"],
             "scale": params["model"]["scale"], "seed": params["seed"],
-            "status": ERROR if errored else last["status"],
+            "status": ERROR if errored else (stopped_as or "running") if last["status"] == "running" else last["status"],
             "steps_to_target": last.get("steps_to_target"), "seconds_to_target": last.get("seconds_to_target"),
             "steps": last.get("step", 0), "train_seconds": last.get("train_seconds", 0.0),
-            "trial_seconds": last.get("trial_seconds", 0.0), "final_train_acc": last.get("train_acc"),
+            "trial_seconds": last.get("trial_seconds", 0.0),
+            "compute_train_seconds": last.get("compute_train_seconds", 0.0),
+            "compute_trial_seconds": last.get("compute_trial_seconds", 0.0),
+            "final_train_acc": last.get("train_acc"),
             "final_val_acc": val.iloc[-1] if len(val) else None, "best_val_acc": val.max() if len(val) else None,
             "iterations": len(h), "node_ip": last.get("node_ip"), "trial_dir": trial_dir.name,
         })
@@ -114,13 +136,112 @@ def compute_totals(trials: pd.DataFrame, wall_seconds: float | None) -> dict:
     full_run = float(capped["train_seconds"].median()) if len(capped) else None
     return {
         "trials": len(trials), "steps": int(trials["steps"].sum()),
-        "train_seconds": float(trials["train_seconds"].sum()),
-        "trial_seconds": float(trials["trial_seconds"].sum()),
+        "train_seconds": float(trials["compute_train_seconds"].sum()),
+        "trial_seconds": float(trials["compute_trial_seconds"].sum()),
         "wall_seconds": wall_seconds,
         "diverged_trials": len(diverged),
         "diverged_train_seconds": float(diverged["train_seconds"].sum()),
         "divergence_saved_train_seconds_estimate":
             float((full_run - diverged["train_seconds"]).clip(lower=0).sum()) if full_run else 0.0,
+    }
+
+
+# --- PBT: lineage and schedules ------------------------------------------------------------
+
+
+def read_lineage(history: pd.DataFrame) -> pd.DataFrame:
+    """One row per exploit, from the trainable's own records: the first report after a restore from
+    another member's checkpoint names that donor and the verified weights hash and rate."""
+    rows = []
+    for trial_id, h in history.groupby("trial_id", sort=False):
+        previous = None
+        for _, r in h.iterrows():
+            if pd.notna(r["segment_from"]) and r["segment_from"] != trial_id:
+                donor = history[(history["trial_id"] == r["segment_from"]) & (history["step"] == r["segment_step"])]
+                donor_score = donor["score"].dropna()
+                rows.append({
+                    "step": int(r["segment_step"]), "recipient": trial_id, "donor": r["segment_from"],
+                    "old_optimizer": previous["optimizer"] if previous is not None else None,
+                    "old_lr": previous["lr"] if previous is not None else None,
+                    "new_optimizer": r["optimizer"], "new_lr": r["lr"],
+                    "recipient_score": previous["score"] if previous is not None else None,
+                    "donor_score": donor_score.iloc[-1] if len(donor_score) else None,
+                    "weights_sha256": r["restored_sha256"],
+                    "lr_verified": bool(np.isclose(r["restored_lr"], r["lr"], rtol=1e-6)),
+                    "timestamp": r["timestamp"], "recipient_iteration": r["iteration"],
+                })
+            previous = r
+    columns = ["step", "recipient", "donor", "old_optimizer", "old_lr", "new_optimizer", "new_lr", "recipient_score",
+               "donor_score", "weights_sha256", "lr_verified", "timestamp", "recipient_iteration"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["timestamp", "recipient"]).reset_index(drop=True)
+
+
+def ray_policy_exploits(run_dir: Path, trials: pd.DataFrame) -> pd.DataFrame:
+    """Ray's own record of exploits (``pbt_global.txt``) as recipient, donor and new config.
+
+    Ray names trials there by their tag, which starts with the trial's index (``3_lr=…``);
+    the index is also the suffix of the trial id (``…_00003``).
+    """
+    log = Path(run_dir) / "pbt_global.txt"
+    by_index = {int(t.rsplit("_", 1)[1]): t for t in trials["trial_id"]}
+    rows = []
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                target, clone, _, _, _, new_config = json.loads(line)
+                rows.append({"recipient": by_index.get(int(target.split("_")[0])),
+                             "donor": by_index.get(int(clone.split("_")[0])),
+                             "new_optimizer": new_config["optimizer"], "new_lr": new_config["lr"]})
+    return pd.DataFrame(rows, columns=["recipient", "donor", "new_optimizer", "new_lr"])
+
+
+def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None = None) -> pd.DataFrame:
+    """The rows that made a member's final state, following its lineage back through its donors."""
+    rows = history[history["trial_id"] == trial_id]
+    if before is not None:
+        rows = rows[rows["timestamp"] <= before]
+    exploits = rows[rows["segment_from"].notna() & (rows["segment_from"] != trial_id)]
+    if not len(exploits):
+        return rows
+    last = exploits.iloc[-1]
+    head = member_schedule(history, last["segment_from"], before=last["timestamp"])
+    return pd.concat([head[head["step"] <= last["segment_step"]], rows.loc[last.name:]])
+
+
+def schedule_changes(rows: pd.DataFrame) -> list[dict]:
+    """Where the (optimizer, rate) of a schedule changes: [{step, optimizer, lr}, …], from step 0."""
+    changes, current, start = [], None, 0
+    for _, r in rows.iterrows():
+        if (r["optimizer"], r["lr"]) != current:
+            changes.append({"step": start, "optimizer": r["optimizer"], "lr": float(r["lr"])})
+            current = (r["optimizer"], r["lr"])
+        start = int(r["step"])
+    return changes
+
+
+def pbt_summary(run_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, lineage: pd.DataFrame) -> dict:
+    """The PBT-only parts of summary.json: the winner and its schedule, the first member to reach the
+    target and the population compute spent until then, and the exploit audit against Ray's log."""
+    ended = trials.dropna(subset=["final_val_acc"]).sort_values("final_val_acc", ascending=False)
+    winner = ended.iloc[0]["trial_id"] if len(ended) else None
+    reached = history[history["steps_to_target"].notna()].sort_values(["timestamp", "train_seconds"])
+    first = None
+    if len(reached):
+        r = reached.iloc[0]
+        first = {"trial_id": r["trial_id"], "steps_to_target": int(r["steps_to_target"]),
+                 "seconds_to_target": float(r["seconds_to_target"]),
+                 "population_train_seconds": float(history.loc[history["timestamp"] <= r["timestamp"], "check_seconds"].sum())}
+    ray_log = ray_policy_exploits(run_dir, trials)
+    ours = set(map(tuple, lineage[["recipient", "donor", "new_optimizer"]].astype(str).values))
+    theirs = set(map(tuple, ray_log[["recipient", "donor", "new_optimizer"]].astype(str).values))
+    return {
+        "winner": {"trial_id": winner, "final_val_acc": _plain(ended.iloc[0]["final_val_acc"]) if winner else None,
+                   "schedule": schedule_changes(member_schedule(history, winner)) if winner else []},
+        "first_to_target": first,
+        "exploits": {"verified": len(lineage), "in_ray_policy_log": len(ray_log),
+                     "unmatched": sorted(map(list, ours ^ theirs)),
+                     "lr_verified": bool(lineage["lr_verified"].all()) if len(lineage) else True,
+                     "optimizer_switches": int((lineage["old_optimizer"] != lineage["new_optimizer"]).sum())},
     }
 
 
@@ -136,7 +257,8 @@ def versions() -> dict:
 
 
 def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict | None = None, data: dict | None = None,
-                 wall_seconds: float | None = None, figures: bool = True) -> dict:
+                 wall_seconds: float | None = None, figures: bool = True, stopped_as: str | None = None,
+                 extra: dict | None = None) -> dict:
     """Write trials.parquet, history.parquet, summary.json and figures/ into ``run_dir``.
 
     Rebuildable: called on an existing run directory alone, it keeps what the last summary
@@ -147,11 +269,12 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
         raise UserError(f"{run_dir} holds no Ray Tune trials")
     previous = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
     history = read_history(run_dir)
-    trials = read_trials(run_dir, history)
-    history.drop(columns="trial_dir").to_parquet(run_dir / HISTORY, index=False)
+    trials = read_trials(run_dir, history, stopped_as)
+    history.drop(columns=PER_TRIAL).to_parquet(run_dir / HISTORY, index=False)
     trials.to_parquet(run_dir / TRIALS, index=False)
+    kind = kind or previous.get("kind")
     summary = {
-        "kind": kind or previous.get("kind"),
+        "kind": kind,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "config": config if config is not None else previous.get("config"),
@@ -161,14 +284,27 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
         "optimizers": per_optimizer(trials),
         "compute": compute_totals(trials, wall_seconds if wall_seconds is not None else
                                   previous.get("compute", {}).get("wall_seconds")),
+        **{k: previous[k] for k in ("replay_of",) if k in previous},
+        **(extra or {}),
     }
-    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+    tables = {"trials": trials, "history": history, "summary": summary}
+    if kind == "pbt":
+        tables["lineage"] = lineage = read_lineage(history)
+        lineage.to_parquet(run_dir / LINEAGE, index=False)
+        summary.update(pbt_summary(run_dir, trials, history, lineage))
+        if summary["winner"]["trial_id"]:
+            summary["best"] = {**best_trial(trials[trials["trial_id"] == summary["winner"]["trial_id"]]),
+                               "schedule": summary["winner"]["schedule"]}
     if figures:
         from pbt_lab import plots
 
-        summary["figures"] = [str(p.relative_to(run_dir)) for p in plots.grid_figures(trials, run_dir / FIGURES)]
-        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
-    return {"trials": trials, "history": history, "summary": summary}
+        made = plots.grid_figures(trials, run_dir / FIGURES)
+        if kind in ("pbt", "replay"):
+            made += plots.pbt_figures(tables, run_dir / FIGURES)
+        summary["figures"] = [str(p.relative_to(run_dir)) for p in made]
+    summary["disk_bytes"] = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+    return tables
 
 
 def read_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

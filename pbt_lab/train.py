@@ -10,6 +10,7 @@ from a directory, exactly: N steps straight equal k steps, save, restore, N − 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -317,8 +318,8 @@ class Trainer:
 
     # --- state -------------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the whole state to ``directory`` as arrays (.npz) and JSON: no pickle, no graph."""
+    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write the whole state to ``directory`` as arrays (.npz) and JSON (with ``extra``): no pickle, no graph."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {f"model/{i}": v.numpy() for i, v in enumerate(self.model.variables)}
@@ -329,6 +330,7 @@ class Trainer:
             SECONDS_TO_TARGET: self.seconds_to_target, "data_order": self._order.state(),
             "model": asdict(self.model_cfg), "model_variables": [v.path for v in self.model.variables],
             "optimizer_variables": [v.path for v in self.optimizer.variables],
+            "weights_sha256": self.weights_digest(), "last": self.last, **(extra or {}),
         }
         # Write beside, then rename: a crash mid-save never leaves a half-written checkpoint.
         for name, write in ((STATE_ARRAYS, lambda f: np.savez(f, **arrays)),
@@ -338,10 +340,11 @@ class Trainer:
             os.replace(f.name, directory / name)
         return directory
 
-    def restore(self, directory: str | os.PathLike) -> None:
+    def restore(self, directory: str | os.PathLike) -> dict:
         """Load a state saved by ``save``: weights, step and data order always; optimizer slots only
         when the saved optimizer is the current one (fresh slots otherwise). The current learning
-        rate is re-assigned afterwards: Keras would otherwise restore the saved one."""
+        rate is re-assigned afterwards: Keras would otherwise restore the saved one. Returns the
+        checkpoint's metadata."""
         directory = Path(directory)
         try:
             meta = json.loads((directory / STATE_META).read_text())
@@ -363,12 +366,12 @@ class Trainer:
         self.set_lr(self.lr)
         self.step, self.checks, self.train_seconds = meta[STEP], meta["checks"], meta[TRAIN_SECONDS]
         self.status, self.steps_to_target, self.seconds_to_target = meta[STATUS], meta[STEPS_TO_TARGET], meta[SECONDS_TO_TARGET]
+        self.last = meta.get("last", {})
         self._order.restore(meta["data_order"])
+        return meta
 
     def weights_digest(self) -> str:
         """A hash of the model's weights: equal weights, equal digest (PBT verifies exploits with it)."""
-        import hashlib
-
         h = hashlib.sha256()
         for v in self.model.variables:
             h.update(np.ascontiguousarray(v.numpy()).tobytes())

@@ -4,25 +4,35 @@ One ``step`` is one check (``steps_per_check`` fused training steps). Actors are
 trials (``reset_config``), so a worker imports TensorFlow and traces its training call once,
 not once per trial. The data arrives through Ray's object store (``tune.with_parameters``).
 
-A trial's config is flat where Tune searches (``optimizer``, ``lr``, ``seed``) and carries the
-fixed rest of the experiment as plain dicts (``train``, ``model``) plus ``threads``.
+A trial's config is flat where Tune searches or PBT mutates (``optimizer``, ``lr``, ``seed``)
+and carries the fixed rest of the experiment as plain dicts (``train``, ``model``), plus
+``threads`` and, under PBT, ``population`` settings.
+
+Every restore is verified: the weights after loading must hash to what the checkpoint's owner
+saved, and the live learning rate must be the trial's configured one; a mismatch is an error.
+The first result after a start or restore says where its state came from (``segment_from``:
+the trial whose checkpoint it is, ``segment_step``: the step it holds), which is how the
+results tables tell an exploit from a resume.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 from ray import tune
 
 from pbt_lab.config import ModelConfig, TrainConfig
 
 SEARCHED = ("optimizer", "lr", "seed")
+SEGMENT_KEYS = ("segment_from", "segment_step", "restored_sha256", "restored_lr")
+DIVERGED_SCORE = -1.0  # below any accuracy: a diverged member ranks last, so it is never a donor
 
 
-def trial_space(train: TrainConfig, model: ModelConfig, threads: int, **searched) -> dict:
+def trial_space(train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None, **searched) -> dict:
     """A Tune ``param_space``: the searched keys (values or Tune domains) and the fixed rest."""
     fixed = {k: v for k, v in asdict(train).items() if k not in SEARCHED}
-    return {**searched, "train": fixed, "model": asdict(model), "threads": threads}
+    return {**searched, "train": fixed, "model": asdict(model), "threads": threads, "population": population}
 
 
 def train_config(config: dict) -> TrainConfig:
@@ -39,18 +49,39 @@ class LabTrainable(tune.Trainable):
         self.threads = int(config["threads"])
         train.configure_tensorflow(self.threads)
         self.trainer = train.Trainer(data, train_config(config), ModelConfig(**config["model"]))
+        self._segment = {"segment_from": self.trial_id, "segment_step": 0}
 
     def step(self) -> dict:
+        before = self.trainer.train_seconds
         row = self.trainer.check()
-        return {**row, "done": self.trainer.done}
+        population = self.config.get("population")
+        diverged = self.trainer.status == "diverged"
+        result = {**row, "check_seconds": self.trainer.train_seconds - before,
+                  **dict.fromkeys(SEGMENT_KEYS), **self._segment,
+                  # Under PBT a diverged member keeps its slot until it exploits a better one.
+                  "done": self.trainer.done and not (population and diverged)}
+        if population:
+            metric = row.get(population["metric"])
+            result["score"] = DIVERGED_SCORE if diverged else metric
+        self._segment = {}
+        return result
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        self.trainer.save(checkpoint_dir)
+        self.trainer.save(checkpoint_dir, extra={"trial_id": self.trial_id})
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
-        self.trainer.restore(checkpoint_dir)
+        meta = self.trainer.restore(checkpoint_dir)
+        digest = self.trainer.weights_digest()
+        live_lr = float(self.trainer.optimizer.learning_rate.numpy())
+        if digest != meta["weights_sha256"]:
+            raise RuntimeError(f"restored weights do not match checkpoint {checkpoint_dir} (saved by {meta.get('trial_id')})")
+        if not np.isclose(live_lr, self.config["lr"], rtol=1e-6, atol=0):
+            raise RuntimeError(f"live learning rate {live_lr:g} is not the configured {self.config['lr']:g} after restore")
+        self._segment = {"segment_from": meta.get("trial_id"), "segment_step": meta["step"],
+                         "restored_sha256": digest, "restored_lr": live_lr}
 
     def reset_config(self, new_config: dict) -> bool:
         if ModelConfig(**new_config["model"]) != self.trainer.model_cfg or int(new_config["threads"]) != self.threads:
             return False  # another network shape: Tune starts a fresh actor
+        self._segment = {"segment_from": self.trial_id, "segment_step": 0}
         return self.trainer.reset(train_config(new_config))
