@@ -188,14 +188,20 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
-class GridExperiment:
-    """``python -m pbt_lab.grid``: every optimizer × rate trained to the target or a budget."""
+class Experiment:
+    """What every experiment has: data, model, training, per-trial resources, Tune's run settings."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: TuneRunConfig = field(default_factory=TuneRunConfig)
+
+
+@dataclass(frozen=True)
+class GridExperiment(Experiment):
+    """``python -m pbt_lab.grid``: every optimizer × rate trained to the target or a budget."""
+
     grid: GridConfig = field(default_factory=GridConfig)
 
 
@@ -262,14 +268,9 @@ class PBTConfig:
 
 
 @dataclass(frozen=True)
-class PBTExperiment:
+class PBTExperiment(Experiment):
     """``python -m pbt_lab.pbt``: a population trained under PBT."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    run: TuneRunConfig = field(default_factory=TuneRunConfig)
     pbt: PBTConfig = field(default_factory=PBTConfig)
 
     def __post_init__(self):

@@ -26,7 +26,8 @@ TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet
 SUMMARY, FIGURES = "summary.json", "figures"
 HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc", "train_loss", "val_acc",
                    "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "check_seconds",
-                   "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "trial_seconds",
+                   "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer_steps",
+                   "trial_seconds",
                    "timestamp", "node_ip", "pid"]
 ERROR = "error"
 PER_TRIAL = ["trial_dir", "compute_train_seconds", "compute_trial_seconds"]  # carried to the trials table only
@@ -168,11 +169,14 @@ def read_lineage(history: pd.DataFrame) -> pd.DataFrame:
                     "donor_score": donor_score.iloc[-1] if len(donor_score) else None,
                     "weights_sha256": r["restored_sha256"],
                     "lr_verified": bool(np.isclose(r["restored_lr"], r["lr"], rtol=1e-6)),
+                    "donor_optimizer": donor["optimizer"].iloc[-1] if len(donor) else None,
+                    "optimizer_steps_after": r["restored_optimizer_steps"],
                     "timestamp": r["timestamp"], "recipient_iteration": r["iteration"],
                 })
             previous = r
     columns = ["step", "recipient", "donor", "old_optimizer", "old_lr", "new_optimizer", "new_lr", "recipient_score",
-               "donor_score", "weights_sha256", "lr_verified", "timestamp", "recipient_iteration"]
+               "donor_score", "weights_sha256", "lr_verified", "donor_optimizer", "optimizer_steps_after", "timestamp",
+               "recipient_iteration"]
     return pd.DataFrame(rows, columns=columns).sort_values(["timestamp", "recipient"]).reset_index(drop=True)
 
 
@@ -193,6 +197,27 @@ def ray_policy_exploits(run_dir: Path, trials: pd.DataFrame) -> pd.DataFrame:
                              "donor": by_index.get(int(clone.split("_")[0])),
                              "new_optimizer": new_config["optimizer"], "new_lr": new_config["lr"]})
     return pd.DataFrame(rows, columns=["recipient", "donor", "new_optimizer", "new_lr"])
+
+
+def audit_exploits(lineage: pd.DataFrame, ray_log: pd.DataFrame) -> dict:
+    """Match the exploits the trainables carried out against Ray's decisions, per recipient in order.
+
+    Every carried-out exploit must be one of Ray's decisions. Ray may decide twice for a member
+    before it runs again (it was still paused): the earlier decision is then superseded, never
+    carried out, and counted as such.
+    """
+    unmatched = []
+    for recipient, ours in lineage.groupby("recipient", sort=False):
+        theirs = ray_log[ray_log["recipient"] == recipient][["donor", "new_optimizer"]].values.tolist()
+        for _, e in ours.iterrows():
+            while theirs and theirs[0] != [e["donor"], e["new_optimizer"]]:
+                theirs.pop(0)  # superseded
+            if theirs:
+                theirs.pop(0)
+            else:
+                unmatched.append([recipient, e["donor"], e["new_optimizer"], int(e["step"])])
+    return {"verified": len(lineage), "in_ray_policy_log": len(ray_log),
+            "superseded_in_ray_log": len(ray_log) - len(lineage) + len(unmatched), "unmatched": unmatched}
 
 
 def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None = None) -> pd.DataFrame:
@@ -231,17 +256,13 @@ def pbt_summary(run_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, line
         first = {"trial_id": r["trial_id"], "steps_to_target": int(r["steps_to_target"]),
                  "seconds_to_target": float(r["seconds_to_target"]),
                  "population_train_seconds": float(history.loc[history["timestamp"] <= r["timestamp"], "check_seconds"].sum())}
-    ray_log = ray_policy_exploits(run_dir, trials)
-    ours = set(map(tuple, lineage[["recipient", "donor", "new_optimizer"]].astype(str).values))
-    theirs = set(map(tuple, ray_log[["recipient", "donor", "new_optimizer"]].astype(str).values))
+    audit = audit_exploits(lineage, ray_policy_exploits(run_dir, trials))
     return {
         "winner": {"trial_id": winner, "final_val_acc": _plain(ended.iloc[0]["final_val_acc"]) if winner else None,
                    "schedule": schedule_changes(member_schedule(history, winner)) if winner else []},
         "first_to_target": first,
-        "exploits": {"verified": len(lineage), "in_ray_policy_log": len(ray_log),
-                     "unmatched": sorted(map(list, ours ^ theirs)),
-                     "lr_verified": bool(lineage["lr_verified"].all()) if len(lineage) else True,
-                     "optimizer_switches": int((lineage["old_optimizer"] != lineage["new_optimizer"]).sum())},
+        "exploits": {**audit, "lr_verified": bool(lineage["lr_verified"].all()) if len(lineage) else True,
+                     "optimizer_switches": int((lineage["donor_optimizer"] != lineage["new_optimizer"]).sum())},
     }
 
 

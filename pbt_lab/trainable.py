@@ -25,7 +25,7 @@ from ray import tune
 from pbt_lab.config import ModelConfig, TrainConfig
 
 SEARCHED = ("optimizer", "lr", "seed")
-SEGMENT_KEYS = ("segment_from", "segment_step", "restored_sha256", "restored_lr")
+SEGMENT_KEYS = ("segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer_steps")
 DIVERGED_SCORE = -1.0  # below any accuracy: a diverged member ranks last, so it is never a donor
 
 
@@ -77,8 +77,9 @@ class LabTrainable(tune.Trainable):
             raise RuntimeError(f"restored weights do not match checkpoint {checkpoint_dir} (saved by {meta.get('trial_id')})")
         if not np.isclose(live_lr, self.config["lr"], rtol=1e-6, atol=0):
             raise RuntimeError(f"live learning rate {live_lr:g} is not the configured {self.config['lr']:g} after restore")
-        self._segment = {"segment_from": meta.get("trial_id"), "segment_step": meta["step"],
-                         "restored_sha256": digest, "restored_lr": live_lr}
+        # Optimizer steps of the live slots: the donor's count when its slots were copied, 0 when fresh.
+        self._segment = {"segment_from": meta.get("trial_id"), "segment_step": meta["step"], "restored_sha256": digest,
+                         "restored_lr": live_lr, "restored_optimizer_steps": int(self.trainer.optimizer.iterations.numpy())}
 
     def reset_config(self, new_config: dict) -> bool:
         if ModelConfig(**new_config["model"]) != self.trainer.model_cfg or int(new_config["threads"]) != self.threads:
