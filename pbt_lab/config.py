@@ -209,7 +209,7 @@ class GridExperiment(Experiment):
 # and in our grid runs, about a decade either side. Mutations stay inside them.
 DEFAULT_LR_RANGES = {
     "gd": [1e-2, 1.0], "momentum": [1e-2, 1.0], "adam": [1e-4, 1e-2],
-    "adagrad": [1e-2, 1.0], "adadelta": [1e-1, 10.0], "rmsprop": [1e-4, 1e-2],
+    "adagrad": [1e-2, 1.0], "adadelta": [1.0, 100.0], "rmsprop": [1e-4, 1e-2],
 }
 
 

@@ -109,6 +109,7 @@ class Launch:
         run = self.cfg.run
         every = run.checkpoint_every if checkpoint_every is None else checkpoint_every
         start = time.perf_counter()
+        kept_log = self._ray_policy_log()
         if self.resume:
             tuner = tune.Tuner.restore(str(self.run_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -131,7 +132,21 @@ class Launch:
             )
         results = tuner.fit()
         self.wall_seconds += time.perf_counter() - start
+        self._keep_ray_policy_log(kept_log)
         return results
+
+    # Ray restores only .json/.pkl files into its driver staging dir on resume, then syncs its
+    # fresh pbt_global.txt over the old one: PBT's log of decisions made before the interrupt
+    # would be lost. The lab keeps it.
+    def _ray_policy_log(self) -> str:
+        log = self.run_dir / "pbt_global.txt"
+        return log.read_text() if self.resume and not _is_uri(self.storage_path) and log.is_file() else ""
+
+    def _keep_ray_policy_log(self, before: str) -> None:
+        log = self.run_dir / "pbt_global.txt"
+        now = log.read_text() if log.is_file() else ""
+        if before and not now.startswith(before):
+            log.write_text(before + now)
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

@@ -130,41 +130,44 @@ def _source_config(args) -> dict | None:
     return summary["config"]
 
 
-def replay_policy(source: Path, winner: str, fixed: dict, out: Path) -> Path | None:
-    """The winner's Ray policy file with the fixed parts of each config (model, train, threads)
-    replaced by the replay's; None if the winner never exploited (its schedule is constant)."""
-    policy = source / f"pbt_policy_{winner}.txt"
-    if not policy.is_file():
-        return None
-    rows = [json.loads(line) for line in policy.read_text().splitlines() if line.strip()]
-    for row in rows:
-        for conf in (row[4], row[5]):
-            conf.update(fixed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return out
+def replay_schedule(source: Path, fixed: dict) -> tuple[str, list[tuple[int, dict]]]:
+    """The winner and its schedule as (step it takes effect, trial config) pairs, from the lab's own
+    lineage records (Ray's policy files lose what came before a resume), with the replay's fixed parts."""
+    trials, history, summary = results.read_tables(source)
+    winner = summary["winner"]["trial_id"]
+    rows = results.member_schedule(history, winner)
+    seed = int(trials.set_index("trial_id").loc[rows.iloc[0]["trial_id"], "seed"])  # the lineage's root
+    return winner, [(c["step"], {"optimizer": c["optimizer"], "lr": c["lr"], "seed": seed, **fixed})
+            for c in results.schedule_changes(rows)]
+
+
+def write_replay_policy(schedule: list[tuple[int, dict]], steps_per_check: int, path: Path) -> Path:
+    """The schedule in the format of Ray's ``pbt_policy_*.txt``, for ``PopulationBasedTrainingReplay``:
+    rows [old tag, new tag, old iteration, iteration of the change, old config, new config]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [["winner", "winner", 0, step // steps_per_check, schedule[i - 1][1], config]
+            for i, (step, config) in enumerate(schedule) if i]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def run_replay(launch: Launch) -> dict:
     """Retrain the winner's schedule on a fresh model (``--set model.scale=…`` for another width)."""
     source = Path(launch.args.replay).expanduser()
-    _, _, summary = results.read_tables(source)
-    winner = summary["best"]["trial_id"]
     cfg: PBTExperiment = launch.cfg
     train = replace(cfg.train, stop_at_target=False)
-    fixed = {k: v for k, v in trial_space(train, cfg.model, threads=max(1, int(cfg.resources.cpu))).items()}
-    policy = replay_policy(source, winner, fixed, launch.run_dir / "replay_policy.txt")
-    if policy is None:
-        winner_dir = next(d for d in results.trial_dirs(source) if winner in d.name)
-        params = json.loads((winner_dir / "params.json").read_text())
-        space, chooser = {**fixed, **{k: params[k] for k in ("optimizer", "lr", "seed")}}, None
+    fixed = trial_space(train, cfg.model, threads=max(1, int(cfg.resources.cpu)))
+    winner, schedule = replay_schedule(source, fixed)
+    if len(schedule) == 1:  # the winner never changed its hyperparameters
+        space, chooser = schedule[0][1], None
     else:
+        policy = write_replay_policy(schedule, train.steps_per_check, launch.run_dir / "replay_policy.txt")
         space, chooser = {}, PopulationBasedTrainingReplay(str(policy))
     launch.fit(space, scheduler=chooser, checkpoint_every=1)
     return results.write_tables(launch.run_dir, kind="replay", config=launch.config_dict(),
                                 data=launch.data.identity(), wall_seconds=launch.wall_seconds,
-                                extra={"replay_of": {"run_dir": str(source), "trial_id": winner,
-                                                     "schedule": summary["best"].get("schedule")}})
+                                extra={"replay_of": {"run_dir": str(source), "trial_id": winner, "schedule": [
+                                    {"step": step, "optimizer": c["optimizer"], "lr": c["lr"]} for step, c in schedule]}})
 
 
 def main(argv: list[str] | None = None) -> int:

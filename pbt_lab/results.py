@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -183,8 +184,9 @@ def read_lineage(history: pd.DataFrame) -> pd.DataFrame:
 def ray_policy_exploits(run_dir: Path, trials: pd.DataFrame) -> pd.DataFrame:
     """Ray's own record of exploits (``pbt_global.txt``) as recipient, donor and new config.
 
-    Ray names trials there by their tag, which starts with the trial's index (``3_lr=…``);
-    the index is also the suffix of the trial id (``…_00003``).
+    Ray names trials there by their tag, which starts with the trial's index (``3_lr=…``, or
+    ``3@perturbed[…]`` once a resumed run has exploited); the index is also the suffix of the
+    trial id (``…_00003``).
     """
     log = Path(run_dir) / "pbt_global.txt"
     by_index = {int(t.rsplit("_", 1)[1]): t for t in trials["trial_id"]}
@@ -193,8 +195,8 @@ def ray_policy_exploits(run_dir: Path, trials: pd.DataFrame) -> pd.DataFrame:
         for line in log.read_text().splitlines():
             if line.strip():
                 target, clone, _, _, _, new_config = json.loads(line)
-                rows.append({"recipient": by_index.get(int(target.split("_")[0])),
-                             "donor": by_index.get(int(clone.split("_")[0])),
+                rows.append({"recipient": by_index.get(int(re.match(r"\d+", target).group())),
+                             "donor": by_index.get(int(re.match(r"\d+", clone).group())),
                              "new_optimizer": new_config["optimizer"], "new_lr": new_config["lr"]})
     return pd.DataFrame(rows, columns=["recipient", "donor", "new_optimizer", "new_lr"])
 

@@ -50,6 +50,7 @@ class LabTrainable(tune.Trainable):
         train.configure_tensorflow(self.threads)
         self.trainer = train.Trainer(data, train_config(config), ModelConfig(**config["model"]))
         self._segment = {"segment_from": self.trial_id, "segment_step": 0}
+        self._score = None
 
     def step(self) -> dict:
         before = self.trainer.train_seconds
@@ -61,10 +62,18 @@ class LabTrainable(tune.Trainable):
                   # Under PBT a diverged member keeps its slot until it exploits a better one.
                   "done": self.trainer.done and not (population and diverged)}
         if population:
-            metric = row.get(population["metric"])
-            result["score"] = DIVERGED_SCORE if diverged else metric
+            result["score"] = DIVERGED_SCORE if diverged else self._rank_score(population["metric"], row)
         self._segment = {}
         return result
+
+    def _rank_score(self, metric: str, row: dict) -> float:
+        """PBT's score, on every report: PBT may rank a member at any report (after a resume its clock
+        restarts off the validation rhythm), so the last validation carries forward until the next."""
+        if row.get(metric) is not None:
+            self._score = row[metric]
+        elif self._score is None:
+            self._score = self.trainer.evaluate()[0]
+        return self._score
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         self.trainer.save(checkpoint_dir, extra={"trial_id": self.trial_id})
@@ -80,9 +89,12 @@ class LabTrainable(tune.Trainable):
         # Optimizer steps of the live slots: the donor's count when its slots were copied, 0 when fresh.
         self._segment = {"segment_from": meta.get("trial_id"), "segment_step": meta["step"], "restored_sha256": digest,
                          "restored_lr": live_lr, "restored_optimizer_steps": int(self.trainer.optimizer.iterations.numpy())}
+        population = self.config.get("population")
+        self._score = meta.get("last", {}).get(population["metric"]) if population else None
 
     def reset_config(self, new_config: dict) -> bool:
         if ModelConfig(**new_config["model"]) != self.trainer.model_cfg or int(new_config["threads"]) != self.threads:
             return False  # another network shape: Tune starts a fresh actor
         self._segment = {"segment_from": self.trial_id, "segment_step": 0}
+        self._score = None
         return self.trainer.reset(train_config(new_config))
