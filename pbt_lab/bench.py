@@ -8,7 +8,6 @@ rounds and reports the ratio of the medians, never an absolute time against a go
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys

@@ -83,7 +83,9 @@ def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = N
         val = h["val_acc"].dropna()
         errored = (trial_dir / "error.txt").is_file() or not len(h)
         rows.append({
-            "trial_id": last.get("trial_id", trial_dir.name), "optimizer": params["optimizer"], "lr": params["lr"],
+            # Final optimizer and rate (PBT changes them; a grid trial keeps its initial ones).
+            "trial_id": last.get("trial_id", trial_dir.name), "optimizer": last.get("optimizer", params["optimizer"]),
+            "lr": last.get("lr", params["lr"]), "initial_optimizer": params["optimizer"], "initial_lr": params["lr"],
             "scale": params["model"]["scale"], "seed": params["seed"],
             "status": ERROR if errored else (stopped_as or "running") if last["status"] == "running" else last["status"],
             "steps_to_target": last.get("steps_to_target"), "seconds_to_target": last.get("seconds_to_target"),
