@@ -149,7 +149,7 @@ class TuneRunConfig:
     checkpoint_every: int = 0
     """Checks between checkpoints (0: none; an interrupted trial then restarts from scratch)."""
     keep_checkpoints: int | None = 4
-    """Checkpoints kept per trial (null: all)."""
+    """Checkpoints kept per trial (null: all); PBT keeps at least 2 × population."""
     max_failures: int = 0
     """Times a trial whose worker died is restarted from its last checkpoint."""
 

@@ -89,7 +89,7 @@ class Launch:
             raise UserError(f"run {self.run_dir} already exists: pass --resume to continue it, or choose another --name")
 
     def fit(self, param_space: dict, *, scheduler=None, search_alg=None, num_samples: int = 1, stop=None,
-            checkpoint_every: int | None = None):
+            checkpoint_every: int | None = None, keep_checkpoints: int | None = None):
         """Run (or resume) the experiment on Ray Tune with the lab's trainable; returns the ResultGrid."""
         import ray
         from ray import tune
@@ -108,6 +108,7 @@ class Launch:
                                         {"cpu": res.cpu, "gpu": res.gpu})
         run = self.cfg.run
         every = run.checkpoint_every if checkpoint_every is None else checkpoint_every
+        keep = None if run.keep_checkpoints is None else max(run.keep_checkpoints, keep_checkpoints or 0)
         start = time.perf_counter()
         kept_log = self._ray_policy_log()
         if self.resume:
@@ -124,7 +125,7 @@ class Launch:
                     stop=stop,
                     # No checkpoint at the end unless asked: a finished grid trial never resumes, and
                     # 288 final checkpoints of the full model would take 11 GB.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=run.keep_checkpoints, checkpoint_frequency=every,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_frequency=every,
                                                             checkpoint_at_end=every > 0),
                     failure_config=tune.FailureConfig(max_failures=run.max_failures),
                     verbose=1,

@@ -113,7 +113,10 @@ def run_population(launch: Launch) -> dict:
                         optimizer=tune.choice(p.optimizers), lr=members[0]["lr"], seed=train.seed)
     launch.fit(space, scheduler=scheduler(p), search_alg=BasicVariantGenerator(points_to_evaluate=members),
                num_samples=p.population, stop=PopulationStop() if p.stop_at_target else None,
-               checkpoint_every=p.perturbation_interval)
+               checkpoint_every=p.perturbation_interval,
+               # A recipient may wait paused while its donor trains on, pausing (and checkpointing)
+               # in turn: with 4 kept, a busy machine deleted a donor's checkpoint before the copy.
+               keep_checkpoints=2 * p.population)
     return results.write_tables(launch.run_dir, kind="pbt", config=launch.config_dict(), data=launch.data.identity(),
                                 wall_seconds=launch.wall_seconds, stopped_as="capped")
 
