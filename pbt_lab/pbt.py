@@ -13,7 +13,6 @@ verified by the trainable and lands in ``lineage.parquet``.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from ray import tune
-from ray.tune.schedulers import PopulationBasedTraining, PopulationBasedTrainingReplay
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator
 
 from pbt_lab import UserError, results
@@ -144,29 +143,20 @@ def replay_schedule(source: Path, fixed: dict) -> tuple[str, list[tuple[int, dic
             for c in results.schedule_changes(rows)]
 
 
-def write_replay_policy(schedule: list[tuple[int, dict]], steps_per_check: int, path: Path) -> Path:
-    """The schedule in the format of Ray's ``pbt_policy_*.txt``, for ``PopulationBasedTrainingReplay``:
-    rows [old tag, new tag, old iteration, iteration of the change, old config, new config]."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [["winner", "winner", 0, step // steps_per_check, schedule[i - 1][1], config]
-            for i, (step, config) in enumerate(schedule) if i]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def run_replay(launch: Launch) -> dict:
-    """Retrain the winner's schedule on a fresh model (``--set model.scale=…`` for another width)."""
+    """Retrain the winner's schedule on a fresh model (``--set model.scale=…`` for another width).
+
+    One trial whose trainable switches optimizer and rate at the schedule's steps, as the winner
+    did. (Ray's PopulationBasedTrainingReplay pauses and restores the trial at each change; on
+    this Ray it dropped results around the pauses and once stopped the trial early.)
+    """
     source = Path(launch.args.replay).expanduser()
     cfg: PBTExperiment = launch.cfg
     train = replace(cfg.train, stop_at_target=False)
     fixed = trial_space(train, cfg.model, threads=max(1, int(cfg.resources.cpu)))
     winner, schedule = replay_schedule(source, fixed)
-    if len(schedule) == 1:  # the winner never changed its hyperparameters
-        space, chooser = schedule[0][1], None
-    else:
-        policy = write_replay_policy(schedule, train.steps_per_check, launch.run_dir / "replay_policy.txt")
-        space, chooser = {}, PopulationBasedTrainingReplay(str(policy))
-    launch.fit(space, scheduler=chooser, checkpoint_every=1)
+    space = {**schedule[0][1], "schedule": [[step, c["optimizer"], c["lr"]] for step, c in schedule]}
+    launch.fit(space)
     return results.write_tables(launch.run_dir, kind="replay", config=launch.config_dict(),
                                 data=launch.data.identity(), wall_seconds=launch.wall_seconds,
                                 extra={"replay_of": {"run_dir": str(source), "trial_id": winner, "schedule": [

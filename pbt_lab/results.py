@@ -27,7 +27,7 @@ TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet
 SUMMARY, FIGURES = "summary.json", "figures"
 HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc", "train_loss", "val_acc",
                    "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "check_seconds",
-                   "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer_steps",
+                   "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer", "restored_optimizer_steps",
                    "trial_seconds",
                    "timestamp", "node_ip", "pid"]
 ERROR = "error"
@@ -172,7 +172,7 @@ def read_lineage(history: pd.DataFrame) -> pd.DataFrame:
                     "donor_score": donor_score.iloc[-1] if len(donor_score) else None,
                     "weights_sha256": r["restored_sha256"],
                     "lr_verified": bool(np.isclose(r["restored_lr"], r["lr"], rtol=1e-6)),
-                    "donor_optimizer": donor["optimizer"].iloc[-1] if len(donor) else None,
+                    "donor_optimizer": r["restored_optimizer"],  # the optimizer the checkpoint was saved with
                     "optimizer_steps_after": r["restored_optimizer_steps"],
                     "timestamp": r["timestamp"], "recipient_iteration": r["iteration"],
                 })
@@ -238,9 +238,15 @@ def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None =
 
 
 def schedule_changes(rows: pd.DataFrame) -> list[dict]:
-    """Where the (optimizer, rate) of a schedule changes: [{step, optimizer, lr}, …], from step 0."""
+    """Where the (optimizer, rate) of a schedule changes: [{step, optimizer, lr}, …], from step 0.
+
+    A change always comes with a restore, whose row names the step it started from; that step is
+    used, not the previous row's (Ray does not log every result around a pause).
+    """
     changes, current, start = [], None, 0
     for _, r in rows.iterrows():
+        if pd.notna(r["segment_step"]):
+            start = int(r["segment_step"])
         if (r["optimizer"], r["lr"]) != current:
             changes.append({"step": start, "optimizer": r["optimizer"], "lr": float(r["lr"])})
             current = (r["optimizer"], r["lr"])

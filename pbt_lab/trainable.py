@@ -25,7 +25,8 @@ from ray import tune
 from pbt_lab.config import ModelConfig, TrainConfig
 
 SEARCHED = ("optimizer", "lr", "seed")
-SEGMENT_KEYS = ("segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer_steps")
+SEGMENT_KEYS = ("segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer",
+                "restored_optimizer_steps")
 DIVERGED_SCORE = -1.0  # below any accuracy: a diverged member ranks last, so it is never a donor
 
 
@@ -53,6 +54,7 @@ class LabTrainable(tune.Trainable):
         self._score = None
 
     def step(self) -> dict:
+        self._follow_schedule()
         before = self.trainer.train_seconds
         row = self.trainer.check()
         population = self.config.get("population")
@@ -65,6 +67,20 @@ class LabTrainable(tune.Trainable):
             result["score"] = DIVERGED_SCORE if diverged else self._rank_score(population["metric"], row)
         self._segment = {}
         return result
+
+    def _follow_schedule(self) -> None:
+        """A replay's trial carries ``schedule`` [[step, optimizer, lr], …]: switch when a step is reached."""
+        schedule = self.config.get("schedule")
+        if not schedule:
+            return
+        _, optimizer, lr = [c for c in schedule if c[0] <= self.trainer.step][-1]
+        if optimizer != self.trainer.optimizer_name:
+            self.trainer.set_optimizer(optimizer, lr)  # fresh slots, as when an exploit switches
+        elif lr != self.trainer.lr:
+            self.trainer.set_lr(lr)
+        else:
+            return
+        self._segment = {"segment_from": self.trial_id, "segment_step": self.trainer.step}
 
     def _rank_score(self, metric: str, row: dict) -> float:
         """PBT's score, on every report: PBT may rank a member at any report (after a resume its clock
@@ -88,7 +104,7 @@ class LabTrainable(tune.Trainable):
             raise RuntimeError(f"live learning rate {live_lr:g} is not the configured {self.config['lr']:g} after restore")
         # Optimizer steps of the live slots: the donor's count when its slots were copied, 0 when fresh.
         self._segment = {"segment_from": meta.get("trial_id"), "segment_step": meta["step"], "restored_sha256": digest,
-                         "restored_lr": live_lr, "restored_optimizer_steps": int(self.trainer.optimizer.iterations.numpy())}
+                         "restored_lr": live_lr, "restored_optimizer": meta["optimizer"], "restored_optimizer_steps": int(self.trainer.optimizer.iterations.numpy())}
         population = self.config.get("population")
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
 

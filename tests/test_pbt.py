@@ -137,4 +137,7 @@ def test_resumed_pbt_keeps_its_exploits_and_makes_new_ones(ray_session, tmp_path
     after = set(map(tuple, lineage[key].values.tolist()))
     assert set(map(tuple, before.values.tolist())) <= after  # nothing recorded before the interrupt was lost
     assert (lineage["timestamp"] >= resumed_at - 1).any(), "PBT keeps exploiting after a resume"
-    assert summary["exploits"]["unmatched"] == []  # Ray's log kept across the resume, too
+    # Ray's log is kept across the resume; only an exploit whose log line Ray had not yet synced
+    # when the driver was interrupted may be missing from it
+    pre = set(map(tuple, before[["recipient", "donor"]].values.tolist()))
+    assert all(tuple(u[:2]) in pre for u in summary["exploits"]["unmatched"])
