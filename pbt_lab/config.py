@@ -136,6 +136,11 @@ class ResourcesConfig:
     max_concurrent: int | None = None
     """Most trials at once; null: as many as the cluster's free resources allow."""
 
+    @property
+    def threads(self) -> int:
+        """TensorFlow threads per trial: its whole CPUs, at least one."""
+        return max(1, int(self.cpu))
+
     def __post_init__(self):
         _positive("resources.cpu", self.cpu)
         _require(isinstance(self.gpu, (int, float)) and 0 <= self.gpu, f"resources.gpu must be ≥ 0, got {self.gpu!r}")

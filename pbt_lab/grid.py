@@ -22,7 +22,7 @@ from pbt_lab.trainable import trial_space
 def main(argv: list[str] | None = None) -> int:
     launch = Launch.parse("grid", GridExperiment, __doc__.splitlines()[0], argv)
     cfg = launch.cfg
-    space = trial_space(cfg.train, cfg.model, threads=max(1, int(cfg.resources.cpu)),
+    space = trial_space(cfg.train, cfg.model, threads=cfg.resources.threads,
                         optimizer=tune.grid_search(cfg.grid.optimizers), lr=tune.grid_search(cfg.grid.lrs),
                         seed=tune.grid_search(cfg.grid.seeds))
     launch.fit(space)

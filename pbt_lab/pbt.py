@@ -108,7 +108,7 @@ def run_population(launch: Launch) -> dict:
     # every perturbation, where they are ranked.
     train = replace(cfg.train, stop_at_target=False, val_every=math.gcd(cfg.train.val_every, p.perturbation_interval))
     members = initial_population(p, train.seed)
-    space = trial_space(train, cfg.model, threads=max(1, int(cfg.resources.cpu)), population={"metric": p.metric},
+    space = trial_space(train, cfg.model, threads=cfg.resources.threads, population={"metric": p.metric},
                         optimizer=tune.choice(p.optimizers), lr=members[0]["lr"], seed=train.seed)
     launch.fit(space, scheduler=scheduler(p), search_alg=BasicVariantGenerator(points_to_evaluate=members),
                num_samples=p.population, stop=PopulationStop() if p.stop_at_target else None,
@@ -153,7 +153,7 @@ def run_replay(launch: Launch) -> dict:
     source = Path(launch.args.replay).expanduser()
     cfg: PBTExperiment = launch.cfg
     train = replace(cfg.train, stop_at_target=False)
-    fixed = trial_space(train, cfg.model, threads=max(1, int(cfg.resources.cpu)))
+    fixed = trial_space(train, cfg.model, threads=cfg.resources.threads)
     winner, schedule = replay_schedule(source, fixed)
     space = {**schedule[0][1], "schedule": [[step, c["optimizer"], c["lr"]] for step, c in schedule]}
     launch.fit(space)
