@@ -4,11 +4,17 @@ Each experiment's ``main`` is ``Launch.parse`` (everything validated before Ray 
 ``launch.fit(param_space, …)``, then ``results.write_tables``. Common flags:
 
     --config PATH  --set key=value …  --name NAME  --storage-path PATH|URI  --address auto|HOST:PORT  --resume
+
+On a cluster (README, "Run on a cluster") the storage path is shared by every node (an ``s3://``
+URI, or the same NFS path everywhere: Ray ≥ 2.7 no longer syncs trial dirs to the head), and
+``--address`` connects the driver to the running cluster instead of starting a local Ray.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -17,13 +23,17 @@ from pathlib import Path
 from pbt_lab import UserError
 from pbt_lab.config import OneLineParser, load_config
 from pbt_lab.data import Mnist, load_mnist
+from pbt_lab.results import is_uri, uri_exists
 
 STORAGE_ENV = "PBT_LAB_STORAGE"
 DEFAULT_STORAGE = "~/ray_results"  # Ray's own default
+ADDRESS = re.compile(r"auto|[\w.-]+:\d+|\[[0-9a-fA-F:]+\]:\d+")  # what ray.init(address=…) connects to
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
+def default_name(kind: str) -> str:
+    """``KIND-DATE-TIME-XXXX``: the random suffix keeps runs submitted in the same second to one
+    cluster (and one storage path) apart."""
+    return f"{kind}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 @dataclass
@@ -42,7 +52,10 @@ class Launch:
     wall_seconds: float = 0.0
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> Path | str:
+        """``<storage_path>/<name>``: a Path, or a URI string (Path would fold ``s3://`` into ``s3:/``)."""
+        if is_uri(self.storage_path):
+            return f"{self.storage_path.rstrip('/')}/{self.name}"
         return Path(self.storage_path) / self.name
 
     @classmethod
@@ -57,9 +70,10 @@ class Launch:
         parser.add_argument("--config", help="YAML file listing what differs from the defaults (see configs/)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override one config value, e.g. --set train.target=0.96 (repeatable)")
-        parser.add_argument("--name", help=f"run name (default: {kind}-DATE-TIME)")
-        parser.add_argument("--storage-path", help=f"where runs live: a path or URI (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
-        parser.add_argument("--address", help="connect to this Ray cluster (auto or HOST:PORT) instead of starting one")
+        parser.add_argument("--name", help=f"run name (default: {kind}-DATE-TIME-XXXX, unique per submission)")
+        parser.add_argument("--storage-path", help=f"where runs live: a path, or a URI such as s3://bucket/runs shared by "
+                                                   f"every node of a cluster (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
+        parser.add_argument("--address", help="connect to this running Ray cluster (auto or HOST:PORT) instead of starting one")
         parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
         if add_arguments:
             add_arguments(parser)
@@ -67,9 +81,13 @@ class Launch:
         try:
             cfg = load_config(config_cls, args.config, args.set, base=base_config(args) if base_config else None)
             storage = args.storage_path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-            if not _is_uri(storage):
+            if not is_uri(storage):
                 storage = str(Path(storage).expanduser().resolve())
-            launch = cls(kind, cfg, data=None, name=args.name or f"{kind}-{datetime.now():%Y%m%d-%H%M%S}",
+            if args.address is not None and not ADDRESS.fullmatch(args.address):
+                raise UserError(f"--address {args.address!r}: expected auto or HOST:PORT of a running Ray head (e.g. 10.0.0.5:6379)")
+            if args.name is not None and not re.fullmatch(r"[\w.-]+", args.name):
+                raise UserError(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' only (it names a directory)")
+            launch = cls(kind, cfg, data=None, name=args.name or default_name(kind),
                          storage_path=storage, address=args.address, resume=args.resume, parser=parser, args=args)
             launch._check_run_dir(args.name)
             launch.data = load_mnist(cfg.data.source)
@@ -78,9 +96,10 @@ class Launch:
         return launch
 
     def _check_run_dir(self, named: str | None) -> None:
-        if _is_uri(self.storage_path):
-            return  # checked by Ray when the Tuner starts
-        exists = self.run_dir.is_dir() and any(self.run_dir.iterdir())
+        if is_uri(self.storage_path):
+            exists = uri_exists(self.run_dir)
+        else:
+            exists = self.run_dir.is_dir() and any(self.run_dir.iterdir())
         if self.resume and not named:
             raise UserError("--resume needs --name of the run to continue")
         if self.resume and not exists:
@@ -98,9 +117,16 @@ class Launch:
 
         started = not ray.is_initialized()
         if started:
-            ray.init(address=self.address, logging_level="WARNING")
+            try:
+                ray.init(address=self.address, logging_level="WARNING")
+            except ConnectionError as e:  # no cluster there, or it refused us (auth token)
+                self.parser.error(f"cannot connect to the Ray cluster at {self.address or os.environ.get('RAY_ADDRESS')}: "
+                                  f"{str(e).splitlines()[0]}")
         res = self.cfg.resources
-        if self.address is None and res.gpu > ray.cluster_resources().get("GPU", 0):
+        # A cluster (--address, or RAY_ADDRESS as set for a Ray Job's driver) may still grow GPU
+        # nodes through its autoscaler; a local Ray never does.
+        joined = self.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+        if not joined and res.gpu > ray.cluster_resources().get("GPU", 0):
             if started:
                 ray.shutdown()  # a local cluster never grows GPUs: trials would wait forever
             self.parser.error(f"resources.gpu={res.gpu:g} but this machine has no GPU: use --set resources.gpu=0")
@@ -139,11 +165,16 @@ class Launch:
     # Ray restores only .json/.pkl files into its driver staging dir on resume, then syncs its
     # fresh pbt_global.txt over the old one: PBT's log of decisions made before the interrupt
     # would be lost. The lab keeps it.
+    # (With a URI storage path Ray's own log is left as Ray writes it.)
     def _ray_policy_log(self) -> str:
+        if not self.resume or is_uri(self.storage_path):
+            return ""
         log = self.run_dir / "pbt_global.txt"
-        return log.read_text() if self.resume and not _is_uri(self.storage_path) and log.is_file() else ""
+        return log.read_text() if log.is_file() else ""
 
     def _keep_ray_policy_log(self, before: str) -> None:
+        if not before:
+            return
         log = self.run_dir / "pbt_global.txt"
         now = log.read_text() if log.is_file() else ""
         if before and not now.startswith(before):

@@ -14,6 +14,8 @@ import json
 import platform
 import re
 import sys
+import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +31,7 @@ HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc"
                    "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "check_seconds",
                    "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer", "restored_optimizer_steps",
                    "trial_seconds",
-                   "timestamp", "node_ip", "pid"]
+                   "timestamp", "node_ip", "node_id", "pid"]
 ERROR = "error"
 PER_TRIAL = ["trial_dir", "compute_train_seconds", "compute_trial_seconds"]  # carried to the trials table only
 
@@ -95,7 +97,7 @@ def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = N
             "compute_trial_seconds": last.get("compute_trial_seconds", 0.0),
             "final_train_acc": last.get("train_acc"),
             "final_val_acc": val.iloc[-1] if len(val) else None, "best_val_acc": val.max() if len(val) else None,
-            "iterations": len(h), "node_ip": last.get("node_ip"), "trial_dir": trial_dir.name,
+            "iterations": len(h), "node_ip": last.get("node_ip"), "node_id": last.get("node_id"), "trial_dir": trial_dir.name,
         })
     trials = pd.DataFrame(rows)
     return trials.astype({"steps_to_target": "Int64", "seconds_to_target": float, "final_val_acc": float,
@@ -287,6 +289,68 @@ def versions() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), **found}
 
 
+# --- run directories behind a URI (s3://, gs://, file://): pyarrow.fs, as Ray's own storage uses ----
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def _filesystem(uri: str):
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception as e:  # unknown scheme, no credentials, bucket not found…
+        raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
+
+
+def uri_exists(uri: str) -> bool:
+    """Whether anything is stored under ``uri`` (a run directory behind a URI)."""
+    from pyarrow import fs
+
+    filesystem, root = _filesystem(uri)
+    try:
+        return any(filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)))
+    except OSError as e:
+        raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
+
+
+@contextmanager
+def _staged(uri: str, wanted, upload: tuple[str, ...] = ()):
+    """A run directory behind a URI as a local one: the files ``wanted(relative_path)`` picks come
+    down (checkpoints and event files stay where they are); the ``upload`` names go back up.
+    Yields (local directory, bytes stored under the URI outside ``upload``)."""
+    from pyarrow import fs
+
+    filesystem, root = _filesystem(uri)
+    files = [f for f in filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
+             if f.type == fs.FileType.File]
+    with tempfile.TemporaryDirectory(prefix="pbt_lab-") as tmp:
+        local = Path(tmp)
+        kept_bytes = 0
+        for f in files:
+            relative = f.path[len(root):].lstrip("/")
+            if relative.split("/")[0] not in upload:
+                kept_bytes += f.size
+            if wanted(relative):
+                (local / relative).parent.mkdir(parents=True, exist_ok=True)
+                fs.copy_files(f.path, str(local / relative), source_filesystem=filesystem)
+        yield local, kept_bytes
+        for name in upload:
+            if (local / name).is_dir():
+                filesystem.create_dir(f"{root}/{name}")  # local and NFS targets need it; object stores ignore it
+            if (local / name).exists():
+                fs.copy_files(str(local / name), f"{root}/{name}", destination_filesystem=filesystem)
+
+
+def _ray_json(relative: str) -> bool:
+    """What the tables are built from: Ray's files at the run's top level and in each trial directory."""
+    parts = relative.split("/")
+    return (len(parts) == 1 and parts[0] in ("pbt_global.txt", SUMMARY)) or \
+        (len(parts) == 2 and parts[1] in ("params.json", "result.json", "error.txt"))
+
+
 def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict | None = None, data: dict | None = None,
                  wall_seconds: float | None = None, figures: bool = True, stopped_as: str | None = None,
                  extra: dict | None = None) -> dict:
@@ -294,7 +358,22 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
 
     Rebuildable: called on an existing run directory alone, it keeps what the last summary
     recorded (kind, config, data, wall time) and refreshes the tables from Ray's files.
+    A URI run directory (``s3://…``) is read and written through pyarrow.fs.
     """
+    if is_uri(run_dir):
+        outputs = (TRIALS, HISTORY, LINEAGE, SUMMARY, FIGURES)
+        with _staged(str(run_dir), _ray_json, upload=outputs) as (local, kept_bytes):
+            try:
+                tables = write_tables(local, kind=kind, config=config, data=data, wall_seconds=wall_seconds,
+                                      figures=figures, stopped_as=stopped_as, extra=extra)
+            except UserError as e:
+                raise UserError(str(e).replace(str(local), str(run_dir))) from None
+            summary = tables["summary"]
+            summary["run_dir"] = str(run_dir)
+            summary["disk_bytes"] = kept_bytes + sum(f.stat().st_size for name in outputs
+                                                     for f in [local / name, *(local / name).rglob("*")] if f.is_file())
+            (local / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+        return tables
     run_dir = Path(run_dir).expanduser()
     if not trial_dirs(run_dir):
         raise UserError(f"{run_dir} holds no Ray Tune trials")
@@ -339,7 +418,13 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
 
 
 def read_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(trials, history, summary) of a run directory written by ``write_tables``."""
+    """(trials, history, summary) of a run directory written by ``write_tables`` (a path or URI)."""
+    if is_uri(run_dir):
+        with _staged(str(run_dir), lambda relative: relative in (TRIALS, HISTORY, SUMMARY)) as (local, _):
+            try:
+                return read_tables(local)
+            except UserError as e:
+                raise UserError(str(e).replace(str(local), str(run_dir))) from None
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / SUMMARY).is_file():
         raise UserError(f"{run_dir} has no {SUMMARY}: run python -m pbt_lab.results {run_dir} to build it")
@@ -387,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         tables = write_tables(args.run_dir)
     except UserError as e:
         parser.error(str(e))
-    print(console_summary(tables, Path(args.run_dir)))
+    print(console_summary(tables, args.run_dir if is_uri(args.run_dir) else Path(args.run_dir)))
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import numpy as np
+import ray
 from ray import tune
 
 from pbt_lab.config import ModelConfig, TrainConfig
@@ -65,6 +66,7 @@ class LabTrainable(tune.Trainable):
                   "done": self.trainer.done and not (population and diverged)}
         if population:
             result["score"] = DIVERGED_SCORE if diverged else self._rank_score(population["metric"], row)
+        result["node_id"] = ray.get_runtime_context().get_node_id()  # Ray's node: node_ip is shared by nodes on one host
         self._segment = {}
         return result
 
