@@ -52,6 +52,7 @@ class LabTrainable(tune.Trainable):
         train.configure_tensorflow(self.threads)
         self.trainer = train.Trainer(data, train_config(config), ModelConfig(**config["model"]))
         self._segment = {"segment_from": self.trial_id, "segment_step": 0}
+        self.data = data  # kept: a reused actor may need a Trainer of another shape
         self._score = None
 
     def step(self) -> dict:
@@ -111,8 +112,15 @@ class LabTrainable(tune.Trainable):
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
 
     def reset_config(self, new_config: dict) -> bool:
-        if ModelConfig(**new_config["model"]) != self.trainer.model_cfg or int(new_config["threads"]) != self.threads:
-            return False  # another network shape: Tune starts a fresh actor
+        if int(new_config["threads"]) != self.threads:
+            return False  # TF's thread pools are fixed once it has started
+        model = ModelConfig(**new_config["model"])
+        if model != self.trainer.model_cfg:
+            # Another width (the scaling study): a new Trainer in this worker. Ray 2.60 fails the
+            # trial if a reused actor answers False here; it does not start a fresh one.
+            from pbt_lab import train
+
+            self.trainer = train.Trainer(self.data, train_config(new_config), model)
         self._segment = {"segment_from": self.trial_id, "segment_step": 0}
         self._score = None
         return self.trainer.reset(train_config(new_config))
