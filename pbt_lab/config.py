@@ -286,6 +286,95 @@ class PBTExperiment(Experiment):
 
 # --- YAML and --set ------------------------------------------------------------------------
 
+def study_rates_between(low: float, high: float) -> list[float]:
+    """The study's rates (1/6 decade apart) from ``low`` to ``high``, both included."""
+    return [lr for lr in study_learning_rates() if low * (1 - 1e-9) <= lr <= high * (1 + 1e-9)]
+
+
+def _rates_by_optimizer(name: str, value: dict) -> dict:
+    """{optimizer: [rates]} with canonical names and positive rates, or one line saying what is wrong."""
+    _require(isinstance(value, dict) and bool(value), f"{name} must map optimizers to lists of rates, got {value!r}")
+    out = {}
+    for optimizer, lrs in value.items():
+        lrs = _coerce(lrs, list[float], f"{name}.{optimizer}")
+        _require(bool(lrs), f"{name}.{optimizer} must list at least one learning rate")
+        for lr in lrs:
+            _positive(f"{name}.{optimizer}", lr)
+        out[canonical_name(optimizer)] = lrs
+    return out
+
+
+SCALING_MODES = ("fixed", "resweep")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """The width study: the network widened step by step, learning rates trained at every width."""
+
+    widths: list[float] = field(default_factory=lambda: [float(w) for w in range(1, 11)])
+    """Width multipliers of model.scale (model.scale is 1×): the study's 1×…10×."""
+    mode: str = "fixed"
+    """fixed: the rates in ``lrs`` at every width (the study); resweep: the rate grid ``sweep_lrs`` at every width."""
+    lrs: dict = field(default_factory=lambda: {"adam": study_rates_between(3e-4, 3.2e-3)})
+    """Fixed mode: {optimizer: [rates]} (default Adam at the study's rates around its best, 3.2e-4 to 3.2e-3)."""
+    sweep_lrs: dict = field(default_factory=lambda: {"adam": study_rates_between(1e-4, 1e-2)})
+    """Re-sweep mode: {optimizer: [rates]} re-run at every width (default Adam, the study's rates 1e-4 to 1e-2)."""
+
+    def __post_init__(self):
+        widths = _coerce(self.widths, list[float], "scaling.widths")
+        _require(bool(widths), "scaling.widths must list at least one width multiplier")
+        for w in widths:
+            _positive("scaling.widths", w)
+        _require(len(set(widths)) == len(widths), f"scaling.widths must not repeat a width, got {widths!r}")
+        object.__setattr__(self, "widths", widths)
+        _require(self.mode in SCALING_MODES, f"scaling.mode must be one of {', '.join(SCALING_MODES)}, got {self.mode!r}")
+        object.__setattr__(self, "lrs", _rates_by_optimizer("scaling.lrs", self.lrs))
+        object.__setattr__(self, "sweep_lrs", _rates_by_optimizer("scaling.sweep_lrs", self.sweep_lrs))
+
+    def rates(self) -> dict:
+        """{optimizer: [rates]} this mode trains at every width."""
+        return self.lrs if self.mode == "fixed" else self.sweep_lrs
+
+
+@dataclass(frozen=True)
+class ScalingExperiment(Experiment):
+    """``python -m pbt_lab.scaling``: steps and seconds to the target as the network widens."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(target=0.96))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+
+# The best rate per optimizer from our grid-cpu run (README): the trace's default when no grid is given.
+# GD reached no target there; 0.464 is Momentum's best in effect (momentum 0.5 doubles the step).
+GRID_CPU_BEST_LRS = {"gd": 0.464, "momentum": 0.215, "adam": 0.00215, "adagrad": 0.1, "adadelta": 14.7,
+                     "rmsprop": 0.00464}
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Each optimizer trained at its best rate, validating often: the study's trace figure."""
+
+    lrs: dict = field(default_factory=lambda: dict(GRID_CPU_BEST_LRS))
+    """{optimizer: rate}; ``--grid RUN_DIR`` replaces it with that grid's best rate per optimizer."""
+
+    def __post_init__(self):
+        _require(isinstance(self.lrs, dict) and bool(self.lrs), f"trace.lrs must map optimizers to a rate, got {self.lrs!r}")
+        rates = {}
+        for optimizer, lr in self.lrs.items():
+            _positive(f"trace.lrs.{optimizer}", lr)
+            rates[canonical_name(optimizer)] = float(lr)
+        object.__setattr__(self, "lrs", rates)
+
+
+@dataclass(frozen=True)
+class TraceExperiment(Experiment):
+    """``python -m pbt_lab.trace``: validation accuracy over time and steps, one trial per optimizer."""
+
+    # Curves, not times to target: every trial trains its whole budget and validates at every check.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(stop_at_target=False, val_every=1))
+    trace: TraceConfig = field(default_factory=TraceConfig)
+
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line (no usage block) and exit code 2."""

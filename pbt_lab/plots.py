@@ -175,3 +175,99 @@ def pbt_figures(tables: dict, out_dir: Path) -> list[Path]:
         made.append(plot_schedule(member_schedule(history, winner), "val_acc", f"Winner {winner}: its schedule",
                                   out_dir / "winner_schedule.png"))
     return made
+
+
+def run_figures(kind: str | None, tables: dict, out_dir: Path) -> list[Path]:
+    """The figures of a run of this kind (what ``results.write_tables`` draws)."""
+    if kind == "scaling":
+        return scaling_figures(tables["trials"], tables["summary"]["scaling"], out_dir)
+    if kind == "trace":
+        return trace_figures(tables["history"], out_dir)
+    made = grid_figures(tables["trials"], out_dir)
+    if kind in ("pbt", "replay"):
+        made += pbt_figures(tables, out_dir)
+    return made
+
+
+# --- width scaling --------------------------------------------------------------------------
+
+
+def plot_scaling(trials: pd.DataFrame, scaling: dict, column: str, label: str, path: Path) -> Path:
+    """``column`` (steps or seconds to target) against width, one line per optimizer × rate (reached
+    trials only), with each rate's fit c + k·n (n = weights) dashed."""
+    t = trials[trials["status"] == "reached"].assign(width=trials["scale"] / scaling["base_scale"])
+    fits = {(f["optimizer"], f["lr"]): f for f in scaling["fits"]}
+    widths = trials.assign(width=trials["scale"] / scaling["base_scale"]).groupby("width")["weights"].first()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.get_cmap("viridis")
+    rates = sorted(t.groupby(["optimizer", "lr"]).groups)
+    for i, (optimizer, lr) in enumerate(rates):
+        colour = colours(i / max(1, len(rates) - 1))
+        p = t[(t["optimizer"] == optimizer) & (t["lr"] == lr)].sort_values("width")
+        ax.plot(p["width"], p[column].astype(float), "o-", color=colour, ms=4, label=f"{optimizer} {lr:.3g}")
+        fit = fits[(optimizer, lr)].get("seconds" if column == "seconds_to_target" else "steps")
+        if fit:
+            ax.plot(widths.index, fit["c"] + fit["k"] * widths.values, "--", color=colour, lw=0.8)
+    ax.set(xlabel=f"width (× model.scale {scaling['base_scale']:g})", ylabel=label,
+           title=f"{label} vs width (dashed: c + k·n, n = weights)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_best_rate(scaling: dict, path: Path) -> Path:
+    """The best rate at each width per optimizer; the bar spans the rates tied with it (same steps)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for optimizer, rows in scaling["best_rates"].items():
+        rows = [r for r in rows if r["best_lr"] is not None]
+        if not rows:
+            continue
+        x = [r["width"] for r in rows]
+        best = [r["best_lr"] for r in rows]
+        low = [b - min(r["tied_lrs"]) for b, r in zip(best, rows)]
+        high = [max(r["tied_lrs"]) - b for b, r in zip(best, rows)]
+        ax.errorbar(x, best, yerr=[low, high], fmt="o-", capsize=4, color=COLOURS.get(optimizer), label=optimizer)
+    ax.set(yscale="log", xlabel=f"width (× model.scale {scaling['base_scale']:g})", ylabel="best learning rate",
+           title="Best learning rate vs width (bar: rates tied at the fewest steps)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def scaling_figures(trials: pd.DataFrame, scaling: dict, out_dir: Path) -> list[Path]:
+    """Steps and seconds to target vs width per rate, and the best rate vs width."""
+    out_dir = Path(out_dir)
+    return [plot_scaling(trials, scaling, "steps_to_target", "steps to target", out_dir / "scaling_steps.png"),
+            plot_scaling(trials, scaling, "seconds_to_target", "seconds to target", out_dir / "scaling_seconds.png"),
+            plot_best_rate(scaling, out_dir / "best_rate_vs_width.png")]
+
+
+# --- trace and run comparison -----------------------------------------------------------------
+
+
+def plot_trace(history: pd.DataFrame, x: str, label: str, path: Path) -> Path:
+    """Validation accuracy against ``x`` (train_seconds or step), one line per trial's optimizer and rate."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (optimizer, lr), h in history.dropna(subset=["val_acc"]).groupby(["optimizer", "lr"]):
+        ax.plot(h[x], h["val_acc"], "-", color=COLOURS.get(optimizer), label=f"{optimizer} {lr:.3g}")
+    ax.set(xlabel=label, ylabel="validation accuracy", title=f"Validation accuracy over {label}, each optimizer at its best rate")
+    ax.set_ylim(max(0.0, ax.get_ylim()[0]), 1.0)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def trace_figures(history: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The study's trace: validation accuracy over training seconds and over steps."""
+    out_dir = Path(out_dir)
+    return [plot_trace(history, "train_seconds", "training seconds", out_dir / "trace_time.png"),
+            plot_trace(history, "step", "steps", out_dir / "trace_steps.png")]
+
+
+def plot_compute_curves(curves: dict, x: str, label: str, path: Path) -> Path:
+    """Best validation accuracy so far against compute spent so far, one line per run (equal-compute view)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curve in curves.items():
+        c = curve.dropna(subset=["best_val_acc"])
+        ax.step(c[x], c["best_val_acc"], where="post", label=name)
+    ax.set(xscale="log", xlabel=label, ylabel="best validation accuracy so far",
+           title=f"What each run had found for its compute ({label})")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

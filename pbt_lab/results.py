@@ -73,6 +73,17 @@ def read_history(run_dir: Path) -> pd.DataFrame:
                            "score": float, "restored_lr": float, "segment_step": "Int64"}).reset_index(drop=True)
 
 
+def weight_count(model: dict) -> int:
+    """Trainable weights of the study's CNN for a model config (as ``build_cnn(...).count_params()``,
+    without TensorFlow): conv 5×5 → conv 5×5 → dense on the 7×7 map → dense 10."""
+    def width(n: int) -> int:
+        return max(1, round(n * model["scale"]))
+
+    c1, c2 = width(32), width(64)
+    dense = width(model["dense_units"]) if model.get("scale_dense") else model["dense_units"]
+    return (25 * c1 + c1) + (25 * c1 * c2 + c2) + (49 * c2 * dense + dense) + (dense * 10 + 10)
+
+
 def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = None) -> pd.DataFrame:
     """One row per trial: its configuration, outcome and compute. ``stopped_as`` names the status of
     trials still running when the experiment stopped them (e.g. PBT's population stop)."""
@@ -88,7 +99,7 @@ def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = N
             # Final optimizer and rate (PBT changes them; a grid trial keeps its initial ones).
             "trial_id": last.get("trial_id", trial_dir.name), "optimizer": last.get("optimizer", params["optimizer"]),
             "lr": last.get("lr", params["lr"]), "initial_optimizer": params["optimizer"], "initial_lr": params["lr"],
-            "scale": params["model"]["scale"], "seed": params["seed"],
+            "scale": params["model"]["scale"], "weights": weight_count(params["model"]), "seed": params["seed"],
             "status": ERROR if errored else (stopped_as or "running") if last["status"] == "running" else last["status"],
             "steps_to_target": last.get("steps_to_target"), "seconds_to_target": last.get("seconds_to_target"),
             "steps": last.get("step", 0), "train_seconds": last.get("train_seconds", 0.0),
@@ -305,6 +316,86 @@ def _filesystem(uri: str):
         raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
 
 
+# --- width scaling -------------------------------------------------------------------------
+
+
+def linear_fit(x, y) -> dict | None:
+    """Least squares y = c + k·x with R² (null below 3 points: two points fit any line exactly)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return None
+    k, c = np.polyfit(x, y, 1)
+    residual = float(((y - (c + k * x)) ** 2).sum())
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = (1 - residual / total if total > 0 else 1.0) if len(x) >= 3 else None
+    return {"c": float(c), "k": float(k), "r2": r2, "points": len(x)}
+
+
+def scaling_summary(trials: pd.DataFrame, base_scale: float) -> dict:
+    """The width study's answers: per optimizer the best rate at each width (fewest steps to the
+    target, then fewest seconds; rates within the check resolution of it are tied) and whether it
+    moved from the narrowest width's; per rate the fits steps, seconds = c + k·n over widths
+    (n = weights, reached trials only)."""
+    t = trials.assign(width=(trials["scale"] / base_scale).round(6))
+    base_width = float(t["width"].min())
+    best_rates, moved, fits = {}, {}, []
+    for optimizer, o in t.groupby("optimizer"):
+        rows = []
+        for width, w in o.groupby("width"):
+            reached = w[w["status"] == "reached"].sort_values(["steps_to_target", "seconds_to_target"])
+            best = reached.iloc[0] if len(reached) else None
+            rows.append({"width": float(width), "scale": float(w["scale"].iloc[0]), "weights": int(w["weights"].iloc[0]),
+                         "best_lr": float(best["lr"]) if best is not None else None,
+                         "steps_to_target": int(best["steps_to_target"]) if best is not None else None,
+                         "seconds_to_target": float(best["seconds_to_target"]) if best is not None else None,
+                         "tied_lrs": sorted(float(x) for x in reached.loc[
+                             reached["steps_to_target"] == reached["steps_to_target"].min(), "lr"]),
+                         "reached": len(reached), "trials": len(w)})
+        base = rows[0]["best_lr"]
+        for row in rows:  # how the narrowest width's best rate does at this width
+            at = o[(o["width"] == row["width"]) & np.isclose(o["lr"], base or np.nan) & (o["status"] == "reached")]
+            row["base_best_lr_steps"] = int(at["steps_to_target"].min()) if len(at) else None
+        best_rates[optimizer] = rows
+        # Moved: at some width the narrowest width's best rate is not among the fastest (or failed).
+        moved[optimizer] = None if base is None else any(r["best_lr"] is not None and base not in r["tied_lrs"]
+                                                         for r in rows)
+        for lr, g in o[o["status"] == "reached"].groupby("lr"):
+            fits.append({"optimizer": optimizer, "lr": float(lr), "widths": sorted(float(w) for w in g["width"]),
+                         "seconds": linear_fit(g["weights"], g["seconds_to_target"]),
+                         "steps": linear_fit(g["weights"], g["steps_to_target"].astype(float))})
+    return {"base_scale": base_scale, "base_width": base_width, "widths": sorted(float(w) for w in t["width"].unique()),
+            "best_rates": best_rates, "best_rate_moved": moved, "fits": fits}
+
+
+# --- compute: comparing runs at equal compute ------------------------------------------------
+
+
+def compute_curve(history: pd.DataFrame) -> pd.DataFrame:
+    """A run's checks in the order they happened, with the compute spent so far (training seconds,
+    steps) and the best validation accuracy seen so far: how far the run had got for its compute."""
+    h = history.sort_values(["timestamp", "trial_id"]).copy()
+    previous = h.groupby("trial_id")["step"].shift().fillna(0)
+    # A check after a restore trained from the checkpoint's step, not from the row before.
+    start = h["segment_step"].astype(float).where(h["segment_step"].notna(), previous)
+    h["check_steps"] = (h["step"] - start).clip(lower=0)
+    h["cum_steps"] = h["check_steps"].cumsum()
+    h["cum_train_seconds"] = h["check_seconds"].fillna(0).cumsum()
+    h["best_val_acc"] = h["val_acc"].cummax().ffill()
+    h["reached_target"] = h["steps_to_target"].notna()
+    return h[["timestamp", "trial_id", "optimizer", "lr", "step", "val_acc", "best_val_acc", "reached_target",
+              "cum_steps", "cum_train_seconds"]].reset_index(drop=True)
+
+
+def compute_until(curve: pd.DataFrame, mask: pd.Series) -> dict | None:
+    """The compute a run had spent at its first check where ``mask`` holds (None if it never did)."""
+    hit = curve[mask]
+    if not len(hit):
+        return None
+    row = hit.iloc[0]
+    return {"steps": int(row["cum_steps"]), "train_seconds": float(row["cum_train_seconds"]),
+            "trial_id": row["trial_id"], "optimizer": row["optimizer"], "lr": float(row["lr"])}
+
+
 def uri_exists(uri: str) -> bool:
     """Whether anything is stored under ``uri`` (a run directory behind a URI)."""
     from pyarrow import fs
@@ -394,7 +485,7 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
         "optimizers": per_optimizer(trials),
         "compute": compute_totals(trials, wall_seconds if wall_seconds is not None else
                                   previous.get("compute", {}).get("wall_seconds")),
-        **{k: previous[k] for k in ("replay_of",) if k in previous},
+        **{k: previous[k] for k in ("replay_of", "trace_of") if k in previous},
         **(extra or {}),
     }
     tables = {"trials": trials, "history": history, "summary": summary}
@@ -408,9 +499,7 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
     if figures:
         from pbt_lab import plots
 
-        made = plots.grid_figures(trials, run_dir / FIGURES)
-        if kind in ("pbt", "replay"):
-            made += plots.pbt_figures(tables, run_dir / FIGURES)
+        made = plots.run_figures(kind, tables, run_dir / FIGURES)
         summary["figures"] = [str(p.relative_to(run_dir)) for p in made]
     summary["disk_bytes"] = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
@@ -425,6 +514,8 @@ def read_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                 return read_tables(local)
             except UserError as e:
                 raise UserError(str(e).replace(str(local), str(run_dir))) from None
+    if kind == "scaling":
+        summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / SUMMARY).is_file():
         raise UserError(f"{run_dir} has no {SUMMARY}: run python -m pbt_lab.results {run_dir} to build it")
@@ -459,6 +550,14 @@ def _plain(value):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return None
+def read_lineage_table(run_dir: str | Path) -> pd.DataFrame:
+    """The exploits of a PBT run directory written by ``write_tables`` (``lineage.parquet``)."""
+    path = Path(run_dir).expanduser() / LINEAGE
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {LINEAGE}: is it a PBT run?")
+    return pd.read_parquet(path)
+
+
     return value
 
 
