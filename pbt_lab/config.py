@@ -12,7 +12,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
@@ -284,8 +284,6 @@ class PBTExperiment(Experiment):
                  "a donor's checkpoint deleted before it is copied loses the exploit")
 
 
-# --- YAML and --set ------------------------------------------------------------------------
-
 def study_rates_between(low: float, high: float) -> list[float]:
     """The study's rates (1/6 decade apart) from ``low`` to ``high``, both included."""
     return [lr for lr in study_learning_rates() if low * (1 - 1e-9) <= lr <= high * (1 + 1e-9)]
@@ -377,6 +375,8 @@ class TraceExperiment(Experiment):
 
 
 class OneLineParser(argparse.ArgumentParser):
+# --- YAML and --set ------------------------------------------------------------------------
+
     """argparse that reports a bad argument as one line (no usage block) and exit code 2."""
 
     def error(self, message):
@@ -437,7 +437,7 @@ def build(cls: type, values: dict, prefix: str = ""):
         kind = hints[name]
         if is_dataclass(kind):
             _require(isinstance(value, dict), f"{prefix}{name} must be a section of keys, got {value!r}")
-            kwargs[name] = build(kind, value, f"{prefix}{name}.")
+            kwargs[name] = build(kind, {**_experiment_defaults(cls, name), **value}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
     return cls(**kwargs)
@@ -445,6 +445,17 @@ def build(cls: type, values: dict, prefix: str = ""):
 
 def _coerce(value, kind, name: str):
     """``value`` as type ``kind`` (float, int, bool, str, list[...], dict, or X | None)."""
+def _experiment_defaults(cls: type, name: str) -> dict:
+    """Where an experiment's default section differs from the section's class defaults (the width
+    study's 96 % target): those values, so a YAML or --set section that omits them keeps them."""
+    f = next(f for f in fields(cls) if f.name == name)
+    if f.default_factory is MISSING:
+        return {}
+    default = f.default_factory()
+    plain = type(default)()
+    return {k.name: getattr(default, k.name) for k in fields(default) if getattr(default, k.name) != getattr(plain, k.name)}
+
+
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -214,9 +214,12 @@ def plot_scaling(trials: pd.DataFrame, scaling: dict, column: str, label: str, p
     return _save(fig, path)
 
 
-def plot_best_rate(scaling: dict, path: Path) -> Path:
-    """The best rate at each width per optimizer; the bar spans the rates tied with it (same steps)."""
+def plot_best_rate(scaling: dict, path: Path, lrs=()) -> Path:
+    """The best rate at each width per optimizer; the bar spans the rates tied with it (same steps).
+    Faint lines mark ``lrs``, the rates trained: the resolution of the answer."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    for lr in lrs:
+        ax.axhline(lr, color="grey", lw=0.5, alpha=0.5)
     for optimizer, rows in scaling["best_rates"].items():
         rows = [r for r in rows if r["best_lr"] is not None]
         if not rows:
@@ -237,7 +240,7 @@ def scaling_figures(trials: pd.DataFrame, scaling: dict, out_dir: Path) -> list[
     out_dir = Path(out_dir)
     return [plot_scaling(trials, scaling, "steps_to_target", "steps to target", out_dir / "scaling_steps.png"),
             plot_scaling(trials, scaling, "seconds_to_target", "seconds to target", out_dir / "scaling_seconds.png"),
-            plot_best_rate(scaling, out_dir / "best_rate_vs_width.png")]
+            plot_best_rate(scaling, out_dir / "best_rate_vs_width.png", sorted(trials["lr"].unique()))]
 
 
 # --- trace and run comparison -----------------------------------------------------------------
@@ -247,7 +250,7 @@ def plot_trace(history: pd.DataFrame, x: str, label: str, path: Path) -> Path:
     """Validation accuracy against ``x`` (train_seconds or step), one line per trial's optimizer and rate."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for (optimizer, lr), h in history.dropna(subset=["val_acc"]).groupby(["optimizer", "lr"]):
-        ax.plot(h[x], h["val_acc"], "-", color=COLOURS.get(optimizer), label=f"{optimizer} {lr:.3g}")
+        ax.plot(h[x], h["val_acc"], ".-", color=COLOURS.get(optimizer), ms=4, label=f"{optimizer} {lr:.3g}")
     ax.set(xlabel=label, ylabel="validation accuracy", title=f"Validation accuracy over {label}, each optimizer at its best rate")
     ax.set_ylim(max(0.0, ax.get_ylim()[0]), 1.0)
     ax.legend(fontsize=8)
