@@ -1,0 +1,225 @@
+"""Cluster and distribution: the autoscaler configs pass Ray's own validator and open only SSH; a
+PBT population spreads over two Ray nodes and exploits across them through a shared storage URI;
+an entry point joins a running Ray head with --address.
+
+The multi-node runs live in subprocesses with their own RAY_TMPDIR, so they neither touch the test
+session's Ray instance nor advertise themselves (ray_current_cluster) to other Ray users of this
+machine. They use token authentication, as the cluster configs do.
+"""
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pbt_lab.config import PBTExperiment
+from pbt_lab.launch import Launch
+from pbt_lab.results import HISTORY, LINEAGE, SUMMARY, TRIALS
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_CONFIGS = sorted((ROOT / "cluster").glob("*.yaml"))
+PBT_QUICK = str(ROOT / "configs" / "pbt-quick.yaml")
+GRID_QUICK = str(ROOT / "configs" / "grid-quick.yaml")
+
+
+def prepared(path: Path) -> dict:
+    from ray.autoscaler._private.util import prepare_config
+
+    return prepare_config(yaml.safe_load(path.read_text()))
+
+
+# --- the autoscaler configs ------------------------------------------------------------------
+
+
+def test_there_is_a_k80_and_a_current_gpu_config():
+    assert [p.name for p in CLUSTER_CONFIGS] == ["gpu.yaml", "k80.yaml"]
+
+
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
+def test_cluster_config_passes_rays_validator(path):
+    from ray.autoscaler._private.util import validate_config
+
+    config = prepared(path)
+    validate_config(config)
+    with pytest.raises(Exception):  # the validator does reject a broken config
+        validate_config({**config, "idle_timeout_minutes": "soon"})
+    raw = yaml.safe_load(path.read_text())
+    assert raw["provider"]["type"] == "aws" and raw["idle_timeout_minutes"] > 0
+    head = config["available_node_types"][config["head_node_type"]]
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "trials run on the workers, not beside the head's services"
+    assert not head["node_config"]["InstanceType"].startswith(("p", "g")), "a CPU head"
+    family = "p2." if path.name == "k80.yaml" else ("g4dn.", "g5.")
+    assert [w["node_config"]["InstanceType"].startswith(family) for w in workers] == [True]
+    assert workers[0]["min_workers"] == 0 < workers[0]["max_workers"] <= config["max_workers"]
+    # The project is copied to every node and installed from there; the token goes along.
+    assert config["file_mounts"] == {"~/pbt_lab": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    setup = "\n".join(config["setup_commands"])
+    assert re.search(r"pip install .*-e \S*(~|\$HOME)/pbt_lab", setup) and "ray[default]==2.60.0" in setup
+    assert "PBT_LAB_STORAGE=s3://" in setup
+    for command in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
+        assert "RAY_AUTH_MODE=token ray start" in command
+
+
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
+def test_cluster_config_opens_no_port_but_ssh_to_the_internet(path):
+    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
+
+    config = prepared(path)
+    # Ray makes the security group only for node types that bring none of their own.
+    for node_type in config["available_node_types"].values():
+        assert not {"SecurityGroupIds", "NetworkInterfaces", "LaunchTemplate"} & set(node_type["node_config"])
+    # The inbound rules Ray gives that group: its own defaults plus the config's IpPermissions.
+    rules = _create_default_inbound_rules(["sg-cluster"], config["provider"].get("security_group", {}).get("IpPermissions"))
+    from_outside = [r for r in rules if r.get("IpRanges") or r.get("Ipv6Ranges") or r.get("PrefixListIds")]
+    assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in from_outside] == [("tcp", 22, 22)]
+    assert all(r["UserIdGroupPairs"] == [{"GroupId": "sg-cluster"}] for r in rules if r not in from_outside)
+    # The dashboard (and the Jobs API it serves) listens on the head's localhost only.
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+
+
+# --- launching: names, storage URIs, --address (no Ray started) ------------------------------
+
+
+def test_default_run_names_do_not_collide(tmp_path):
+    argv = ["--config", PBT_QUICK, "--storage-path", f"file://{tmp_path}"]
+    first, second = (Launch.parse("pbt", PBTExperiment, "pbt", argv) for _ in range(2))
+    assert first.name != second.name and first.name.startswith("pbt-")
+    assert first.run_dir == f"file://{tmp_path}/{first.name}"  # a URI stays a URI
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--address", "localhost"], "--address 'localhost': expected auto or HOST:PORT"),
+    (["--name", "a/b"], "--name 'a/b': use letters"),
+    (["--storage-path", "nosuchscheme://bucket/runs"], "storage nosuchscheme://bucket/runs/pbt-"),
+    (["--resume", "--name", "gone"], "--resume: there is no run"),
+])
+def test_bad_launch_flags_get_one_line(tmp_path, capsys, argv, message):
+    if "--storage-path" not in argv:
+        argv = [*argv, "--storage-path", f"file://{tmp_path}"]
+    with pytest.raises(SystemExit) as exit_:
+        Launch.parse("pbt", PBTExperiment, "pbt", ["--config", PBT_QUICK, *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_an_existing_run_behind_a_uri_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        Launch.parse("pbt", PBTExperiment, "pbt", ["--config", PBT_QUICK, "--storage-path", f"file://{tmp_path}",
+                                                   "--name", "taken"])
+    assert "already exists: pass --resume" in capsys.readouterr().err
+
+
+# --- real clusters in subprocesses -----------------------------------------------------------
+
+
+@pytest.fixture
+def isolated_ray(tmp_path):
+    """Environment for a private Ray: its own temp dir (short: Ray's socket paths must fit in
+    107 bytes) and token authentication with a fresh token."""
+    temp = tempfile.mkdtemp(prefix="pl", dir="/tmp")
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=temp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=str(ROOT))
+    yield env
+    subprocess.run(["rm", "-rf", temp], check=False)
+
+
+TWO_NODES = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from pbt_lab import pbt
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=2, num_gpus=1)
+cluster.wait_for_nodes()
+print("NODES " + json.dumps([cluster.head_node.node_id] + [n.node_id for n in cluster.worker_nodes]), flush=True)
+try:
+    code = pbt.main(["--address", cluster.address, *sys.argv[1:]])
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_pbt_spreads_over_two_nodes_and_exploits_across_them(isolated_ray, tmp_path):
+    runs = tmp_path / "runs"  # shared by both nodes, reached as a URI the way s3:// is
+    argv = ["--config", PBT_QUICK, "--storage-path", f"file://{runs}", "--name", "two-nodes",
+            "--set", "resources.gpu=0.5",  # one fake GPU per node: two members per node
+            "--set", "train.max_steps=300", "--set", "train.val_every=1", "--set", "pbt.perturbation_interval=1"]
+    done = subprocess.run([sys.executable, "-c", TWO_NODES, *argv], env=isolated_ray, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    nodes = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("NODES "))[6:])
+    run = runs / "two-nodes"
+    assert {TRIALS, HISTORY, LINEAGE, SUMMARY} <= {p.name for p in run.iterdir()}  # tables written through the URI
+    trials = pd.read_parquet(run / TRIALS)
+    history = pd.read_parquet(run / HISTORY)
+    lineage = pd.read_parquet(run / LINEAGE)
+    assert len(trials) == 6 and (trials["status"] != "error").all()
+    assert set(history["node_id"]) == set(nodes) and len(nodes) == 2, "members trained on both nodes"
+    # Where each exploit's checkpoint was written (the donor's node when it reported that step;
+    # Ray does not log every result around a pause, so some are unknown) and where it was read.
+    def node(trial_id, column, value):
+        rows = history[(history["trial_id"] == trial_id) & (history[column] == value)]
+        return rows["node_id"].iloc[0] if len(rows) else None
+
+    moves = [(node(e["donor"], "step", e["step"]), node(e["recipient"], "iteration", e["recipient_iteration"]))
+             for _, e in lineage.iterrows()]
+    assert any(written and written != read for written, read in moves), f"no exploit crossed nodes: {moves}"
+    summary = json.loads((run / SUMMARY).read_text())
+    assert summary["run_dir"] == f"file://{run}" and summary["exploits"]["unmatched"] == []
+    assert lineage["lr_verified"].all()  # and the weights hash was checked by the recipient on restore
+
+
+@pytest.mark.slow
+def test_entry_point_joins_a_head_started_with_ray_start(isolated_ray, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
+                             "--include-dashboard=false", "--block"],
+                            env=isolated_ray, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        probe = "import ray; ray.init(address='auto'); print(ray.get_runtime_context().get_node_id())"
+        for _ in range(60):
+            found = subprocess.run([sys.executable, "-c", probe], env=isolated_ray, capture_output=True, text=True)
+            if found.returncode == 0:
+                break
+            time.sleep(1)
+        assert found.returncode == 0, (tmp_path / "head.log").read_text()[-2000:] + found.stderr[-2000:]
+        head_node = found.stdout.split()[-1]
+        # `auto` finds the head that `ray start` recorded; 0.5 GPU is the head's fake GPU (alone,
+        # on this GPU-less machine, the launcher would refuse it)
+        done = subprocess.run([sys.executable, "-m", "pbt_lab.grid", "--address", "auto", "--config", GRID_QUICK,
+                               "--storage-path", str(tmp_path / "runs"), "--name", "joined",
+                               "--set", "grid.optimizers=[adam]", "--set", "grid.lrs=[0.001]",
+                               "--set", "train.max_steps=100", "--set", "resources.gpu=0.5"],
+                              env=isolated_ray, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        trials = pd.read_parquet(tmp_path / "runs" / "joined" / TRIALS)
+        assert list(trials["node_id"]) == [head_node] and list(trials["steps"]) == [100]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        log.close()
