@@ -92,6 +92,8 @@ class TrainConfig:
     """Budget in pure training seconds (the study's 120 s cap); None for no cap."""
     divergence_loss: float | None = 1e3
     """A training loss above this (chance is ln 10 ≈ 2.3), or a non-finite one, ends the run as diverged."""
+    stop_on_divergence: bool = True
+    """End a diverging run at once; false lets it run on to its budget (the benchmark's baseline)."""
     val_every: int = 10
     """Checks between validation passes (the last check always validates)."""
     seed: int = 3141592
@@ -373,10 +375,10 @@ class TraceExperiment(Experiment):
     trace: TraceConfig = field(default_factory=TraceConfig)
 
 
-
-class OneLineParser(argparse.ArgumentParser):
 # --- YAML and --set ------------------------------------------------------------------------
 
+
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line (no usage block) and exit code 2."""
 
     def error(self, message):
@@ -443,8 +445,6 @@ def build(cls: type, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _coerce(value, kind, name: str):
-    """``value`` as type ``kind`` (float, int, bool, str, list[...], dict, or X | None)."""
 def _experiment_defaults(cls: type, name: str) -> dict:
     """Where an experiment's default section differs from the section's class defaults (the width
     study's 96 % target): those values, so a YAML or --set section that omits them keeps them."""
@@ -456,6 +456,8 @@ def _experiment_defaults(cls: type, name: str) -> dict:
     return {k.name: getattr(default, k.name) for k in fields(default) if getattr(default, k.name) != getattr(plain, k.name)}
 
 
+def _coerce(value, kind, name: str):
+    """``value`` as type ``kind`` (float, int, bool, str, list[...], dict, or X | None)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = results.write_tables(launch.run_dir, kind="grid", config=launch.config_dict(),
                                   data=launch.data.identity(), wall_seconds=launch.wall_seconds)
     print(results.console_summary(tables, launch.run_dir))
-    return 0
+    return results.exit_status(tables)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ class Launch:
         started = not ray.is_initialized()
         if started:
             try:
-                ray.init(address=self.address, logging_level="WARNING")
+                # Without --address (or RAY_ADDRESS, set for a Ray Job's driver) start a local Ray even
+                # if `ray start` left a cluster running here: Ray itself would join that one.
+                ray.init(address=self.address or os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING")
             except ConnectionError as e:  # no cluster there, or it refused us (auth token)
                 self.parser.error(f"cannot connect to the Ray cluster at {self.address or os.environ.get('RAY_ADDRESS')}: "
                                   f"{str(e).splitlines()[0]}")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator
 
 from pbt_lab import UserError, results
 from pbt_lab.config import PBTConfig, PBTExperiment
 from pbt_lab.launch import Launch
-from pbt_lab.trainable import trial_space
+from pbt_lab.trainable import DIVERGED_SCORE, trial_space
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,42 @@ def initial_population(p: PBTConfig, seed: int) -> list[dict]:
     return members
 
 
+class LabPBT(PopulationBasedTraining):
+    """Ray's PBT with two fixes, measured as failures here:
+
+    - a diverged member is never a donor: with more diverged members than the lower quantile
+      holds, Ray would rank some into the upper one and copy their weights;
+    - fair turns: Ray runs the waiting member with the least training time, ties broken by the
+      trial list's order. A recipient inherits its donor's time, so it ties with the paused donors;
+      after a resume the recipients came first in that order, exploited the paused donors again and
+      again and never let them run (a livelock). Ties go to the member that reported longest ago.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._reports = 0
+        self._last_report: dict[str, int] = {}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._reports += 1
+        self._last_report[trial.trial_id] = self._reports
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def choose_trial_to_run(self, tune_controller):
+        waiting = [t for t in tune_controller.get_trials() if t.status in (Trial.PENDING, Trial.PAUSED)]
+        return min(waiting, default=None, key=lambda t: (self._trial_state[t].last_train_time,
+                                                         self._last_report.get(t.trial_id, 0)))
+
+    def _quantiles(self):
+        lower, upper = super()._quantiles()
+        upper = [t for t in upper if self._trial_state[t].last_score > DIVERGED_SCORE]
+        return (lower, upper) if upper else ([], [])
+
+
 def scheduler(p: PBTConfig) -> PopulationBasedTraining:
     low = min(p.lr_ranges[o][0] for o in p.optimizers)
     high = max(p.lr_ranges[o][1] for o in p.optimizers)
-    return PopulationBasedTraining(
+    return LabPBT(
         time_attr="training_iteration",
         metric="score",
         mode="max",
@@ -108,7 +141,10 @@ def run_population(launch: Launch) -> dict:
     # every perturbation, where they are ranked.
     train = replace(cfg.train, stop_at_target=False, val_every=math.gcd(cfg.train.val_every, p.perturbation_interval))
     members = initial_population(p, train.seed)
-    space = trial_space(train, cfg.model, threads=cfg.resources.threads, population={"metric": p.metric},
+    # A diverged member waits for PBT to copy a donor into it: past burn-in, PBT decides at least
+    # once per interval, and a donor may lack a checkpoint at the first decision.
+    population = {"metric": p.metric, "rescue_checks": p.burn_in_period + 2 * p.perturbation_interval}
+    space = trial_space(train, cfg.model, threads=cfg.resources.threads, population=population,
                         optimizer=tune.choice(p.optimizers), lr=members[0]["lr"], seed=train.seed)
     launch.fit(space, scheduler=scheduler(p), search_alg=BasicVariantGenerator(points_to_evaluate=members),
                num_samples=p.population, stop=PopulationStop() if p.stop_at_target else None,
@@ -170,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     launch = Launch.parse("pbt", PBTExperiment, __doc__.splitlines()[0], argv, add_arguments, _source_config)
     tables = run_replay(launch) if launch.args.replay else run_population(launch)
     print(results.console_summary(tables, launch.run_dir))
-    return 0
+    return results.exit_status(tables)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc"
                    "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "check_seconds",
                    "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer", "restored_optimizer_steps",
                    "trial_seconds",
-                   "timestamp", "node_ip", "node_id", "pid"]
+                   "timestamp", "started_at", "reported_at", "node_ip", "node_id", "pid"]
 ERROR = "error"
 PER_TRIAL = ["trial_dir", "compute_train_seconds", "compute_trial_seconds"]  # carried to the trials table only
 
@@ -50,11 +50,16 @@ def read_history(run_dir: Path) -> pd.DataFrame:
     repeats included: it is the compute really spent.
     """
     frames = []
+    ray_states = ray_trial_states(run_dir)
     for trial_dir in trial_dirs(run_dir):
         result_file = trial_dir / "result.json"
-        if not result_file.is_file():
+        reports = _json_lines(result_file) if result_file.is_file() else []
+        if not reports and ray_states.get(trial_dir.name, {}).get("last_result"):
+            # A driver killed while copying the trial's files left them empty, but Ray's experiment
+            # state kept the trial's last report: its outcome survives, its earlier rows do not.
+            reports = [ray_states[trial_dir.name]["last_result"]]
+        if not reports:
             continue
-        reports = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         # Compute really spent, repeats included (older runs lack check_seconds: their last train_seconds).
         spent = {"compute_train_seconds": sum(r.get("check_seconds") or 0.0 for r in reports)
                  or (reports[-1].get("train_seconds") or 0.0 if reports else 0.0),
@@ -73,6 +78,19 @@ def read_history(run_dir: Path) -> pd.DataFrame:
                            "score": float, "restored_lr": float, "segment_step": "Int64"}).reset_index(drop=True)
 
 
+def _json_lines(path: Path) -> list[dict]:
+    """A JSON-lines file; a last line cut short (its writer was killed mid-write) is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    reports = []
+    for i, line in enumerate(lines):
+        try:
+            reports.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path} line {i + 1} is not JSON: the file is corrupt") from None
+    return reports
+
+
 def weight_count(model: dict) -> int:
     """Trainable weights of the study's CNN for a model config (as ``build_cnn(...).count_params()``,
     without TensorFlow): conv 5×5 → conv 5×5 → dense on the 7×7 map → dense 10."""
@@ -89,12 +107,16 @@ def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = N
     trials still running when the experiment stopped them (e.g. PBT's population stop)."""
     rows = []
     by_dir = dict(tuple(history.groupby("trial_dir")))
+    ray_states = ray_trial_states(run_dir)
     for trial_dir in trial_dirs(run_dir):
-        params = json.loads((trial_dir / "params.json").read_text())
+        ray_state = ray_states.get(trial_dir.name, {})
+        ray_status, failures = ray_state.get("status"), ray_state.get("failures", 0)
+        params = _trial_params(trial_dir, ray_state.get("config"))
         h = by_dir.get(trial_dir.name, history.iloc[:0])
         last = h.iloc[-1] if len(h) else pd.Series(dtype=object)
         val = h["val_acc"].dropna()
-        errored = (trial_dir / "error.txt").is_file() or not len(h)
+        # Ray's own final status: a trial that failed and was restarted from a checkpoint recovered.
+        errored = not len(h) or ray_status == "ERROR" or (ray_status is None and (trial_dir / "error.txt").is_file())
         rows.append({
             # Final optimizer and rate (PBT changes them; a grid trial keeps its initial ones).
             "trial_id": last.get("trial_id", trial_dir.name), "optimizer": last.get("optimizer", params["optimizer"]),
@@ -108,11 +130,43 @@ def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = N
             "compute_trial_seconds": last.get("compute_trial_seconds", 0.0),
             "final_train_acc": last.get("train_acc"),
             "final_val_acc": val.iloc[-1] if len(val) else None, "best_val_acc": val.max() if len(val) else None,
+            "error": _last_error(trial_dir) if errored else None, "failures": failures,
             "iterations": len(h), "node_ip": last.get("node_ip"), "node_id": last.get("node_id"), "trial_dir": trial_dir.name,
         })
     trials = pd.DataFrame(rows)
     return trials.astype({"steps_to_target": "Int64", "seconds_to_target": float, "final_val_acc": float,
                           "best_val_acc": float, "final_train_acc": float}).sort_values(["optimizer", "lr", "seed"])
+
+
+def _trial_params(trial_dir: Path, ray_config: dict | None) -> dict:
+    """A trial's config: its ``params.json``, else (cut short by a killed driver) Ray's experiment state."""
+    try:
+        return json.loads((trial_dir / "params.json").read_text())
+    except ValueError:
+        if ray_config is None:
+            raise UserError(f"{trial_dir / 'params.json'} is corrupt and Ray's experiment state lacks the trial") from None
+        return ray_config
+
+
+def ray_trial_states(run_dir: Path) -> dict[str, dict]:
+    """Trial dir → Ray's view of the trial (status, failures so far, config, last report), from its
+    latest experiment state (JSON)."""
+    states = sorted(Path(run_dir).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    if not states:
+        return {}
+    found = {}
+    for state, run_metadata in json.loads(states[-1].read_text())["trial_data"]:
+        state, run_metadata = json.loads(state), json.loads(run_metadata)
+        found[state["relative_logdir"]] = {"status": state["status"], "failures": int(run_metadata.get("num_failures") or 0),
+                                           "config": state["config"], "last_result": run_metadata.get("last_result")}
+    return found
+
+
+def _last_error(trial_dir: Path) -> str:
+    """The exception line Ray wrote last into a failed trial's ``error.txt``."""
+    error = trial_dir / "error.txt"
+    lines = [line.strip() for line in error.read_text().splitlines() if line.strip()] if error.is_file() else []
+    return lines[-1] if lines else "no result was reported"
 
 
 def per_optimizer(trials: pd.DataFrame) -> dict:
@@ -223,11 +277,15 @@ def audit_exploits(lineage: pd.DataFrame, ray_log: pd.DataFrame) -> dict:
     before it runs again (it was still paused): the earlier decision is then superseded, never
     carried out, and counted as such.
     """
+    def same(decision, e) -> bool:
+        donor, optimizer, lr = decision
+        return (donor, optimizer) == (e["donor"], e["new_optimizer"]) and np.isclose(lr, e["new_lr"], rtol=1e-9)
+
     unmatched = []
     for recipient, ours in lineage.groupby("recipient", sort=False):
-        theirs = ray_log[ray_log["recipient"] == recipient][["donor", "new_optimizer"]].values.tolist()
+        theirs = ray_log[ray_log["recipient"] == recipient][["donor", "new_optimizer", "new_lr"]].values.tolist()
         for _, e in ours.iterrows():
-            while theirs and theirs[0] != [e["donor"], e["new_optimizer"]]:
+            while theirs and not same(theirs[0], e):
                 theirs.pop(0)  # superseded
             if theirs:
                 theirs.pop(0)
@@ -287,33 +345,6 @@ def pbt_summary(run_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, line
         "exploits": {**audit, "lr_verified": bool(lineage["lr_verified"].all()) if len(lineage) else True,
                      "optimizer_switches": int((lineage["donor_optimizer"] != lineage["new_optimizer"]).sum())},
     }
-
-
-def versions() -> dict:
-    names = ("pbt_lab", "ray", "tensorflow", "keras", "numpy", "pandas", "pyarrow")
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), **found}
-
-
-# --- run directories behind a URI (s3://, gs://, file://): pyarrow.fs, as Ray's own storage uses ----
-
-
-def is_uri(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def _filesystem(uri: str):
-    from pyarrow import fs
-
-    try:
-        return fs.FileSystem.from_uri(uri)
-    except Exception as e:  # unknown scheme, no credentials, bucket not found…
-        raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
 
 
 # --- width scaling -------------------------------------------------------------------------
@@ -396,6 +427,33 @@ def compute_until(curve: pd.DataFrame, mask: pd.Series) -> dict | None:
             "trial_id": row["trial_id"], "optimizer": row["optimizer"], "lr": float(row["lr"])}
 
 
+def versions() -> dict:
+    names = ("pbt_lab", "ray", "tensorflow", "keras", "numpy", "pandas", "pyarrow")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), **found}
+
+
+# --- run directories behind a URI (s3://, gs://, file://): pyarrow.fs, as Ray's own storage uses ----
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def _filesystem(uri: str):
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception as e:  # unknown scheme, no credentials, bucket not found…
+        raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
+
+
 def uri_exists(uri: str) -> bool:
     """Whether anything is stored under ``uri`` (a run directory behind a URI)."""
     from pyarrow import fs
@@ -438,7 +496,7 @@ def _staged(uri: str, wanted, upload: tuple[str, ...] = ()):
 def _ray_json(relative: str) -> bool:
     """What the tables are built from: Ray's files at the run's top level and in each trial directory."""
     parts = relative.split("/")
-    return (len(parts) == 1 and parts[0] in ("pbt_global.txt", SUMMARY)) or \
+    return (len(parts) == 1 and (parts[0] in ("pbt_global.txt", SUMMARY) or parts[0].startswith("experiment_state-"))) or \
         (len(parts) == 2 and parts[1] in ("params.json", "result.json", "error.txt"))
 
 
@@ -489,6 +547,8 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
         **(extra or {}),
     }
     tables = {"trials": trials, "history": history, "summary": summary}
+    if kind == "scaling":
+        summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
     if kind == "pbt":
         tables["lineage"] = lineage = read_lineage(history)
         lineage.to_parquet(run_dir / LINEAGE, index=False)
@@ -514,13 +574,19 @@ def read_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                 return read_tables(local)
             except UserError as e:
                 raise UserError(str(e).replace(str(local), str(run_dir))) from None
-    if kind == "scaling":
-        summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / SUMMARY).is_file():
         raise UserError(f"{run_dir} has no {SUMMARY}: run python -m pbt_lab.results {run_dir} to build it")
     return (pd.read_parquet(run_dir / TRIALS), pd.read_parquet(run_dir / HISTORY),
             json.loads((run_dir / SUMMARY).read_text()))
+
+
+def read_lineage_table(run_dir: str | Path) -> pd.DataFrame:
+    """The exploits of a PBT run directory written by ``write_tables`` (``lineage.parquet``)."""
+    path = Path(run_dir).expanduser() / LINEAGE
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {LINEAGE}: is it a PBT run?")
+    return pd.read_parquet(path)
 
 
 def console_summary(tables: dict, run_dir: Path) -> str:
@@ -536,10 +602,18 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     c = s["compute"]
     lines.append(f"\n{c['trials']} trials, {c['steps']:,} steps, {c['train_seconds']:.0f} s training in "
                  f"{c['trial_seconds']:.0f} trial-seconds" + (f", {c['wall_seconds']:.0f} s wall" if c["wall_seconds"] else ""))
+    failed = tables["trials"][tables["trials"]["status"] == ERROR]
+    for _, t in failed.iterrows():
+        lines.append(f"FAILED {t['trial_id']} ({t['optimizer']}, lr {t['lr']:.3g}): {t['error']}")
     lines.append(f"tables:  {run_dir}/{{{TRIALS}, {HISTORY}, {SUMMARY}}}")
     lines.append(f"figures: {run_dir}/{FIGURES}/")
     lines.append(f"tensorboard --logdir {run_dir}")
     return "\n".join(lines)
+
+
+def exit_status(tables: dict) -> int:
+    """A run's exit code: 1 when a trial failed (the console names it and its error), else 0."""
+    return int((tables["trials"]["status"] == ERROR).any())
 
 
 def _plain(value):
@@ -550,14 +624,6 @@ def _plain(value):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return None
-def read_lineage_table(run_dir: str | Path) -> pd.DataFrame:
-    """The exploits of a PBT run directory written by ``write_tables`` (``lineage.parquet``)."""
-    path = Path(run_dir).expanduser() / LINEAGE
-    if not path.is_file():
-        raise UserError(f"{path.parent} has no {LINEAGE}: is it a PBT run?")
-    return pd.read_parquet(path)
-
-
     return value
 
 

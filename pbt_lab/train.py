@@ -145,7 +145,7 @@ class Trainer:
         calls are reused (Ray Tune reuses actors this way). False, changing nothing, if ``train``
         differs in a setting baked into the traced calls: then build a new Trainer.
         """
-        traced = ("batch_size", "jit_compile", "divergence_loss")
+        traced = ("batch_size", "jit_compile", "divergence_loss", "stop_on_divergence")
         if self._slots and any(getattr(train, k) != getattr(self.cfg, k) for k in traced):
             return False
         seed_everything(train.seed)
@@ -204,6 +204,7 @@ class Trainer:
         variables = model.trainable_variables
         batch = self.cfg.batch_size
         max_loss = self.cfg.divergence_loss or float("inf")
+        stop = self.cfg.stop_on_divergence
 
         @tf.function(input_signature=[tf.TensorSpec([None, batch], tf.int32)], jit_compile=self.cfg.jit_compile)
         def train_steps(batches):
@@ -216,8 +217,9 @@ class Trainer:
                     logits = model(xb, training=True)
                     loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
                 if not tf.math.is_finite(loss) or loss > max_loss:
-                    diverged = tf.constant(True)  # stop before the update: weights stay as they were
-                    break
+                    diverged = tf.constant(True)
+                    if stop:
+                        break  # before the update: the weights stay as they were
                 optimizer.apply(tape.gradient(loss, variables), variables)
                 done += 1
                 loss_sum += loss
@@ -276,7 +278,7 @@ class Trainer:
         self.checks += 1
         row = {STEP: self.step, TRAIN_SECONDS: self.train_seconds, TRAIN_ACC: result[TRAIN_ACC],
                TRAIN_LOSS: result[TRAIN_LOSS], VAL_ACC: None, VAL_LOSS: None, OPTIMIZER: self.optimizer_name, LR: self.lr}
-        if result["diverged"]:
+        if result["diverged"] and self.cfg.stop_on_divergence:
             self.status = DIVERGED
         elif self.cfg.target_metric == VAL_ACC or self.checks % self.cfg.val_every == 0:
             row[VAL_ACC], row[VAL_LOSS] = self.evaluate()

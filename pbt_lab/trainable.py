@@ -17,6 +17,7 @@ results tables tell an exploit from a resume.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -28,7 +29,8 @@ from pbt_lab.config import ModelConfig, TrainConfig
 SEARCHED = ("optimizer", "lr", "seed")
 SEGMENT_KEYS = ("segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer",
                 "restored_optimizer_steps")
-DIVERGED_SCORE = -1.0  # below any accuracy: a diverged member ranks last, so it is never a donor
+DIVERGED_SCORE = -1.0  # below any accuracy: a diverged member ranks last (and LabPBT never copies it)
+DIVERGED = "diverged"  # train.DIVERGED, named here so the driver need not import TensorFlow
 
 
 def trial_space(train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None, **searched) -> dict:
@@ -50,26 +52,40 @@ class LabTrainable(tune.Trainable):
 
         self.threads = int(config["threads"])
         train.configure_tensorflow(self.threads)
+        self.data = data  # kept: a reused actor may need a Trainer of another shape
         self.trainer = train.Trainer(data, train_config(config), ModelConfig(**config["model"]))
         self._segment = {"segment_from": self.trial_id, "segment_step": 0}
-        self.data = data  # kept: a reused actor may need a Trainer of another shape
-        self._score = None
+        self._score, self._waited = None, 0
 
     def step(self) -> dict:
+        population = self.config.get("population")
+        if population and self.trainer.status == DIVERGED:
+            return self._wait_for_donor(population)
+        started_at = time.time()
         self._follow_schedule()
         before = self.trainer.train_seconds
         row = self.trainer.check()
-        population = self.config.get("population")
-        diverged = self.trainer.status == "diverged"
-        result = {**row, "check_seconds": self.trainer.train_seconds - before,
+        diverged = self.trainer.status == DIVERGED
+        # Wall-clock bounds of the check (Ray's timestamp is whole seconds): the gaps between one
+        # report and the next check on a worker are what the benchmark charges to Tune.
+        result = {**row, "check_seconds": self.trainer.train_seconds - before, "started_at": started_at,
+                  "reported_at": time.time(),
                   **dict.fromkeys(SEGMENT_KEYS), **self._segment,
                   # Under PBT a diverged member keeps its slot until it exploits a better one.
                   "done": self.trainer.done and not (population and diverged)}
         if population:
             result["score"] = DIVERGED_SCORE if diverged else self._rank_score(population["metric"], row)
         result["node_id"] = ray.get_runtime_context().get_node_id()  # Ray's node: node_ip is shared by nodes on one host
-        self._segment = {}
+        self._segment, self._waited = {}, 0
         return result
+
+    def _wait_for_donor(self, population: dict) -> dict:
+        """A diverged PBT member trains no more: it reports its last row, ranked last, until PBT
+        copies a donor into it (a restore), or ends once PBT had its chance and did not (no
+        healthy member was left to copy)."""
+        self._waited += 1
+        return {**self.trainer.last, "check_seconds": 0.0, **dict.fromkeys(SEGMENT_KEYS),
+                "score": DIVERGED_SCORE, "done": self._waited > population["rescue_checks"]}
 
     def _follow_schedule(self) -> None:
         """A replay's trial carries ``schedule`` [[step, optimizer, lr], …]: switch when a step is reached."""
@@ -110,6 +126,7 @@ class LabTrainable(tune.Trainable):
                          "restored_lr": live_lr, "restored_optimizer": meta["optimizer"], "restored_optimizer_steps": int(self.trainer.optimizer.iterations.numpy())}
         population = self.config.get("population")
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
+        self._waited = 0
 
     def reset_config(self, new_config: dict) -> bool:
         if int(new_config["threads"]) != self.threads:
@@ -122,5 +139,5 @@ class LabTrainable(tune.Trainable):
 
             self.trainer = train.Trainer(self.data, train_config(new_config), model)
         self._segment = {"segment_from": self.trial_id, "segment_step": 0}
-        self._score = None
+        self._score, self._waited = None, 0
         return self.trainer.reset(train_config(new_config))

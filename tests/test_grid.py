@@ -21,15 +21,6 @@ HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc"
                    "optimizer", "lr"]
 
 
-@pytest.fixture(scope="module")
-def quick_grid(ray_session, tmp_path_factory):
-    """The quick grid, run once for this module's tests, half a fake GPU per trial."""
-    storage = tmp_path_factory.mktemp("runs")
-    assert grid.main(["--config", QUICK, "--storage-path", str(storage), "--name", "quick",
-                      "--set", "resources.gpu=0.5"]) == 0
-    return storage / "quick"
-
-
 @pytest.mark.slow
 def test_quick_grid_writes_the_contract(quick_grid):
     trials, history, summary = read_tables(quick_grid)

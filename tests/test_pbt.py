@@ -19,14 +19,6 @@ from pbt_lab.results import LINEAGE, read_tables, schedule_changes, write_tables
 QUICK = str(Path(__file__).resolve().parents[1] / "configs" / "pbt-quick.yaml")
 
 
-@pytest.fixture(scope="module")
-def quick_pbt(ray_session, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    assert pbt.main(["--config", QUICK, "--storage-path", str(storage), "--name", "quick",
-                     "--set", "resources.gpu=0.5", "--set", "run.keep_checkpoints=null"]) == 0
-    return storage / "quick"
-
-
 def checkpoint_digest(checkpoint: Path) -> str:
     """The weights hash recomputed from a checkpoint's arrays, the way the Trainer hashes live weights."""
     meta = json.loads((checkpoint / "trainer.json").read_text())
@@ -132,6 +124,7 @@ def test_resumed_pbt_keeps_its_exploits_and_makes_new_ones(ray_session, tmp_path
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGINT)
     driver.wait(timeout=120)
+    interrupted_at = time.time()
     assert _exploits(tmp_path / "cut") >= 1
     key = ["recipient", "donor", "step", "new_optimizer"]
     before = write_tables(tmp_path / "cut", kind="pbt", figures=False)["lineage"][key]
@@ -141,11 +134,15 @@ def test_resumed_pbt_keeps_its_exploits_and_makes_new_ones(ray_session, tmp_path
     assert pbt.main([*args, "--resume"]) == 0
     trials, history, summary = read_tables(tmp_path / "cut")
     lineage = pd.read_parquet(tmp_path / "cut" / LINEAGE)
-    assert (trials["steps"] == 800).all() and len(trials) == 6
+    # every member ran its budget, or diverged when no healthy member was left to copy
+    assert ((trials["steps"] == 800) | (trials["status"] == "diverged")).all() and len(trials) == 6
     after = set(map(tuple, lineage[key].values.tolist()))
     assert set(map(tuple, before.values.tolist())) <= after  # nothing recorded before the interrupt was lost
     assert (lineage["timestamp"] >= resumed_at - 1).any(), "PBT keeps exploiting after a resume"
-    # Ray's log is kept across the resume; only an exploit whose log line Ray had not yet synced
-    # when the driver was interrupted may be missing from it
+    # Ray's log is kept across the resume, except lines it had not synced when the driver was
+    # interrupted: an exploit missing from it was decided before the interrupt, so it was carried
+    # out before it, or is what its recipient did first after the resume
     pre = set(map(tuple, before[["recipient", "donor"]].values.tolist()))
-    assert all(tuple(u[:2]) in pre for u in summary["exploits"]["unmatched"])
+    for recipient, donor, *_ in summary["exploits"]["unmatched"]:
+        resumed = history[(history["trial_id"] == recipient) & (history["timestamp"] >= interrupted_at)]
+        assert (recipient, donor) in pre or resumed.iloc[0]["segment_from"] == donor

@@ -45,6 +45,12 @@ def test_gd_at_100_diverges_within_the_first_check(bundled):
     assert all(np.isfinite(w).all() for w in weights(t))  # stopped before the non-finite update
 
 
+def test_without_the_divergence_stop_a_diverging_run_spends_its_whole_budget(bundled):
+    t = trainer(bundled, optimizer="gd", lr=100.0, steps_per_check=50, max_steps=100, stop_on_divergence=False)
+    t.run()
+    assert t.status == CAPPED and t.step == 100 and t.last["val_acc"] < 0.2  # what early stopping saves
+
+
 def test_seconds_budget_caps_the_run(bundled):
     t = trainer(bundled, optimizer="gd", lr=1e-6, max_seconds=0.5)
     t.run()

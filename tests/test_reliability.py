@@ -1,0 +1,211 @@
+"""Faults survived: a killed worker, a killed driver, a diverging PBT member; nothing lost."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pbt_lab import grid, pbt
+from pbt_lab.results import LINEAGE, ray_trial_states, read_tables, write_tables
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GRID_QUICK, PBT_QUICK = str(CONFIGS / "grid-quick.yaml"), str(CONFIGS / "pbt-quick.yaml")
+
+
+def _reports(trial_dir: Path) -> list[dict]:
+    """A trial's reports so far (a line being written right now is skipped)."""
+    reports = []
+    for line in (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []:
+        try:
+            reports.append(json.loads(line))
+        except ValueError:
+            pass
+    return reports
+
+
+def _run_and_kill_its_worker(tmp_path: Path, name: str, before_kill=lambda trial_dir: None) -> tuple[int, dict]:
+    """One grid trial (checkpoint every 2 checks, 2 restarts allowed) whose worker is killed with
+    SIGKILL after its 5th check; returns the run's exit code and the step and pid it was killed at."""
+    killed = {}
+
+    def kill_the_worker_mid_run():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            for trial_dir in (tmp_path / name).glob("*/"):
+                reports = _reports(trial_dir)
+                if reports and reports[-1]["training_iteration"] >= 5:
+                    before_kill(trial_dir)
+                    killed.update(step=reports[-1]["step"], pid=reports[-1]["pid"])
+                    os.kill(killed["pid"], signal.SIGKILL)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_worker_mid_run, daemon=True)
+    killer.start()
+    code = grid.main(["--config", GRID_QUICK, "--storage-path", str(tmp_path), "--name", name,
+                      "--set", "grid.optimizers=[adam]", "--set", "grid.lrs=[1.0e-3]",
+                      "--set", "train.stop_at_target=false", "--set", "train.max_steps=600",
+                      "--set", "run.checkpoint_every=2", "--set", "run.max_failures=2", "--set", "resources.gpu=0"])
+    killer.join()
+    assert killed, "the worker was never killed"
+    return code, killed
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_its_last_checkpoint(ray_session, tmp_path):
+    code, killed = _run_and_kill_its_worker(tmp_path, "kill")
+    assert code == 0
+    trials, history, _ = read_tables(tmp_path / "kill")
+    assert len(trials) == 1 and trials.iloc[0]["steps"] == 600 and trials.iloc[0]["status"] == "reached"
+    assert trials.iloc[0]["failures"] == 1  # recorded, though recovered
+    reports = _reports(next((tmp_path / "kill").glob("LabTrainable_*")))
+    pids = [r["pid"] for r in reports]
+    assert killed["pid"] in pids and pids[-1] != killed["pid"]  # a new worker finished the trial
+    restart = next(r for r in reports if r["pid"] != killed["pid"] and r["segment_from"] is not None)
+    assert killed["step"] - restart["segment_step"] <= 2 * 50  # at most one checkpoint interval lost
+    assert history["step"].is_monotonic_increasing  # the repeated checks replace the lost ones
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_fails_its_trial_naming_the_file(ray_session, tmp_path, capsys):
+    def corrupt_checkpoints(trial_dir):
+        for npz in trial_dir.glob("checkpoint_*/trainer.npz"):
+            npz.write_bytes(b"not a checkpoint")
+
+    code, _ = _run_and_kill_its_worker(tmp_path, "corrupt", before_kill=corrupt_checkpoints)
+    assert code == 1  # the run ends, and says a trial failed
+    trials, _, summary = read_tables(tmp_path / "corrupt")
+    assert list(trials["status"]) == ["error"] and trials.iloc[0]["failures"] == 3  # the kill, then 2 restores
+    assert re.search(r"checkpoint .*checkpoint_\d+ is missing or corrupt", trials.iloc[0]["error"])
+    assert "FAILED" in capsys.readouterr().out
+
+
+def _finished_in_rays_saved_state(run: Path) -> set[str]:
+    """Trials that Ray's experiment state, as last saved to the run directory, records as finished."""
+    try:
+        return {name for name, state in ray_trial_states(run).items() if state["status"] == "TERMINATED"}
+    except ValueError:  # being written right now
+        return set()
+
+
+@pytest.mark.slow
+def test_sigkilled_grid_driver_resumes(ray_session, tmp_path):
+    run = tmp_path / "cut"
+    args = ["--config", GRID_QUICK, "--storage-path", str(tmp_path), "--name", "cut", "--set", "resources.gpu=0",
+            "--set", "grid.optimizers=[adam, momentum]", "--set", "grid.lrs=[1.0e-3, 1.0e-2, 0.1, 1.0]"]
+    driver = subprocess.Popen([sys.executable, "-m", "pbt_lab.grid", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not _finished_in_rays_saved_state(run) and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started: no clean-up at all
+    driver.wait(timeout=60)
+    finished = _finished_in_rays_saved_state(run)
+    assert 1 <= len(finished) < 8, "the kill should land mid-grid, after Ray saved a finished trial"
+    saved = {name: (run / name / "result.json").read_text() for name in finished}
+
+    assert grid.main([*args, "--resume"]) == 0
+    trials, _, _ = read_tables(run)
+    assert len(trials) == 8 and set(trials["status"]) <= {"reached", "capped", "diverged"}
+    for name, text in saved.items():
+        assert (run / name / "result.json").read_text() == text  # not rerun
+
+
+def test_files_torn_by_a_killed_driver_fall_back_to_rays_state(quick_grid, tmp_path):
+    # A driver killed while Ray copied a finished trial's files leaves them empty; Ray's experiment
+    # state still has the trial's config and last report, so its outcome is not lost.
+    run = tmp_path / "torn"
+    shutil.copytree(quick_grid, run)
+    before = read_tables(run)[0].set_index("trial_id")
+    trial_dir = sorted(run.glob("LabTrainable_*"))[0]
+    (trial_dir / "params.json").write_text("")
+    (trial_dir / "result.json").write_text("")
+    with open(sorted(run.glob("LabTrainable_*"))[1] / "result.json", "a") as f:
+        f.write('{"trial_id": "cut sh')  # a last line cut short
+    after = write_tables(run, kind="grid", figures=False)["trials"].set_index("trial_id")
+    columns = ["optimizer", "lr", "status", "steps", "steps_to_target", "final_val_acc"]
+    pd.testing.assert_frame_equal(after[columns].sort_index(), before[columns].sort_index())
+
+
+@pytest.mark.slow
+def test_diverging_members_are_recipients_never_donors(ray_session, tmp_path):
+    # GD above 10 diverges within a check (loss past train.divergence_loss): those members must be
+    # rescued by copying a healthy member, and the run must finish like any other.
+    assert pbt.main(["--config", PBT_QUICK, "--storage-path", str(tmp_path), "--name", "nan",
+                     "--set", "resources.gpu=0", "--set", "train.max_steps=400",
+                     "--set", "pbt.optimizers=[adam, gd]", "--set", "pbt.lr_ranges.gd=[30, 100]",
+                     "--set", "pbt.optimizer_switch_probability=0"]) == 0
+    trials, history, summary = read_tables(tmp_path / "nan")
+    lineage = pd.read_parquet(tmp_path / "nan" / LINEAGE)
+    diverged = set(history.loc[history["status"] == "diverged", "trial_id"])
+    assert diverged, "no member diverged: the test proves nothing"
+    assert diverged & set(lineage["recipient"]), "no diverged member was rescued by an exploit"
+    for _, e in lineage.iterrows():  # every donor was healthy at the step it gave
+        donor = history[(history["trial_id"] == e["donor"]) & (history["step"] == e["step"])]
+        assert len(donor) and (donor["status"] != "diverged").all()
+    assert summary["exploits"]["unmatched"] == []
+    assert trials["final_val_acc"].max() > 0.8
+    # Disk stays bounded: PBT keeps 2 × population checkpoints per member, and the summary says
+    # how much the finished run takes.
+    assert max(len(list(d.glob("checkpoint_*"))) for d in (tmp_path / "nan").glob("LabTrainable_*")) <= 2 * 6
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "nan").rglob("*") if f.is_file())
+    assert summary["disk_bytes"] == pytest.approx(on_disk, rel=0.05)
+
+
+BAD_INPUTS = [
+    # (arguments, what the one line must say)
+    (["--set", "train.optimizer=adamw"], "unknown optimizer 'adamw'"),
+    (["--set", "pbt.optimizers=[adam, sgd]"], "unknown optimizer 'sgd'"),
+    (["--set", "train.lr=0"], "train.lr must be a positive number"),
+    (["--set", "train.lr=-1e-3"], "train.lr must be a positive number"),
+    (["--set", "train.lr=.nan"], "train.lr must be a positive number"),
+    (["--set", "train.lr=fast"], "train.lr must be a number, got 'fast'"),
+    (["--set", "train.target=0"], r"train.target must be in \(0, 1\]"),
+    (["--set", "train.target=1.5"], r"train.target must be in \(0, 1\]"),
+    (["--set", "model.scale=0"], "model.scale must be a positive number"),
+    (["--set", "pbt.population=1"], "pbt.population must be an integer ≥ 2"),
+    (["--set", "pbt.quantile_fraction=0.7"], r"pbt.quantile_fraction must be in \(0, 0.5\]"),
+    (["--set", "pbt.quantile_fraction=0"], r"pbt.quantile_fraction must be in \(0, 0.5\]"),
+    (["--set", "pbt.perturbation_interval=0"], "pbt.perturbation_interval must be a positive integer"),
+    (["--set", "pbt.populaton=8"], r"unknown config key 'pbt.populaton' \(did you mean 'pbt.population'\?\)"),
+    (["--set", "pbt.population=many"], "pbt.population must be an integer"),
+    (["--set", "nokey"], "--set expects key=value"),
+    (["--config", "{missing}"], "config file .*missing.yaml does not exist"),
+    (["--config", "{malformed}"], r"not valid YAML \(line"),
+    (["--config", "{typo}"], r"unknown config key 'trian' \(did you mean 'train'\?\)"),
+    (["--set", "data.source={nodata}"], "data file .*nodata.npz does not exist"),
+    (["--set", "data.source={corrupt}"], "corrupt.npz.*not a readable .npz"),
+    (["--set", "data.source={wrong_shape}"], r"wrong_shape.npz.*x_train is uint8\[10, 27, 28\]"),
+    (["--resume", "--name", "never-ran"], "--resume: there is no run"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, argv, message):
+    files = tmp_path / "inputs"
+    files.mkdir()
+    (files / "malformed.yaml").write_text("train: [1, 2\n")
+    (files / "typo.yaml").write_text("trian:\n  lr: 0.1\n")
+    (files / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.savez(files / "wrong_shape.npz", x_train=np.zeros((10, 27, 28), np.uint8), y_train=np.zeros(10, np.uint8),
+             x_test=np.zeros((10, 28, 28), np.uint8), y_test=np.zeros(10, np.uint8))
+    paths = {name: files / f"{name}{ext}" for name, ext in
+             (("missing", ".yaml"), ("malformed", ".yaml"), ("typo", ".yaml"), ("nodata", ".npz"),
+              ("corrupt", ".npz"), ("wrong_shape", ".npz"))}
+    argv = [a.format(**paths) for a in argv]
+    storage = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_:
+        pbt.main(["--config", PBT_QUICK, "--storage-path", str(storage), *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert "Traceback" not in err and not storage.exists()  # nothing written
