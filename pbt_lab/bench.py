@@ -2,22 +2,38 @@
 
     python -m pbt_lab.bench --quick --json
 
-These machines are shared and noisy: every comparison alternates its two sides over several
-rounds and reports the ratio of the medians, never an absolute time against a goal.
+These machines are shared and noisy: the Trainer/fit comparison alternates its two sides over
+several rounds and reports the ratio of the medians; the Tune figures compare each run with
+itself (training seconds against wall seconds on the same slots) or with a twin run made
+moments before, never an absolute time against a goal.
+
+Tune figures (quick: configs/*-quick.yaml on the bundled subset; full: the study's configs):
+- tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall seconds × concurrent slots);
+- exploit_cost_ratio: median idle seconds of a worker between the report on which PBT exploited
+  a member and that member's next training step on the worker, ÷ training seconds per
+  perturbation interval;
+- divergence_savings: 1 − trial-seconds of the grid ÷ those of its twin run without the
+  divergence stop (diverging trials run on to their budget); reached trials must be identical;
+- pbt_vs_grid_compute: PBT training seconds (whole population) until a member's validation
+  accuracy is within 0.2 pt of the grid's best ÷ the grid's training seconds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 
-from pbt_lab import UserError
+from pbt_lab import UserError, results
 from pbt_lab.config import ModelConfig, OneLineParser, TrainConfig
 from pbt_lab.data import Mnist, load_mnist
 from pbt_lab.model import build_cnn
@@ -64,29 +80,141 @@ def trainer_vs_fit(data: Mnist, scale: float, steps: int, rounds: int) -> Throug
     return Throughput(statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
 
 
+# --- Ray Tune -------------------------------------------------------------------------------
+
+
+def tune_run(module, config: Path, storage: Path, name: str, *sets: str) -> dict:
+    """Run an experiment module's ``main`` on the local Ray and return its tables."""
+    argv = ["--config", str(config), "--storage-path", str(storage), "--name", name, "--set", "resources.gpu=0"]
+    if module.main([*argv, *(a for s in sets for a in ("--set", s))]) != 0:
+        raise RuntimeError(f"the {name} run had failed trials: see {storage / name}")
+    return dict(zip(("trials", "history", "summary"), results.read_tables(storage / name)))
+
+
+def tune_efficiency(tables: dict, slots: int) -> float:
+    """Σ training seconds ÷ (wall seconds × slots): 1.0 is every slot training all the time."""
+    compute = tables["summary"]["compute"]
+    return compute["train_seconds"] / (compute["wall_seconds"] * slots)
+
+
+def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
+    """Per check: the seconds its worker sat between its previous report (any trial) and this
+    check's start: Tune's share of the slot. NaN for a worker's first check."""
+    h = history.dropna(subset=["started_at"]).sort_values("started_at").copy()
+    h["gap"] = h["started_at"] - h.groupby("pid")["reported_at"].shift()
+    return h
+
+
+def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
+    """Median worker gap before an exploited member's first check, against an interval's training."""
+    h = worker_gaps(history)
+    exploit = h["segment_from"].notna() & (h["segment_from"] != h["trial_id"])
+    per_interval = interval * h.loc[~exploit & h["segment_from"].isna(), "check_seconds"].median()
+    gaps = h.loc[exploit, "gap"]
+    return {"exploit_cost_ratio": gaps.median() / per_interval, "exploit_gap_seconds_median": gaps.median(),
+            "exploits": int(exploit.sum()), "exploits_on_a_fresh_worker": int(gaps.isna().sum()),
+            "train_seconds_per_interval": per_interval}
+
+
+def trial_start(history: pd.DataFrame) -> float:
+    """Median worker gap before a trial's first check: starting a trial on a reused worker."""
+    h = worker_gaps(history)
+    return h.loc[(h["segment_from"] == h["trial_id"]) & (h["segment_step"] == 0), "gap"].median()
+
+
+def divergence_savings(with_stop: dict, without_stop: dict) -> dict:
+    """What the divergence stop saved, and whether the trials that reached the target were untouched."""
+    keys = ["optimizer", "lr", "seed"]
+    reached = with_stop["trials"][with_stop["trials"]["status"] == "reached"].merge(
+        without_stop["trials"], on=keys, suffixes=("", "_without"))
+    return {"divergence_savings": 1 - with_stop["summary"]["compute"]["trial_seconds"]
+            / without_stop["summary"]["compute"]["trial_seconds"],
+            "diverged_trials": with_stop["summary"]["compute"]["diverged_trials"],
+            "reached_identical": bool(len(reached) and (reached["steps_to_target"] == reached["steps_to_target_without"]).all())}
+
+
+def pbt_vs_grid(grid_tables: dict, pbt_tables: dict, tolerance: float = 0.002) -> dict:
+    """PBT's compute to come within ``tolerance`` of the grid's best validation accuracy, ÷ the grid's."""
+    best = float(grid_tables["trials"]["best_val_acc"].max())
+    curve = results.compute_curve(pbt_tables["history"])
+    reached = results.compute_until(curve, curve["val_acc"] >= best - tolerance)
+    grid_seconds = grid_tables["summary"]["compute"]["train_seconds"]
+    return {"pbt_vs_grid_compute": reached["train_seconds"] / grid_seconds if reached else None,
+            "grid_best_val_acc": best, "pbt_best_val_acc": float(pbt_tables["trials"]["best_val_acc"].max()),
+            "pbt_train_seconds_to_grid_best": reached["train_seconds"] if reached else None,
+            "grid_train_seconds": grid_seconds}
+
+
+def tune_figures(quick: bool, storage: Path, cpus: int) -> dict:
+    import ray
+
+    from pbt_lab import grid, pbt
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    grid_config, pbt_config = (configs / "grid-quick.yaml", configs / "pbt-quick.yaml") if quick else \
+        (configs / "grid.yaml", configs / "pbt.yaml")
+    ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    try:
+        grid_tables = tune_run(grid, grid_config, storage, "grid")
+        no_stop = tune_run(grid, grid_config, storage, "grid-no-divergence-stop", "train.stop_on_divergence=false")
+        pbt_tables = tune_run(pbt, pbt_config, storage, "pbt")
+    finally:
+        ray.shutdown()
+    interval = pbt_tables["summary"]["config"]["pbt"]["perturbation_interval"]
+    slots = {name: min(cpus // int(t["summary"]["config"]["resources"]["cpu"]),
+                       t["summary"]["config"]["resources"]["max_concurrent"] or cpus)
+             for name, t in (("grid", grid_tables), ("pbt", pbt_tables))}
+    return {"tune_efficiency_grid": tune_efficiency(grid_tables, slots["grid"]),
+            "tune_efficiency_pbt": tune_efficiency(pbt_tables, slots["pbt"]),
+            **exploit_cost(pbt_tables["history"], interval),
+            **divergence_savings(grid_tables, no_stop),
+            **pbt_vs_grid(grid_tables, pbt_tables),
+            "trial_start_seconds_median_grid": trial_start(grid_tables["history"]),
+            "slots": slots["grid"], "runs": str(storage)}
+
+
+GOALS = {"trainer_vs_fit_small": (">=", 1.5), "trainer_vs_fit_full": (">=", 1.0),
+         "tune_efficiency_grid": (">=", 0.85), "tune_efficiency_pbt": (">=", 0.85),
+         "exploit_cost_ratio": ("<=", 0.05), "divergence_savings": (">=", 0.30),
+         "pbt_vs_grid_compute": ("<=", 0.10)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m pbt_lab.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bundled data, fewer rounds (a few minutes on 2 cores)")
-    parser.add_argument("--data", default=None, help="mnist.npz path or 'bundled' (default: bundled with --quick)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per comparison")
+    parser.add_argument("--quick", action="store_true", help="bundled data, quick configs, fewer rounds (~10 min on 2 cores)")
+    parser.add_argument("--data", default=None, help="mnist.npz path or 'bundled' for Trainer/fit (default: bundled with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per Trainer/fit comparison")
+    parser.add_argument("--only", choices=("trainer", "tune"), help="run one half of the benchmark")
+    parser.add_argument("--storage-path", help="where the Tune runs go (default: a new temporary directory)")
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args(argv)
     try:
-        data = load_mnist(args.data or ("bundled" if args.quick else None))
+        data = load_mnist(args.data or ("bundled" if args.quick else None)) if args.only != "tune" else None
     except UserError as e:
         parser.error(str(e))
     rounds = args.rounds or (3 if args.quick else 5)
-    configure_tensorflow()
 
     figures: dict[str, float] = {}
-    for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if args.quick else 100)):
-        t = trainer_vs_fit(data, scale, steps, rounds)
-        figures |= {f"trainer_vs_fit_{key}": round(t.ratio, 3),
-                    f"trainer_img_per_s_{key}": round(t.trainer), f"fit_img_per_s_{key}": round(t.fit)}
-        print(f"scale {scale:g}: Trainer {t.trainer:,.0f} img/s, Keras fit {t.fit:,.0f} img/s, ratio {t.ratio:.2f}",
-              flush=True)
+    if args.only != "tune":
+        configure_tensorflow()
+        for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if args.quick else 100)):
+            t = trainer_vs_fit(data, scale, steps, rounds)
+            figures |= {f"trainer_vs_fit_{key}": t.ratio,
+                        f"trainer_img_per_s_{key}": t.trainer, f"fit_img_per_s_{key}": t.fit}
+            print(f"scale {scale:g}: Trainer {t.trainer:,.0f} img/s, Keras fit {t.fit:,.0f} img/s, ratio {t.ratio:.2f}",
+                  flush=True)
+    if args.only != "trainer":
+        storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
+        figures |= tune_figures(args.quick, storage, cpus=os.cpu_count() or 1)
+    print("\nfigure                     value    goal")
+    for key, (op, goal) in GOALS.items():
+        if key in figures:
+            value = figures[key]
+            met = value is not None and (value >= goal if op == ">=" else value <= goal)
+            shown = "–" if value is None else f"{value:.3f}"
+            print(f"{key:24} {shown:>8}    {op} {goal:<5} {'met' if met else 'MISSED'}")
     if args.json:
-        print(json.dumps(figures))
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
     return 0
 
 
