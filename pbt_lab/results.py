@@ -45,7 +45,8 @@ def read_history(run_dir: Path) -> pd.DataFrame:
     """One row per reported check of every trial, in the order reported.
 
     Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
-    restart) replace the ones they repeat; an exploit starts a new segment from the donor's
+    restart), or from the donor checkpoint of an exploit it had carried out already (a resumed
+    recipient), replace the ones they repeat; an exploit starts a new segment from the donor's
     state and keeps the recipient's earlier rows. ``check_seconds`` counts every row reported,
     repeats included: it is the compute really spent.
     """
@@ -70,6 +71,12 @@ def read_history(run_dir: Path) -> pd.DataFrame:
                    "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir.name, **spent}
             if row["segment_from"] == row["trial_id"] and row["segment_step"] is not None:
                 kept = [k for k in kept if k["step"] <= row["segment_step"]]  # a restart repeats these
+            elif row["segment_from"] is not None:
+                # A resumed recipient restarts from the checkpoint of an exploit it had carried out
+                # already: the same exploit again, whose earlier rows it now repeats.
+                restore = (row["segment_from"], row["segment_step"], row["restored_sha256"])
+                again = [i for i, k in enumerate(kept) if (k["segment_from"], k["segment_step"], k["restored_sha256"]) == restore]
+                kept = kept[:again[-1]] if again else kept
             kept.append(row)
         frames.append(pd.DataFrame(kept))
     history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -131,13 +131,13 @@ class LabTrainable(tune.Trainable):
     def reset_config(self, new_config: dict) -> bool:
         if int(new_config["threads"]) != self.threads:
             return False  # TF's thread pools are fixed once it has started
-        model = ModelConfig(**new_config["model"])
-        if model != self.trainer.model_cfg:
-            # Another width (the scaling study): a new Trainer in this worker. Ray 2.60 fails the
-            # trial if a reused actor answers False here; it does not start a fresh one.
+        model, train_cfg = ModelConfig(**new_config["model"]), train_config(new_config)
+        if model != self.trainer.model_cfg or not self.trainer.reset(train_cfg):
+            # Another width (the scaling study) or traced setting: a new Trainer in this worker.
+            # Ray 2.60 fails the trial if a reused actor answers False here; it does not start a fresh one.
             from pbt_lab import train
 
-            self.trainer = train.Trainer(self.data, train_config(new_config), model)
+            self.trainer = train.Trainer(self.data, train_cfg, model)
         self._segment = {"segment_from": self.trial_id, "segment_step": 0}
         self._score, self._waited = None, 0
-        return self.trainer.reset(train_config(new_config))
+        return True
