@@ -41,7 +41,7 @@ def trial_dirs(run_dir: Path) -> list[Path]:
     return sorted(p.parent for p in Path(run_dir).glob("*/params.json"))
 
 
-def read_history(run_dir: Path) -> pd.DataFrame:
+def read_history(run_dir: Path, ray_states: dict | None = None) -> pd.DataFrame:
     """One row per reported check of every trial, in the order reported.
 
     Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
@@ -51,7 +51,7 @@ def read_history(run_dir: Path) -> pd.DataFrame:
     repeats included: it is the compute really spent.
     """
     frames = []
-    ray_states = ray_trial_states(run_dir)
+    ray_states = ray_trial_states(run_dir) if ray_states is None else ray_states
     for trial_dir in trial_dirs(run_dir):
         result_file = trial_dir / "result.json"
         reports = _json_lines(result_file) if result_file.is_file() else []
@@ -109,12 +109,13 @@ def weight_count(model: dict) -> int:
     return (25 * c1 + c1) + (25 * c1 * c2 + c2) + (49 * c2 * dense + dense) + (dense * 10 + 10)
 
 
-def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = None) -> pd.DataFrame:
+def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = None,
+                ray_states: dict | None = None) -> pd.DataFrame:
     """One row per trial: its configuration, outcome and compute. ``stopped_as`` names the status of
     trials still running when the experiment stopped them (e.g. PBT's population stop)."""
     rows = []
     by_dir = dict(tuple(history.groupby("trial_dir")))
-    ray_states = ray_trial_states(run_dir)
+    ray_states = ray_trial_states(run_dir) if ray_states is None else ray_states
     for trial_dir in trial_dirs(run_dir):
         ray_state = ray_states.get(trial_dir.name, {})
         ray_status, failures = ray_state.get("status"), ray_state.get("failures", 0)
@@ -534,8 +535,9 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
     if not trial_dirs(run_dir):
         raise UserError(f"{run_dir} holds no Ray Tune trials")
     previous = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
-    history = read_history(run_dir)
-    trials = read_trials(run_dir, history, stopped_as)
+    ray_states = ray_trial_states(run_dir)  # Ray's experiment state, parsed once for both tables
+    history = read_history(run_dir, ray_states)
+    trials = read_trials(run_dir, history, stopped_as, ray_states)
     history.drop(columns=PER_TRIAL).to_parquet(run_dir / HISTORY, index=False)
     trials.to_parquet(run_dir / TRIALS, index=False)
     kind = kind or previous.get("kind")
