@@ -45,8 +45,7 @@ def read_history(run_dir: Path, ray_states: dict | None = None) -> pd.DataFrame:
     """One row per reported check of every trial, in the order reported.
 
     Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
-    restart), or from the donor checkpoint of an exploit it had carried out already (a resumed
-    recipient), replace the ones they repeat; an exploit starts a new segment from the donor's
+    restart) replace the ones they repeat; an exploit starts a new segment from the donor's
     state and keeps the recipient's earlier rows. ``check_seconds`` counts every row reported,
     repeats included: it is the compute really spent.
     """
@@ -71,12 +70,6 @@ def read_history(run_dir: Path, ray_states: dict | None = None) -> pd.DataFrame:
                    "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir.name, **spent}
             if row["segment_from"] == row["trial_id"] and row["segment_step"] is not None:
                 kept = [k for k in kept if k["step"] <= row["segment_step"]]  # a restart repeats these
-            elif row["segment_from"] is not None:
-                # A resumed recipient restarts from the checkpoint of an exploit it had carried out
-                # already: the same exploit again, whose earlier rows it now repeats.
-                restore = (row["segment_from"], row["segment_step"], row["restored_sha256"])
-                again = [i for i, k in enumerate(kept) if (k["segment_from"], k["segment_step"], k["restored_sha256"]) == restore]
-                kept = kept[:again[-1]] if again else kept
             kept.append(row)
         frames.append(pd.DataFrame(kept))
     history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -293,12 +286,13 @@ def audit_exploits(lineage: pd.DataFrame, ray_log: pd.DataFrame) -> dict:
     for recipient, ours in lineage.groupby("recipient", sort=False):
         theirs = ray_log[ray_log["recipient"] == recipient][["donor", "new_optimizer", "new_lr"]].values.tolist()
         for _, e in ours.iterrows():
-            while theirs and not same(theirs[0], e):
-                theirs.pop(0)  # superseded
-            if theirs:
-                theirs.pop(0)
-            else:
+            match = next((i for i, decision in enumerate(theirs) if same(decision, e)), None)
+            if match is None:
+                # e.g. a resumed recipient restarting from the donor checkpoint of an exploit it had
+                # carried out already: unmatched, and Ray's later decisions stay to be matched
                 unmatched.append([recipient, e["donor"], e["new_optimizer"], int(e["step"])])
+            else:
+                theirs = theirs[match + 1:]  # the decisions before the match were superseded
     return {"verified": len(lineage), "in_ray_policy_log": len(ray_log),
             "superseded_in_ray_log": len(ray_log) - len(lineage) + len(unmatched), "unmatched": unmatched}
 

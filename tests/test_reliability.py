@@ -137,21 +137,26 @@ def test_files_torn_by_a_killed_driver_fall_back_to_rays_state(quick_grid, tmp_p
     pd.testing.assert_frame_equal(after[columns].sort_index(), before[columns].sort_index())
 
 
-def test_a_resumed_recipient_repeating_its_exploit_is_one_exploit(quick_pbt, tmp_path):
-    # After a resume Ray restarts a recipient from its exploit's donor checkpoint: the repeated
-    # rows replace the first ones, and the lineage keeps one exploit, not two.
+def test_a_resumed_recipient_repeating_its_exploit_leaves_the_audit_matched(quick_pbt, tmp_path):
+    # After a resume Ray restarts a recipient from its exploit's donor checkpoint: the repeat is an
+    # exploit Ray's log has once, so it stays unmatched, and every decision matched before still is.
     run = tmp_path / "again"
     shutil.copytree(quick_pbt, run)
-    _, history, summary = read_tables(run)
+    before = read_tables(run)[2]["exploits"]
     for result in run.glob("LabTrainable_*/result.json"):
         reports = _reports(result.parent)
         first = next((i for i, r in enumerate(reports) if r["segment_from"] not in (None, r["trial_id"])), None)
         if first is not None:
             with open(result, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in reports[first:])
+                # the exploit's segment, up to the recipient's next exploit
+                end = next((i for i, r in enumerate(reports) if i > first and r["segment_from"] is not None), len(reports))
+                f.writelines(json.dumps(r) + "\n" for r in reports[first:end])
+            repeat = [reports[first]["trial_id"], reports[first]["segment_from"], reports[first]["optimizer"],
+                      reports[first]["segment_step"]]
             break
-    tables = write_tables(run, kind="pbt", figures=False)
-    assert tables["summary"]["exploits"] == summary["exploits"] and len(tables["history"]) == len(history)
+    after = write_tables(run, kind="pbt", figures=False)["summary"]["exploits"]
+    assert after["verified"] == before["verified"] + 1
+    assert after["unmatched"] == before["unmatched"] + [repeat]
 
 
 @pytest.mark.slow
