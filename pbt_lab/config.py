@@ -156,7 +156,7 @@ class TuneRunConfig:
     checkpoint_every: int = 0
     """Checks between checkpoints (0: none; an interrupted trial then restarts from scratch)."""
     keep_checkpoints: int | None = 4
-    """Checkpoints kept per trial (null: all); PBT keeps at least 2 × population."""
+    """Checkpoints kept per trial (null: all); PBT ignores it and keeps what exploits can still need."""
     max_failures: int = 0
     """Times a trial whose worker died is restarted from its last checkpoint."""
 
@@ -224,8 +224,8 @@ DEFAULT_LR_RANGES = {
 class PBTConfig:
     """Population-based training (Ray Tune's PopulationBasedTraining)."""
 
-    population: int = 16
-    """Members training at once (initial optimizer × log-uniform rate drawn from ``seed``)."""
+    population: int = 20
+    """Members (initial optimizer × log-uniform rate drawn from ``seed``); 5, 10, 15, 20 make 20 % exact."""
     optimizers: list[str] = field(default_factory=lambda: list(OPTIMIZER_NAMES))
     """Optimizers members start with and may switch to."""
     lr_ranges: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_LR_RANGES.items()})
@@ -235,19 +235,21 @@ class PBTConfig:
     perturbation_interval: int = 4
     """Checks between perturbations (each member checkpoints at each)."""
     burn_in_period: int = 0
-    """Checks before a member's first perturbation."""
+    """Checks before a member's first perturbation: a multiple of the interval."""
     quantile_fraction: float = 0.2
-    """The bottom fraction copies a member of the top fraction."""
+    """At each decision the bottom max(1, floor(fraction × ranked)) copy one of as many top members."""
     perturbation_factors: list[float] = field(default_factory=lambda: [0.8, 1.2])
-    """A copied learning rate is multiplied by one of these..."""
+    """A copied learning rate is multiplied by one of these (by 1/f where × f would leave its range)..."""
     resample_probability: float = 0.25
-    """...or, with this probability, resampled from the whole range."""
+    """...or, with this probability, drawn log-uniform from its optimizer's range."""
     optimizer_switch_probability: float = 0.2
     """Probability that an exploit also switches to another optimizer (resampled, never 'the neighbour')."""
     stop_at_target: bool = False
-    """Stop the whole population once a member reaches train.target."""
+    """End the run when a member reaches train.target: that member wins, the others are stopped."""
+    synch: bool = False
+    """Synchronous PBT: every member waits at each interval, then all are ranked at once."""
     seed: int = 0
-    """Seeds the initial population and PBT's choices."""
+    """Seeds the initial population and every choice PBT makes (ties, donors, explore)."""
 
     def __post_init__(self):
         _require(isinstance(self.population, int) and self.population >= 2,
@@ -267,8 +269,18 @@ class PBTConfig:
                  f"pbt.burn_in_period must be a non-negative integer, got {self.burn_in_period!r}")
         _require(isinstance(self.quantile_fraction, (int, float)) and 0 < self.quantile_fraction <= 0.5,
                  f"pbt.quantile_fraction must be in (0, 0.5], got {self.quantile_fraction!r}")
-        _require(bool(self.perturbation_factors) and all(f > 0 for f in self.perturbation_factors),
-                 f"pbt.perturbation_factors must be positive numbers, got {self.perturbation_factors!r}")
+        _require(self.burn_in_period % self.perturbation_interval == 0,
+                 f"pbt.burn_in_period must be a multiple of pbt.perturbation_interval ({self.perturbation_interval}): "
+                 f"members checkpoint and are ranked at multiples of it, got {self.burn_in_period!r}")
+        factors = _coerce(self.perturbation_factors, list[float], "pbt.perturbation_factors")
+        _require(bool(factors) and all(f > 0 and f != 1 for f in factors),
+                 f"pbt.perturbation_factors must be positive numbers other than 1, got {self.perturbation_factors!r}")
+        # A step reflected at a bound (× 1/f) must land inside: each range spans at least f².
+        widest = max(max(factors), 1 / min(factors)) ** 2
+        for name in self.optimizers:
+            low, high = ranges[name]
+            _require(high / low >= widest * (1 - 1e-9), f"pbt.lr_ranges.{name} = [{low:g}, {high:g}] is narrower than "
+                     f"{widest:.3g}× (the largest perturbation factor, squared): widen it or lower the factors")
         for name in ("resample_probability", "optimizer_switch_probability"):
             value = getattr(self, name)
             _require(0 <= value <= 1, f"pbt.{name} must be in [0, 1], got {value!r}")
@@ -279,11 +291,6 @@ class PBTExperiment(Experiment):
     """``python -m pbt_lab.pbt``: a population trained under PBT."""
 
     pbt: PBTConfig = field(default_factory=PBTConfig)
-
-    def __post_init__(self):
-        keep = self.run.keep_checkpoints
-        _require(keep is None or keep >= 4, "run.keep_checkpoints must be ≥ 4 (or null) under PBT: "
-                 "a donor's checkpoint deleted before it is copied loses the exploit")
 
 
 def study_rates_between(low: float, high: float) -> list[float]:
@@ -411,12 +418,25 @@ def _merge(low: dict, high: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is written twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" (line {where.line + 1})" if where else ""

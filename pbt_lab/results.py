@@ -23,16 +23,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pbt_lab import UserError
+from pbt_lab import UserError, lineage
+from pbt_lab.lineage import plain as _plain
+from pbt_lab.names import (
+    DIVERGED_FLAG, ERROR, EXPLOIT, LR, OPTIMIZER, OPTIMIZER_STEPS, PBT_STATE_FILE, RESTORED_ID, RESTORED_LR,
+    RESTORED_OPTIMIZER, RESTORED_OPTIMIZER_STEPS, RESTORED_SHA256, RESTORED_SLOTS_SHA256, SCORE, SEGMENT_FROM,
+    SEGMENT_STEP, SLOTS_SHA256, STATE_ID, STATE_SHA256, STEP, TEST_ACC,
+)
 
 TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet"
 SUMMARY, FIGURES = "summary.json", "figures"
 HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc", "train_loss", "val_acc",
-                   "val_loss", "optimizer", "lr", "status", "steps_to_target", "seconds_to_target", "check_seconds",
-                   "score", "segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer", "restored_optimizer_steps",
-                   "trial_seconds",
+                   "val_loss", TEST_ACC, "optimizer", "lr", "status", "steps_to_target", "seconds_to_target",
+                   "check_seconds", SCORE, DIVERGED_FLAG, SEGMENT_FROM, SEGMENT_STEP, EXPLOIT, RESTORED_ID,
+                   RESTORED_SHA256, RESTORED_SLOTS_SHA256, RESTORED_OPTIMIZER_STEPS, RESTORED_OPTIMIZER, RESTORED_LR,
+                   STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS, "trial_seconds",
                    "timestamp", "started_at", "reported_at", "node_ip", "node_id", "pid"]
-ERROR = "error"
+SAVED_STATE_COLUMNS = ["trial_id", STEP, OPTIMIZER, STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS]
 PER_TRIAL = ["trial_dir", "compute_train_seconds", "compute_trial_seconds"]  # carried to the trials table only
 
 
@@ -41,16 +48,9 @@ def trial_dirs(run_dir: Path) -> list[Path]:
     return sorted(p.parent for p in Path(run_dir).glob("*/params.json"))
 
 
-def read_history(run_dir: Path, ray_states: dict | None = None) -> pd.DataFrame:
-    """One row per reported check of every trial, in the order reported.
-
-    Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
-    restart) replace the ones they repeat; an exploit starts a new segment from the donor's
-    state and keeps the recipient's earlier rows. ``check_seconds`` counts every row reported,
-    repeats included: it is the compute really spent.
-    """
-    frames = []
-    ray_states = ray_trial_states(run_dir) if ray_states is None else ray_states
+def read_reports(run_dir: Path, ray_states: dict) -> dict[str, list[dict]]:
+    """Trial dir name → every report the trial made, in order (Ray's ``result.json``), read once."""
+    found = {}
     for trial_dir in trial_dirs(run_dir):
         result_file = trial_dir / "result.json"
         reports = _json_lines(result_file) if result_file.is_file() else []
@@ -58,24 +58,51 @@ def read_history(run_dir: Path, ray_states: dict | None = None) -> pd.DataFrame:
             # A driver killed while copying the trial's files left them empty, but Ray's experiment
             # state kept the trial's last report: its outcome survives, its earlier rows do not.
             reports = [ray_states[trial_dir.name]["last_result"]]
-        if not reports:
-            continue
+        if reports:
+            found[trial_dir.name] = reports
+    return found
+
+
+def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
+    """One row per reported check of every trial, in the order reported.
+
+    Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
+    restart) replace the ones they repeat, and so does an exploit carried out again (a resumed
+    recipient restarting from the donor's checkpoint: same decision); an exploit starts a new
+    segment from the donor's state and keeps the recipient's earlier rows. ``check_seconds``
+    counts every row reported, repeats included: it is the compute really spent.
+    """
+    frames = []
+    for trial_dir, trial_reports in reports.items():
         # Compute really spent, repeats included (older runs lack check_seconds: their last train_seconds).
-        spent = {"compute_train_seconds": sum(r.get("check_seconds") or 0.0 for r in reports)
-                 or (reports[-1].get("train_seconds") or 0.0 if reports else 0.0),
-                 "compute_trial_seconds": sum(r.get("time_this_iter_s") or 0.0 for r in reports)}
+        spent = {"compute_train_seconds": sum(r.get("check_seconds") or 0.0 for r in trial_reports)
+                 or (trial_reports[-1].get("train_seconds") or 0.0),
+                 "compute_trial_seconds": sum(r.get("time_this_iter_s") or 0.0 for r in trial_reports)}
         kept: list[dict] = []
-        for r in reports:
+        for r in trial_reports:
             row = {**{k: r.get(k) for k in HISTORY_COLUMNS}, "iteration": r["training_iteration"],
-                   "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir.name, **spent}
-            if row["segment_from"] == row["trial_id"] and row["segment_step"] is not None:
-                kept = [k for k in kept if k["step"] <= row["segment_step"]]  # a restart repeats these
+                   "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir, **spent}
+            if row[SEGMENT_FROM] == row["trial_id"] and row[SEGMENT_STEP] is not None:
+                kept = [k for k in kept if k["step"] <= row[SEGMENT_STEP]]  # a restart repeats these
+            elif row[EXPLOIT] is not None:
+                again = next((i for i, k in enumerate(kept) if k[EXPLOIT] == row[EXPLOIT]
+                              and k[SEGMENT_FROM] not in (None, k["trial_id"])), None)
+                kept = kept if again is None else kept[:again]
             kept.append(row)
         frames.append(pd.DataFrame(kept))
     history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     history = history.reindex(columns=[*HISTORY_COLUMNS, *PER_TRIAL])
     return history.astype({"val_acc": float, "val_loss": float, "train_acc": float, "train_loss": float,
-                           "score": float, "restored_lr": float, "segment_step": "Int64"}).reset_index(drop=True)
+                           TEST_ACC: float, SCORE: float, RESTORED_LR: float, SEGMENT_STEP: "Int64",
+                           EXPLOIT: "Int64"}).reset_index(drop=True)
+
+
+def read_saved_states(reports: dict[str, list[dict]]) -> pd.DataFrame:
+    """Every state a trial described as one a checkpoint might be taken of (its digests), from all
+    its reports: a row a later restart re-ran still describes a checkpoint someone may have copied."""
+    rows = [{k: r.get(k) for k in SAVED_STATE_COLUMNS}
+            for trial_reports in reports.values() for r in trial_reports if r.get(STATE_ID)]
+    return pd.DataFrame(rows, columns=SAVED_STATE_COLUMNS)
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -131,12 +158,15 @@ def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = N
             "compute_trial_seconds": last.get("compute_trial_seconds", 0.0),
             "final_train_acc": last.get("train_acc"),
             "final_val_acc": val.iloc[-1] if len(val) else None, "best_val_acc": val.max() if len(val) else None,
+            # Evaluated once, on the final state of a trial that ended on its own; never used to choose.
+            TEST_ACC: last.get(TEST_ACC),
             "error": _last_error(trial_dir) if errored else None, "failures": failures,
             "iterations": len(h), "node_ip": last.get("node_ip"), "node_id": last.get("node_id"), "trial_dir": trial_dir.name,
         })
     trials = pd.DataFrame(rows)
     return trials.astype({"steps_to_target": "Int64", "seconds_to_target": float, "final_val_acc": float,
-                          "best_val_acc": float, "final_train_acc": float}).sort_values(["optimizer", "lr", "seed"])
+                          "best_val_acc": float, "final_train_acc": float, TEST_ACC: float}).sort_values(
+        ["optimizer", "lr", "seed"])
 
 
 def _trial_params(trial_dir: Path, ray_config: dict | None) -> dict:
@@ -197,7 +227,7 @@ def best_trial(trials: pd.DataFrame) -> dict | None:
         return None
     row = pool.iloc[0]
     return {k: _plain(row[k]) for k in ("trial_id", "optimizer", "lr", "seed", "scale", "status", "steps_to_target",
-                                        "seconds_to_target", "best_val_acc", "trial_dir")}
+                                        "seconds_to_target", "best_val_acc", "final_val_acc", TEST_ACC, "trial_dir")}
 
 
 def compute_totals(trials: pd.DataFrame, wall_seconds: float | None) -> dict:
@@ -218,108 +248,33 @@ def compute_totals(trials: pd.DataFrame, wall_seconds: float | None) -> dict:
     }
 
 
-# --- PBT: lineage and schedules ------------------------------------------------------------
-
-
-def read_lineage(history: pd.DataFrame) -> pd.DataFrame:
-    """One row per exploit, from the trainable's own records: the first report after a restore from
-    another member's checkpoint names that donor and the verified weights hash and rate."""
-    rows = []
-    for trial_id, h in history.groupby("trial_id", sort=False):
-        previous = None
-        for _, r in h.iterrows():
-            if pd.notna(r["segment_from"]) and r["segment_from"] != trial_id:
-                donor = history[(history["trial_id"] == r["segment_from"]) & (history["step"] == r["segment_step"])]
-                donor_score = donor["score"].dropna()
-                rows.append({
-                    "step": int(r["segment_step"]), "recipient": trial_id, "donor": r["segment_from"],
-                    "old_optimizer": previous["optimizer"] if previous is not None else None,
-                    "old_lr": previous["lr"] if previous is not None else None,
-                    "new_optimizer": r["optimizer"], "new_lr": r["lr"],
-                    "recipient_score": previous["score"] if previous is not None else None,
-                    "donor_score": donor_score.iloc[-1] if len(donor_score) else None,
-                    "weights_sha256": r["restored_sha256"],
-                    "lr_verified": bool(np.isclose(r["restored_lr"], r["lr"], rtol=1e-6)),
-                    "donor_optimizer": r["restored_optimizer"],  # the optimizer the checkpoint was saved with
-                    "optimizer_steps_after": r["restored_optimizer_steps"],
-                    "timestamp": r["timestamp"], "recipient_iteration": r["iteration"],
-                })
-            previous = r
-    columns = ["step", "recipient", "donor", "old_optimizer", "old_lr", "new_optimizer", "new_lr", "recipient_score",
-               "donor_score", "weights_sha256", "lr_verified", "donor_optimizer", "optimizer_steps_after", "timestamp",
-               "recipient_iteration"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["timestamp", "recipient"]).reset_index(drop=True)
-
-
-def ray_policy_exploits(run_dir: Path, trials: pd.DataFrame) -> pd.DataFrame:
-    """Ray's own record of exploits (``pbt_global.txt``) as recipient, donor and new config.
-
-    Ray names trials there by their tag, which starts with the trial's index (``3_lr=…``, or
-    ``3@perturbed[…]`` once a resumed run has exploited); the index is also the suffix of the
-    trial id (``…_00003``).
-    """
-    log = Path(run_dir) / "pbt_global.txt"
-    by_index = {int(t.rsplit("_", 1)[1]): t for t in trials["trial_id"]}
-    rows = []
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            if line.strip():
-                target, clone, _, _, _, new_config = json.loads(line)
-                rows.append({"recipient": by_index.get(int(re.match(r"\d+", target).group())),
-                             "donor": by_index.get(int(re.match(r"\d+", clone).group())),
-                             "new_optimizer": new_config["optimizer"], "new_lr": new_config["lr"]})
-    return pd.DataFrame(rows, columns=["recipient", "donor", "new_optimizer", "new_lr"])
-
-
-def audit_exploits(lineage: pd.DataFrame, ray_log: pd.DataFrame) -> dict:
-    """Match the exploits the trainables carried out against Ray's decisions, per recipient in order.
-
-    Every carried-out exploit must be one of Ray's decisions. Ray may decide twice for a member
-    before it runs again (it was still paused): the earlier decision is then superseded, never
-    carried out, and counted as such.
-    """
-    def same(decision, e) -> bool:
-        donor, optimizer, lr = decision
-        return (donor, optimizer) == (e["donor"], e["new_optimizer"]) and np.isclose(lr, e["new_lr"], rtol=1e-9)
-
-    unmatched = []
-    for recipient, ours in lineage.groupby("recipient", sort=False):
-        theirs = ray_log[ray_log["recipient"] == recipient][["donor", "new_optimizer", "new_lr"]].values.tolist()
-        for _, e in ours.iterrows():
-            match = next((i for i, decision in enumerate(theirs) if same(decision, e)), None)
-            if match is None:
-                # e.g. a resumed recipient restarting from the donor checkpoint of an exploit it had
-                # carried out already: unmatched, and Ray's later decisions stay to be matched
-                unmatched.append([recipient, e["donor"], e["new_optimizer"], int(e["step"])])
-            else:
-                theirs = theirs[match + 1:]  # the decisions before the match were superseded
-    return {"verified": len(lineage), "in_ray_policy_log": len(ray_log),
-            "superseded_in_ray_log": len(ray_log) - len(lineage) + len(unmatched), "unmatched": unmatched}
+# --- PBT: lineage, the audit, the winner -----------------------------------------------------
 
 
 def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None = None) -> pd.DataFrame:
-    """The rows that made a member's final state, following its lineage back through its donors."""
+    """The history rows along a member's lineage, followed back through its donors: what the
+    schedule figures draw (the schedule itself is read from the member's last checkpoint)."""
     rows = history[history["trial_id"] == trial_id]
     if before is not None:
         rows = rows[rows["timestamp"] <= before]
-    exploits = rows[rows["segment_from"].notna() & (rows["segment_from"] != trial_id)]
+    exploits = lineage.exploit_rows(rows)
     if not len(exploits):
         return rows
     last = exploits.iloc[-1]
-    head = member_schedule(history, last["segment_from"], before=last["timestamp"])
-    return pd.concat([head[head["step"] <= last["segment_step"]], rows.loc[last.name:]])
+    head = member_schedule(history, last[SEGMENT_FROM], before=last["timestamp"])
+    return pd.concat([head[head["step"] <= last[SEGMENT_STEP]], rows.loc[last.name:]])
 
 
 def schedule_changes(rows: pd.DataFrame) -> list[dict]:
-    """Where the (optimizer, rate) of a schedule changes: [{step, optimizer, lr}, …], from step 0.
+    """Where the (optimizer, rate) of a run of rows changes: [{step, optimizer, lr}, …], from step 0.
 
-    A change always comes with a restore, whose row names the step it started from; that step is
-    used, not the previous row's (Ray does not log every result around a pause).
+    A change always comes with a restore (or a replay's switch), whose row names the step it
+    started from; that step is used, not the previous row's.
     """
     changes, current, start = [], None, 0
     for _, r in rows.iterrows():
-        if pd.notna(r["segment_step"]):
-            start = int(r["segment_step"])
+        if pd.notna(r[SEGMENT_STEP]):
+            start = int(r[SEGMENT_STEP])
         if (r["optimizer"], r["lr"]) != current:
             changes.append({"step": start, "optimizer": r["optimizer"], "lr": float(r["lr"])})
             current = (r["optimizer"], r["lr"])
@@ -327,11 +282,47 @@ def schedule_changes(rows: pd.DataFrame) -> list[dict]:
     return changes
 
 
-def pbt_summary(run_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, lineage: pd.DataFrame) -> dict:
-    """The PBT-only parts of summary.json: the winner and its schedule, the first member to reach the
-    target and the population compute spent until then, and the exploit audit against Ray's log."""
-    ended = trials.dropna(subset=["final_val_acc"]).sort_values("final_val_acc", ascending=False)
-    winner = ended.iloc[0]["trial_id"] if len(ended) else None
+def final_checkpoint(run_dir: Path, trial_dir: str) -> tuple[str, dict] | None:
+    """A trial's last checkpoint (relative path) and its metadata: for a finished member, its
+    state at the end, ancestry included."""
+    found = sorted((run_dir / trial_dir).glob("checkpoint_*/trainer.json"))
+    if not found:
+        return None
+    return str(found[-1].parent.relative_to(run_dir)), json.loads(found[-1].read_text())
+
+
+def read_checkpoint_meta(run_dir: str | Path, checkpoint: str) -> dict:
+    """The metadata (``trainer.json``) of a run's checkpoint, named by its path in the run directory."""
+    if is_uri(run_dir):
+        with _staged(str(run_dir), lambda relative: relative == f"{checkpoint}/trainer.json") as (local, _):
+            return read_checkpoint_meta(local, checkpoint)
+    path = Path(run_dir).expanduser() / checkpoint / "trainer.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: was the run's checkpoint deleted?")
+    return json.loads(path.read_text())
+
+
+def pbt_summary(run_dir: Path, config: dict, trials: pd.DataFrame, history: pd.DataFrame,
+                saves: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """The PBT parts of summary.json, and the lineage table: the winner (chosen on validation,
+    reported on test, its ancestry read from its last checkpoint), the first member to reach the
+    target, the decisions' quantile sizes, the exploit audit, the checkpoints left on disk."""
+    state = lineage.read_pbt_state(run_dir)
+    decisions = state.get("decisions", [])
+    p = config["pbt"]
+    winner_id = lineage.choose_winner(trials, history, p["stop_at_target"])
+    winner = {"trial_id": winner_id}
+    if winner_id:
+        row = trials.set_index("trial_id").loc[winner_id]
+        winner.update({"val_acc": _plain(row["final_val_acc"]), TEST_ACC: _plain(row[TEST_ACC]),
+                       "status": row["status"], "steps": int(row["steps"])})
+        final = final_checkpoint(run_dir, row["trial_dir"])
+        if final:
+            winner.update(checkpoint=final[0], ancestry=final[1].get("ancestry", []),
+                          schedule=lineage.schedule(final[1].get("ancestry", [])))
+    exploits = lineage.exploit_rows(history)
+    verdicts = lineage.audit(exploits, saves, decisions)
+    table = lineage.lineage_table(exploits, verdicts, decisions, winner.get("ancestry"))
     reached = history[history["steps_to_target"].notna()].sort_values(["timestamp", "train_seconds"])
     first = None
     if len(reached):
@@ -339,14 +330,20 @@ def pbt_summary(run_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, line
         first = {"trial_id": r["trial_id"], "steps_to_target": int(r["steps_to_target"]),
                  "seconds_to_target": float(r["seconds_to_target"]),
                  "population_train_seconds": float(history.loc[history["timestamp"] <= r["timestamp"], "check_seconds"].sum())}
-    audit = audit_exploits(lineage, ray_policy_exploits(run_dir, trials))
+    checkpoints = [d for d in run_dir.glob("*/checkpoint_*") if d.is_dir()]
+    per_member = pd.Series([d.parent.name for d in checkpoints]).value_counts()
     return {
-        "winner": {"trial_id": winner, "final_val_acc": _plain(ended.iloc[0]["final_val_acc"]) if winner else None,
-                   "schedule": schedule_changes(member_schedule(history, winner)) if winner else []},
+        "winner": winner,
         "first_to_target": first,
-        "exploits": {**audit, "lr_verified": bool(lineage["lr_verified"].all()) if len(lineage) else True,
-                     "optimizer_switches": int((lineage["donor_optimizer"] != lineage["new_optimizer"]).sum())},
-    }
+        "decisions": {"count": len(decisions), "exploits_decided": sum(d.get("action") == "exploit" for d in decisions),
+                      "quantile_fraction": p["quantile_fraction"],
+                      "quantile_sizes": lineage.quantile_sizes(decisions, p["quantile_fraction"])},
+        "exploits": {**lineage.audit_counts(verdicts, decisions, exploits),
+                     "optimizer_switches": int((table["restored_optimizer"] != table["new_optimizer"]).sum())},
+        "checkpoints": {"count": len(checkpoints), "bytes": sum(f.stat().st_size for d in checkpoints for f in d.rglob("*")
+                                                                  if f.is_file()),
+                        "most_per_member": int(per_member.max()) if len(per_member) else 0},
+    }, table
 
 
 # --- width scaling -------------------------------------------------------------------------
@@ -471,7 +468,7 @@ def uri_exists(uri: str) -> bool:
 def _staged(uri: str, wanted, upload: tuple[str, ...] = ()):
     """A run directory behind a URI as a local one: the files ``wanted(relative_path)`` picks come
     down (checkpoints and event files stay where they are); the ``upload`` names go back up.
-    Yields (local directory, bytes stored under the URI outside ``upload``)."""
+    Yields (local directory, {relative path: bytes} of everything stored under the URI)."""
     from pyarrow import fs
 
     filesystem, root = _filesystem(uri)
@@ -479,15 +476,14 @@ def _staged(uri: str, wanted, upload: tuple[str, ...] = ()):
              if f.type == fs.FileType.File]
     with tempfile.TemporaryDirectory(prefix="pbt_lab-") as tmp:
         local = Path(tmp)
-        kept_bytes = 0
+        sizes = {}
         for f in files:
             relative = f.path[len(root):].lstrip("/")
-            if relative.split("/")[0] not in upload:
-                kept_bytes += f.size
+            sizes[relative] = f.size
             if wanted(relative):
                 (local / relative).parent.mkdir(parents=True, exist_ok=True)
                 fs.copy_files(f.path, str(local / relative), source_filesystem=filesystem)
-        yield local, kept_bytes
+        yield local, sizes
         for name in upload:
             if (local / name).is_dir():
                 filesystem.create_dir(f"{root}/{name}")  # local and NFS targets need it; object stores ignore it
@@ -498,8 +494,9 @@ def _staged(uri: str, wanted, upload: tuple[str, ...] = ()):
 def _ray_json(relative: str) -> bool:
     """What the tables are built from: Ray's files at the run's top level and in each trial directory."""
     parts = relative.split("/")
-    return (len(parts) == 1 and (parts[0] in ("pbt_global.txt", SUMMARY) or parts[0].startswith("experiment_state-"))) or \
-        (len(parts) == 2 and parts[1] in ("params.json", "result.json", "error.txt"))
+    return (len(parts) == 1 and (parts[0] in (PBT_STATE_FILE, SUMMARY) or parts[0].startswith("experiment_state-"))) or \
+        (len(parts) == 2 and parts[1] in ("params.json", "result.json", "error.txt")) or \
+        (len(parts) == 3 and parts[1].startswith("checkpoint_") and parts[2] == "trainer.json")  # ancestry
 
 
 def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict | None = None, data: dict | None = None,
@@ -513,7 +510,7 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
     """
     if is_uri(run_dir):
         outputs = (TRIALS, HISTORY, LINEAGE, SUMMARY, FIGURES)
-        with _staged(str(run_dir), _ray_json, upload=outputs) as (local, kept_bytes):
+        with _staged(str(run_dir), _ray_json, upload=outputs) as (local, sizes):
             try:
                 tables = write_tables(local, kind=kind, config=config, data=data, wall_seconds=wall_seconds,
                                       figures=figures, stopped_as=stopped_as, extra=extra)
@@ -521,8 +518,12 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
                 raise UserError(str(e).replace(str(local), str(run_dir))) from None
             summary = tables["summary"]
             summary["run_dir"] = str(run_dir)
-            summary["disk_bytes"] = kept_bytes + sum(f.stat().st_size for name in outputs
-                                                     for f in [local / name, *(local / name).rglob("*")] if f.is_file())
+            kept = sum(size for relative, size in sizes.items() if relative.split("/")[0] not in outputs)
+            summary["disk_bytes"] = kept + sum(f.stat().st_size for name in outputs
+                                               for f in [local / name, *(local / name).rglob("*")] if f.is_file())
+            if "checkpoints" in summary:  # only their metadata came down: count the bytes where they are
+                summary["checkpoints"]["bytes"] = sum(size for relative, size in sizes.items()
+                                                      if "/checkpoint_" in f"/{relative}")
             (local / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
         return tables
     run_dir = Path(run_dir).expanduser()
@@ -530,7 +531,8 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
         raise UserError(f"{run_dir} holds no Ray Tune trials")
     previous = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
     ray_states = ray_trial_states(run_dir)  # Ray's experiment state, parsed once for both tables
-    history = read_history(run_dir, ray_states)
+    reports = read_reports(run_dir, ray_states)
+    history = read_history(reports)
     trials = read_trials(run_dir, history, stopped_as, ray_states)
     history.drop(columns=PER_TRIAL).to_parquet(run_dir / HISTORY, index=False)
     trials.to_parquet(run_dir / TRIALS, index=False)
@@ -553,12 +555,12 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
     if kind == "scaling":
         summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
     if kind == "pbt":
-        tables["lineage"] = lineage = read_lineage(history)
-        lineage.to_parquet(run_dir / LINEAGE, index=False)
-        summary.update(pbt_summary(run_dir, trials, history, lineage))
-        if summary["winner"]["trial_id"]:
-            summary["best"] = {**best_trial(trials[trials["trial_id"] == summary["winner"]["trial_id"]]),
-                               "schedule": summary["winner"]["schedule"]}
+        pbt, tables["lineage"] = pbt_summary(run_dir, summary["config"], trials, history, read_saved_states(reports))
+        tables["lineage"].to_parquet(run_dir / LINEAGE, index=False)
+        summary.update(pbt)
+        if pbt["winner"]["trial_id"]:
+            summary["best"] = {**best_trial(trials[trials["trial_id"] == pbt["winner"]["trial_id"]]),
+                               "schedule": pbt["winner"].get("schedule", [])}
     if figures:
         from pbt_lab import plots
 
@@ -605,6 +607,19 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     c = s["compute"]
     lines.append(f"\n{c['trials']} trials, {c['steps']:,} steps, {c['train_seconds']:.0f} s training in "
                  f"{c['trial_seconds']:.0f} trial-seconds" + (f", {c['wall_seconds']:.0f} s wall" if c["wall_seconds"] else ""))
+    best = s.get("best") or {}
+    if best.get("trial_id"):
+        test = f", test accuracy {best[TEST_ACC]:.4f} (held out, evaluated once)" if best.get(TEST_ACC) is not None else ""
+        lines.append(f"{'winner' if s.get('kind') == 'pbt' else 'best'} {best['trial_id']}: {best['optimizer']} at lr "
+                     f"{best['lr']:.3g}, validation accuracy {best['final_val_acc'] or float('nan'):.4f}{test}")
+    if "exploits" in s:
+        e = s["exploits"]
+        lines.append(f"exploits: {e['exploits']} carried out, {e['exploits_matched']} matched to a decision, "
+                     f"{e['exploits_verified']} verified, {e['exploits_mismatched']} mismatched, "
+                     f"{e['exploits_unverifiable']} unverifiable; checkpoints kept: {s['checkpoints']['count']} "
+                     f"({s['checkpoints']['bytes'] / 1e6:.1f} MB)")
+        for problem in e["problems"]:
+            lines.append(f"AUDIT: an exploit's {problem}: see lineage.parquet (verdict, problem)")
     failed = tables["trials"][tables["trials"]["status"] == ERROR]
     for _, t in failed.iterrows():
         lines.append(f"FAILED {t['trial_id']} ({t['optimizer']}, lr {t['lr']:.3g}): {t['error']}")
@@ -615,19 +630,11 @@ def console_summary(tables: dict, run_dir: Path) -> str:
 
 
 def exit_status(tables: dict) -> int:
-    """A run's exit code: 1 when a trial failed (the console names it and its error), else 0."""
-    return int((tables["trials"]["status"] == ERROR).any())
-
-
-def _plain(value):
-    """JSON-ready Python values from NumPy/pandas scalars (NaN and NA become null)."""
-    if value is None or value is pd.NA:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
+    """A run's exit code: 1 when a trial failed or an exploit failed the audit (the console names
+    them), else 0."""
+    audit = tables["summary"].get("exploits", {})
+    return int((tables["trials"]["status"] == ERROR).any() or audit.get("exploits_mismatched", 0) > 0
+               or audit.get("exploits_unmatched", 0) > 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,21 +33,10 @@ from pbt_lab.model import build_cnn  # noqa: E402
 from pbt_lab.config import canonical_name  # noqa: E402
 from pbt_lab.optimizers import make_optimizer  # noqa: E402
 
-# Metric names: defined once, used by the trainable, the results tables and the plots.
-STEP = "step"
-TRAIN_SECONDS = "train_seconds"
-TRAIN_ACC = "train_acc"
-TRAIN_LOSS = "train_loss"
-VAL_ACC = "val_acc"
-VAL_LOSS = "val_loss"
-LR = "lr"
-OPTIMIZER = "optimizer"
-STATUS = "status"
-STEPS_TO_TARGET = "steps_to_target"
-SECONDS_TO_TARGET = "seconds_to_target"
-
-# Statuses: a run is RUNNING until it ends as one of the other three.
-RUNNING, REACHED, CAPPED, DIVERGED = "running", "reached", "capped", "diverged"
+from pbt_lab.names import (  # noqa: E402  (metric and status names live in names.py)
+    CAPPED, DIVERGED, LR, OPTIMIZER, REACHED, RUNNING, SECONDS_TO_TARGET, STATUS, STEP, STEPS_TO_TARGET, TEST_ACC,
+    TRAIN_ACC, TRAIN_LOSS, TRAIN_SECONDS, VAL_ACC, VAL_LOSS,
+)
 
 STATE_ARRAYS, STATE_META = "trainer.npz", "trainer.json"
 EVAL_BATCH = 1000
@@ -134,6 +123,7 @@ class Trainer:
         self._y = tf.constant(data.y_train.astype(np.int32))
         self._x_val = tf.constant(data.x_val)
         self._y_val = tf.constant(data.y_val.astype(np.int32))
+        self._test = (data.x_test, data.y_test)  # evaluated once, at the end (``evaluate_test``)
         self._eval_fn = self._make_eval_fn()
         self._slots: dict[str, _OptimizerSlot] = {}
         self.reset(train)
@@ -269,6 +259,11 @@ class Trainer:
         acc, loss = self._eval_fn(x, tf.cast(y, tf.int32))
         return float(acc), float(loss)
 
+    def evaluate_test(self) -> float:
+        """Accuracy on the held-out test split: call it once, when the run has ended and nothing is
+        chosen any more (winners are chosen on validation)."""
+        return self.evaluate(*self._test)[0]
+
     def check(self) -> dict:
         """Train one check (K steps), then update target, budgets and status; returns the metrics row."""
         steps = self.cfg.steps_per_check
@@ -302,11 +297,13 @@ class Trainer:
         return self.status != RUNNING
 
     def run(self, on_check=None) -> dict:
-        """Check until the run ends; ``on_check(row)`` sees every row. Returns ``summary()``."""
+        """Check until the run ends, then evaluate on the test split once; ``on_check(row)`` sees every
+        row. Returns ``summary()``."""
         while not self.done:
             row = self.check()
             if on_check:
                 on_check(row)
+        self.last[TEST_ACC] = self.evaluate_test()
         return self.summary()
 
     def summary(self) -> dict:
@@ -316,6 +313,7 @@ class Trainer:
             "seed": self.cfg.seed, "steps": self.step, STEPS_TO_TARGET: self.steps_to_target,
             SECONDS_TO_TARGET: self.seconds_to_target, TRAIN_SECONDS: self.train_seconds,
             "final_train_acc": self.last.get(TRAIN_ACC), "final_val_acc": self.last.get(VAL_ACC),
+            TEST_ACC: self.last.get(TEST_ACC),
         }
 
     # --- state -------------------------------------------------------------------------------
@@ -332,7 +330,7 @@ class Trainer:
             SECONDS_TO_TARGET: self.seconds_to_target, "data_order": self._order.state(),
             "model": asdict(self.model_cfg), "model_variables": [v.path for v in self.model.variables],
             "optimizer_variables": [v.path for v in self.optimizer.variables],
-            "weights_sha256": self.weights_digest(), "last": self.last, **(extra or {}),
+            "last": self.last, **(extra or {}),
         }
         # Write beside, then rename: a crash mid-save never leaves a half-written checkpoint.
         for name, write in ((STATE_ARRAYS, lambda f: np.savez(f, **arrays)),
@@ -372,12 +370,28 @@ class Trainer:
         self._order.restore(meta["data_order"])
         return meta
 
-    def weights_digest(self) -> str:
-        """A hash of the model's weights: equal weights, equal digest (PBT verifies exploits with it)."""
-        h = hashlib.sha256()
+    def state_digests(self) -> tuple[str, str]:
+        """(state, slots): SHA-256 of the weights with the step and data order, and of the optimizer's
+        variables with its step counter but without its learning rate (an exploit changes the rate,
+        not the slots). Equal state, equal digests: how PBT's audit verifies an exploit."""
+        state = hashlib.sha256(json.dumps([self.step, self._order.state()]).encode())
         for v in self.model.variables:
-            h.update(np.ascontiguousarray(v.numpy()).tobytes())
-        return h.hexdigest()
+            state.update(np.ascontiguousarray(v.numpy()).tobytes())
+        slots = hashlib.sha256()
+        for v in self.optimizer.variables:
+            if v is not self.optimizer.learning_rate:
+                slots.update(np.ascontiguousarray(v.numpy()).tobytes())
+        return state.hexdigest(), slots.hexdigest()
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Updates the live optimizer's slots have seen (0: fresh slots)."""
+        return int(self.optimizer.iterations.numpy())
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data order in use (after a restore: the checkpoint's)."""
+        return self._order.seed
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -420,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         reached = (f"reached at step {summary[STEPS_TO_TARGET]} after {summary[SECONDS_TO_TARGET]:.2f}s of training"
                    if summary[STEPS_TO_TARGET] is not None else "target not reached")
         print(f"{summary[STATUS]}: {reached}; {summary['steps']} steps, {summary[TRAIN_SECONDS]:.2f}s training, "
-              f"final val_acc {summary['final_val_acc']:.4f}")
+              f"final val_acc {summary['final_val_acc']:.4f}, test_acc {summary[TEST_ACC]:.4f}")
     return 0
 
 

@@ -6,35 +6,48 @@ not once per trial. The data arrives through Ray's object store (``tune.with_par
 
 A trial's config is flat where Tune searches or PBT mutates (``optimizer``, ``lr``, ``seed``)
 and carries the fixed rest of the experiment as plain dicts (``train``, ``model``), plus
-``threads`` and, under PBT, ``population`` settings.
+``threads``, ``checkpoint_every`` and, under PBT, ``population`` settings.
 
-Every restore is verified: the weights after loading must hash to what the checkpoint's owner
-saved, and the live learning rate must be the trial's configured one; a mismatch is an error.
-The first result after a start or restore says where its state came from (``segment_from``:
-the trial whose checkpoint it is, ``segment_step``: the step it holds), which is how the
-results tables tell an exploit from a resume.
+What it reports so that every exploit can be audited from the two sides (names.py):
+
+- at each check after which a checkpoint is due, and at the last, the live state's digests
+  (``state_sha256``, ``slots_sha256``) under a fresh ``state_id``; a checkpoint taken then
+  carries that id;
+- on the first check after a restore, what it restored: the checkpoint's id, the digests of the
+  state as loaded, the live rate, whose checkpoint it was and at which step, and the PBT decision
+  it carries out. The driver's audit compares the two sides; nothing here trusts the files.
+
+A checkpoint also carries its member's ancestry: segments (step, optimizer, lr, seed, trial) from
+step 0, so the winner's schedule is read from its last checkpoint, not rebuilt.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict
 
-import numpy as np
 import ray
 from ray import tune
 
 from pbt_lab.config import ModelConfig, TrainConfig
+from pbt_lab.names import (
+    DIVERGED, DIVERGED_FLAG, EXPLOIT, LR, OPTIMIZER, OPTIMIZER_STEPS, RESTORED_ID, RESTORED_LR, RESTORED_OPTIMIZER,
+    RESTORED_OPTIMIZER_STEPS, RESTORED_SHA256, RESTORED_SLOTS_SHA256, SCORE, SEED, SEGMENT_FROM, SEGMENT_STEP,
+    SLOTS_SHA256, STATE_ID, STATE_SHA256, STEP, TEST_ACC,
+)
 
-SEARCHED = ("optimizer", "lr", "seed")
-SEGMENT_KEYS = ("segment_from", "segment_step", "restored_sha256", "restored_lr", "restored_optimizer",
-                "restored_optimizer_steps")
-DIVERGED_SCORE = -1.0  # below any accuracy: a diverged member ranks last (and LabPBT never copies it)
-DIVERGED = "diverged"  # train.DIVERGED, named here so the driver need not import TensorFlow
+SEARCHED = (OPTIMIZER, LR, SEED)
+STATE_KEYS = (STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS)
+RESTORE_KEYS = (SEGMENT_FROM, SEGMENT_STEP, RESTORED_ID, RESTORED_SHA256, RESTORED_SLOTS_SHA256,
+                RESTORED_OPTIMIZER_STEPS, RESTORED_OPTIMIZER, RESTORED_LR, EXPLOIT)
+ANCESTRY = "ancestry"
 
 
-def trial_space(train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None, **searched) -> dict:
-    """A Tune ``param_space``: the searched keys (values or Tune domains) and the fixed rest."""
+def trial_space(train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None,
+                **searched) -> dict:
+    """A Tune ``param_space``: the searched keys (values or Tune domains) and the fixed rest
+    (``Launch.fit`` adds ``checkpoint_every``)."""
     fixed = {k: v for k, v in asdict(train).items() if k not in SEARCHED}
     return {**searched, "train": fixed, "model": asdict(model), "threads": threads, "population": population}
 
@@ -42,6 +55,11 @@ def trial_space(train: TrainConfig, model: ModelConfig, threads: int, population
 def train_config(config: dict) -> TrainConfig:
     """The TrainConfig of one trial's config."""
     return TrainConfig(**config["train"], **{k: config[k] for k in SEARCHED})
+
+
+def segment(step: int, optimizer: str, lr: float, seed: int, trial: str) -> dict:
+    """One stretch of a member's ancestry: from ``step`` on, ``optimizer`` at ``lr``, in ``trial``."""
+    return {STEP: int(step), OPTIMIZER: optimizer, LR: float(lr), SEED: int(seed), "trial": trial}
 
 
 class LabTrainable(tune.Trainable):
@@ -54,38 +72,65 @@ class LabTrainable(tune.Trainable):
         train.configure_tensorflow(self.threads)
         self.data = data  # kept: a reused actor may need a Trainer of another shape
         self.trainer = train.Trainer(data, train_config(config), ModelConfig(**config["model"]))
-        self._segment = {"segment_from": self.trial_id, "segment_step": 0}
+        self._start()
+
+    def _start(self) -> None:
+        """A fresh trial on this actor: its ancestry starts here, at step 0."""
+        t = self.trainer
+        self._ancestry = [segment(0, t.optimizer_name, t.lr, t.data_seed, self.trial_id)]
+        self._live = None  # the live state's id and digests, once computed (None: changed since)
+        # What the next report says about where its state came from: a fresh start here, or a restore.
+        self._restore_report = {SEGMENT_FROM: self.trial_id, SEGMENT_STEP: 0}
         self._score, self._waited = None, 0
 
     def step(self) -> dict:
         population = self.config.get("population")
         if population and self.trainer.status == DIVERGED:
-            return self._wait_for_donor(population)
+            return self._report(self._wait_for_donor(population))
         started_at = time.time()
         self._follow_schedule()
         before = self.trainer.train_seconds
         row = self.trainer.check()
+        self._live = None
         diverged = self.trainer.status == DIVERGED
         # Wall-clock bounds of the check (Ray's timestamp is whole seconds): the gaps between one
         # report and the next check on a worker are what the benchmark charges to Tune.
         result = {**row, "check_seconds": self.trainer.train_seconds - before, "started_at": started_at,
-                  "reported_at": time.time(),
-                  **dict.fromkeys(SEGMENT_KEYS), **self._segment,
+                  "reported_at": time.time(), DIVERGED_FLAG: diverged,
                   # Under PBT a diverged member keeps its slot until it exploits a better one.
                   "done": self.trainer.done and not (population and diverged)}
         if population:
-            result["score"] = DIVERGED_SCORE if diverged else self._rank_score(population["metric"], row)
+            result[SCORE] = self._rank_score(population["metric"], row)
         result["node_id"] = ray.get_runtime_context().get_node_id()  # Ray's node: node_ip is shared by nodes on one host
-        self._segment, self._waited = {}, 0
+        self._waited = 0
+        return self._report(result)
+
+    def _report(self, result: dict) -> dict:
+        """The result with what the audit reads: the last restore (once), the live state's digests
+        where a checkpoint may follow, and the test accuracy once, at the end."""
+        result.update(dict.fromkeys(RESTORE_KEYS), **self._restore_report, **dict.fromkeys(STATE_KEYS))
+        self._restore_report = {}
+        every = self.config.get("checkpoint_every") or 0
+        if every and (result["done"] or (self.iteration + 1) % every == 0):
+            result.update(self._live_state())
+        if result["done"]:
+            result[TEST_ACC] = self.trainer.evaluate_test()
         return result
+
+    def _live_state(self) -> dict:
+        if self._live is None:
+            state, slots = self.trainer.state_digests()
+            self._live = {STATE_ID: uuid.uuid4().hex, STATE_SHA256: state, SLOTS_SHA256: slots,
+                           OPTIMIZER_STEPS: self.trainer.optimizer_steps}
+        return self._live
 
     def _wait_for_donor(self, population: dict) -> dict:
         """A diverged PBT member trains no more: it reports its last row, ranked last, until PBT
         copies a donor into it (a restore), or ends once PBT had its chance and did not (no
         healthy member was left to copy)."""
         self._waited += 1
-        return {**self.trainer.last, "check_seconds": 0.0, **dict.fromkeys(SEGMENT_KEYS),
-                "score": DIVERGED_SCORE, "done": self._waited > population["rescue_checks"]}
+        return {**self.trainer.last, "check_seconds": 0.0, SCORE: self._score, DIVERGED_FLAG: True,
+                "done": self._waited > population["rescue_checks"]}
 
     def _follow_schedule(self) -> None:
         """A replay's trial carries ``schedule`` [[step, optimizer, lr], …]: switch when a step is reached."""
@@ -99,7 +144,8 @@ class LabTrainable(tune.Trainable):
             self.trainer.set_lr(lr)
         else:
             return
-        self._segment = {"segment_from": self.trial_id, "segment_step": self.trainer.step}
+        t = self.trainer
+        self._ancestry.append(segment(t.step, t.optimizer_name, t.lr, t.data_seed, self.trial_id))
 
     def _rank_score(self, metric: str, row: dict) -> float:
         """PBT's score, on every report: PBT may rank a member at any report (after a resume its clock
@@ -111,19 +157,29 @@ class LabTrainable(tune.Trainable):
         return self._score
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        self.trainer.save(checkpoint_dir, extra={"trial_id": self.trial_id})
+        # The id the last report gave this state; a state no report described gets one of its own
+        # (its exploits then count as unverifiable: the saver never reported its digests).
+        state_id = self._live[STATE_ID] if self._live else uuid.uuid4().hex
+        self.trainer.save(checkpoint_dir, extra={"trial_id": self.trial_id, STATE_ID: state_id,
+                                                 ANCESTRY: self._ancestry})
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
-        meta = self.trainer.restore(checkpoint_dir)
-        digest = self.trainer.weights_digest()
-        live_lr = float(self.trainer.optimizer.learning_rate.numpy())
-        if digest != meta["weights_sha256"]:
-            raise RuntimeError(f"restored weights do not match checkpoint {checkpoint_dir} (saved by {meta.get('trial_id')})")
-        if not np.isclose(live_lr, self.config["lr"], rtol=1e-6, atol=0):
-            raise RuntimeError(f"live learning rate {live_lr:g} is not the configured {self.config['lr']:g} after restore")
-        # Optimizer steps of the live slots: the donor's count when its slots were copied, 0 when fresh.
-        self._segment = {"segment_from": meta.get("trial_id"), "segment_step": meta["step"], "restored_sha256": digest,
-                         "restored_lr": live_lr, "restored_optimizer": meta["optimizer"], "restored_optimizer_steps": int(self.trainer.optimizer.iterations.numpy())}
+        t = self.trainer
+        meta = t.restore(checkpoint_dir)
+        state, slots = t.state_digests()
+        saver = meta.get("trial_id")
+        # Reported, not raised: the driver's audit compares these with what the saver reported.
+        self._restore_report = {SEGMENT_FROM: saver, SEGMENT_STEP: meta[STEP], RESTORED_ID: meta.get(STATE_ID),
+                          RESTORED_SHA256: state, RESTORED_SLOTS_SHA256: slots,
+                          RESTORED_OPTIMIZER_STEPS: t.optimizer_steps, RESTORED_OPTIMIZER: meta[OPTIMIZER],
+                          RESTORED_LR: float(t.optimizer.learning_rate.numpy()),
+                          EXPLOIT: self.config.get(EXPLOIT) if saver != self.trial_id else None}
+        self._live = {STATE_ID: meta.get(STATE_ID), STATE_SHA256: state, SLOTS_SHA256: slots,
+                       OPTIMIZER_STEPS: t.optimizer_steps}
+        self._ancestry = list(meta.get(ANCESTRY) or [segment(0, meta[OPTIMIZER], meta[LR], t.data_seed, saver)])
+        last = self._ancestry[-1]
+        if saver != self.trial_id or (last[OPTIMIZER], last[LR]) != (t.optimizer_name, t.lr):
+            self._ancestry.append(segment(t.step, t.optimizer_name, t.lr, t.data_seed, self.trial_id))
         population = self.config.get("population")
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
         self._waited = 0
@@ -138,6 +194,5 @@ class LabTrainable(tune.Trainable):
             from pbt_lab import train
 
             self.trainer = train.Trainer(self.data, train_cfg, model)
-        self._segment = {"segment_from": self.trial_id, "segment_step": 0}
-        self._score, self._waited = None, 0
+        self._start()
         return True

@@ -103,11 +103,30 @@ def test_restore_keeps_the_configured_rate_and_changes_slots_only_with_the_same_
     same.restore(tmp_path / "donor")
     assert float(same.optimizer.learning_rate) == pytest.approx(5e-4)  # not the donor's 1e-3
     assert int(same.optimizer.iterations) == 20
+    assert same.state_digests() == donor.state_digests()  # the slots' digest leaves the rate out
     other = trainer(bundled, optimizer="momentum", lr=0.05)
     other.restore(tmp_path / "donor")
-    assert other.weights_digest() == donor.weights_digest()
-    assert int(other.optimizer.iterations) == 0  # fresh slots for a different optimizer
+    assert other.state_digests()[0] == donor.state_digests()[0]
+    assert other.optimizer_steps == 0  # fresh slots for a different optimizer
     assert all(not v.numpy().any() for v in other.optimizer.variables if "momentum" in v.path)
+
+
+def test_state_digests_tell_one_changed_weight_step_or_slot(bundled, tmp_path):
+    t = trainer(bundled, optimizer="adam", lr=1e-3)
+    t.check()
+    t.save(tmp_path / "saved")
+    state, slots = t.state_digests()
+    copy = trainer(bundled, optimizer="adam", lr=1e-3)
+    copy.restore(tmp_path / "saved")
+    assert copy.state_digests() == (state, slots)
+    copy.model.variables[0].assign_add(np.full(copy.model.variables[0].shape, 1e-6, np.float32))
+    assert copy.state_digests()[0] != state
+    copy.restore(tmp_path / "saved")
+    copy.optimizer.variables[-1].assign_add(np.ones(copy.optimizer.variables[-1].shape, np.float32))
+    assert copy.state_digests() == (state, copy.state_digests()[1]) and copy.state_digests()[1] != slots
+    copy.restore(tmp_path / "saved")
+    copy.step += 1
+    assert copy.state_digests()[0] != state
 
 
 def test_switching_optimizers_reuses_traced_calls(bundled):

@@ -1,0 +1,49 @@
+"""Names shared by the trainer, the trainable, the scheduler and the tables: defined once, here.
+
+No imports: the driver, the workers and the notebooks all read these without TensorFlow or Ray.
+"""
+
+# --- metrics a check reports ---------------------------------------------------------------
+STEP = "step"
+TRAIN_SECONDS = "train_seconds"
+TRAIN_ACC = "train_acc"
+TRAIN_LOSS = "train_loss"
+VAL_ACC = "val_acc"
+VAL_LOSS = "val_loss"
+TEST_ACC = "test_acc"  # evaluated once, when a trial ends; never used to choose anything
+LR = "lr"
+OPTIMIZER = "optimizer"
+STATUS = "status"
+STEPS_TO_TARGET = "steps_to_target"
+SECONDS_TO_TARGET = "seconds_to_target"
+SEED = "seed"
+
+# --- statuses: a trial is RUNNING until it ends as one of the others -------------------------
+RUNNING = "running"
+REACHED = "reached"  # trained to the target
+CAPPED = "capped"  # used its budget (steps or seconds) without reaching the target
+DIVERGED = "diverged"  # its loss turned non-finite or exploded
+STOPPED = "stopped"  # stopped by the population's own stop (pbt.stop_at_target)
+ERROR = "error"  # failed: the console names the error
+
+# --- what a PBT member reports, so the driver can audit every exploit ------------------------
+SCORE = "score"  # what PBT ranks: the last validation of pbt.metric
+DIVERGED_FLAG = "diverged"  # explicit: PBT never infers divergence from a score
+# The saving side: the live state at a check after which a checkpoint may be taken.
+STATE_ID = "state_id"  # names this state; a checkpoint of it carries the same id
+STATE_SHA256 = "state_sha256"  # weights, step and data order
+SLOTS_SHA256 = "slots_sha256"  # the optimizer's variables, its step counter included
+OPTIMIZER_STEPS = "optimizer_steps"
+# The restoring side: the first report after a restore says what was restored.
+SEGMENT_FROM = "segment_from"  # the trial whose checkpoint it is (itself after a resume)
+SEGMENT_STEP = "segment_step"  # the step that checkpoint holds
+RESTORED_ID = "restored_id"
+RESTORED_SHA256 = "restored_sha256"
+RESTORED_SLOTS_SHA256 = "restored_slots_sha256"
+RESTORED_OPTIMIZER_STEPS = "restored_optimizer_steps"
+RESTORED_OPTIMIZER = "restored_optimizer"  # the optimizer the checkpoint was saved with
+RESTORED_LR = "restored_lr"  # the live rate after the restore (must be the new config's)
+EXPLOIT = "exploit"  # the scheduler's decision number, carried in the recipient's config
+
+# --- files the lab writes beside Ray's in a run directory ---------------------------------------
+PBT_STATE_FILE = "pbt_state.json"  # the scheduler's decisions and state, with every experiment snapshot

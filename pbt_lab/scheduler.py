@@ -1,0 +1,360 @@
+"""The lab's population-based training: Ray Tune's PBT with the semantics DESIGN §7 promises.
+
+    scheduler = LabPBT(ExplorePolicy.of(pbt_config), seed=0, ...)
+    tune.Tuner(..., tune_config=TuneConfig(scheduler=scheduler),
+               run_config=RunConfig(callbacks=[KeepPBTState(scheduler)]))
+
+What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
+
+- **Truncation**: Ray replaces ``ceil(q × N)`` members; the lab ``max(1, floor(q × N))`` (``truncate``).
+  Divergence is an explicit flag in each result, never read off a score: a diverged member is
+  never a donor and always replaced.
+- **Explore** (``explore``): a rate is perturbed × f and reflected at its optimizer's range, or
+  resampled log-uniform inside that range; an optimizer switch keeps the rate's relative place.
+- **Seeded**: ranking ties, donors and explore draw from one generator seeded by ``pbt.seed``
+  (Ray's own draw from the unseeded ``random`` and NumPy generators).
+- **Recorded**: every decision (ranked, replaced, donors, scores, new config) lands in
+  ``pbt_state.json``; a recipient's config carries its decision's number, so the tables join
+  each restore to the decision behind it.
+- **Resumable**: the scheduler's state (clocks, scores, generator, decisions) is saved with every
+  experiment snapshot through a Tune callback and restored on ``--resume`` (Ray restarts it
+  empty: ray#30838).
+- **Bounded disk**: checkpoints nothing can restore any more are deleted (Ray's ``num_to_keep``
+  would delete one that a paused recipient is about to copy).
+- **Fair turns**: waiting members run in order of training time, ties to the one that reported
+  longest ago (Ray's list order starved paused donors after a resume); Ray's sync-point rule kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ray import tune
+from ray.train._internal.session import _FutureTrainingResult
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining
+
+from pbt_lab.names import DIVERGED_FLAG, EXPLOIT, LR, OPTIMIZER, PBT_STATE_FILE, STATE_ID, STEPS_TO_TARGET
+
+
+
+# --- explore: pure, seeded -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExplorePolicy:
+    """How an exploit's new hyperparameters are drawn from its donor's."""
+
+    optimizers: tuple[str, ...]
+    lr_ranges: dict  # optimizer -> (low, high)
+    perturbation_factors: tuple[float, ...] = (0.8, 1.2)
+    resample_probability: float = 0.25
+    switch_probability: float = 0.0
+
+    @classmethod
+    def of(cls, pbt) -> ExplorePolicy:
+        """The policy of a ``PBTConfig``."""
+        return cls(tuple(pbt.optimizers), {o: tuple(pbt.lr_ranges[o]) for o in pbt.optimizers},
+                   tuple(pbt.perturbation_factors), pbt.resample_probability, pbt.optimizer_switch_probability)
+
+
+def _place(lr: float, low: float, high: float) -> float:
+    """Where ``lr`` sits in [low, high] on a log scale: 0 at low, 1 at high (clamped)."""
+    return min(max((math.log(lr) - math.log(low)) / (math.log(high) - math.log(low)), 0.0), 1.0)
+
+
+def explore(optimizer: str, lr: float, policy: ExplorePolicy, rng: np.random.Generator) -> dict:
+    """New hyperparameters from a donor's: ``{optimizer, lr, operation}``.
+
+    With ``switch_probability`` another optimizer (any of the others: names have no neighbours),
+    at the same relative place in its range. Then, with ``resample_probability``, a rate drawn
+    log-uniform from that optimizer's own range; otherwise the rate × f for an f of the factors,
+    reflected at the range's bound (× 1/f) when × f would leave it. A perturbed rate therefore
+    never equals the donor's and never leaves its range.
+    """
+    new = optimizer
+    others = [o for o in policy.optimizers if o != optimizer]
+    if others and rng.random() < policy.switch_probability:
+        new = others[rng.integers(len(others))]
+    low, high = policy.lr_ranges[new]
+    if new == optimizer:
+        base = min(max(lr, low), high)
+    else:
+        place = _place(lr, *policy.lr_ranges[optimizer]) if optimizer in policy.lr_ranges else 0.5
+        base = math.exp(math.log(low) + place * (math.log(high) - math.log(low)))
+    switch = f"switch {optimizer}->{new}, " if new != optimizer else ""
+    if rng.random() < policy.resample_probability:
+        return {OPTIMIZER: new, LR: float(math.exp(rng.uniform(math.log(low), math.log(high)))),
+                "operation": f"{switch}resample"}
+    factor = policy.perturbation_factors[rng.integers(len(policy.perturbation_factors))]
+    if low <= base * factor <= high:
+        return {OPTIMIZER: new, LR: base * factor, "operation": f"{switch}* {factor:g}"}
+    # Reflected: the config check (ranges span max(f, 1/f)²) keeps base / factor inside.
+    return {OPTIMIZER: new, LR: base / factor, "operation": f"{switch}* {1 / factor:g} (reflected)"}
+
+
+def ranked_members(scores: dict, diverged: set) -> list:
+    """The members a decision ranks: those with a score, and every diverged one."""
+    return [m for m, s in scores.items() if m in diverged or (s is not None and not math.isnan(s))]
+
+
+def truncate(scores: dict, diverged: set, fraction: float, rng: np.random.Generator,
+             not_donors: set = frozenset()) -> tuple[list, list]:
+    """(lower, upper): who is replaced and who may donate, from ``scores`` (member -> score, higher
+    better; ``None`` or NaN: not ranked yet).
+
+    ``n = max(1, floor(fraction × ranked))``. Diverged members rank last and are all replaced, even
+    when there are more than ``n``; the top ``n`` healthy members donate (``not_donors`` never do).
+    Ties break in a random order drawn from ``rng``. Empty lists when fewer than two are ranked or
+    no healthy member is left to copy.
+    """
+    ranked = ranked_members(scores, diverged)
+    if len(ranked) < 2:
+        return [], []
+    n = max(1, math.floor(fraction * len(ranked) + 1e-9))
+    order = [ranked[i] for i in rng.permutation(len(ranked))]
+    order.sort(key=lambda m: (m not in diverged, scores[m] if m not in diverged else 0.0))  # stable: ties stay shuffled
+    lower = order[: max(n, sum(m in diverged for m in order))]
+    upper = [m for m in order if m not in diverged and m not in not_donors and m not in lower][-n:]
+    return (lower, upper) if upper else ([], [])
+
+
+# --- the scheduler -------------------------------------------------------------------------
+
+
+class LabPBT(PopulationBasedTraining):
+    """Ray's PBT with the lab's truncation, explore, seeding, record, resume and disk bound
+    (module docstring). Time is ``training_iteration``: one check."""
+
+    def __init__(self, policy: ExplorePolicy, *, seed: int, metric: str, perturbation_interval: int,
+                 burn_in_period: int = 0, quantile_fraction: float = 0.2, mode: str = "max", synch: bool = False):
+        super().__init__(
+            time_attr="training_iteration", metric=metric, mode=mode, perturbation_interval=perturbation_interval,
+            burn_in_period=burn_in_period, quantile_fraction=quantile_fraction,
+            # Named for Ray's console lines and trial tags only: ``explore`` draws the new values.
+            hyperparam_mutations={OPTIMIZER: list(policy.optimizers), LR: [min(r[0] for r in policy.lr_ranges.values()),
+                                                                          max(r[1] for r in policy.lr_ranges.values())]},
+            log_config=False,  # pbt_state.json records every decision, and survives a resume
+            synch=synch)
+        self._policy = policy
+        self._rng = np.random.default_rng(seed)
+        self._diverged: set[str] = set()  # members whose last result was diverged
+        self._pending: set[str] = set()  # recipients that have not reported since their exploit
+        self._reports = 0
+        self._last_report: dict[str, int] = {}
+        self._quantile_sizes: dict = {}
+        self._snapshot_paths: list[set[str]] = []  # checkpoints the last experiment snapshots name
+        self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
+        self._run_dir: str | None = None
+        self.decisions: list[dict] = []
+
+    # --- bookkeeping on every result -------------------------------------------------------
+
+    def on_trial_add(self, tune_controller, trial: Trial):
+        super().on_trial_add(tune_controller, trial)
+        self._run_dir = trial.local_experiment_path
+        if trial.trial_id in self._restored:
+            self._apply_member_state(trial, self._restored.pop(trial.trial_id))
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        self._reports += 1
+        self._last_report[trial.trial_id] = self._reports
+        if result.get(DIVERGED_FLAG):
+            self._diverged.add(trial.trial_id)
+        else:
+            self._diverged.discard(trial.trial_id)
+        self._pending.discard(trial.trial_id)
+        decided = len(self.decisions)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if len(self.decisions) > decided:
+            self._prune(tune_controller.get_trials())
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._prune(tune_controller.get_trials())
+
+    def choose_trial_to_run(self, tune_controller):
+        waiting = [t for t in tune_controller.get_trials() if t.status in (Trial.PENDING, Trial.PAUSED)
+                   # Ray's sync rule: in synchronous mode nobody runs past the next sync point
+                   and (not self._synch or self._trial_state[t].last_train_time < self._next_perturbation_sync)]
+        return min(waiting, default=None, key=lambda t: (self._trial_state[t].last_train_time,
+                                                         self._last_report.get(t.trial_id, 0), t.trial_id))
+
+    # --- decisions --------------------------------------------------------------------------
+
+    def _quantiles(self):
+        scores = {t: s.last_score for t, s in self._trial_state.items() if not t.is_finished()}
+        diverged = {t for t in scores if t.trial_id in self._diverged}
+        # A recipient whose copy is pending still holds its old, low score: it is nobody's donor.
+        pending = {t for t in scores if t.trial_id in self._pending}
+        lower, upper = truncate(scores, diverged, self._quantile_fraction, self._rng, not_donors=pending)
+        self._quantile_sizes = {"ranked": len(ranked_members(scores, diverged)), "lower": len(lower),
+                                "upper": len(upper), "diverged": len(diverged)}
+        return lower, upper
+
+    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
+        state = self._trial_state[trial]
+        record = {"decision": len(self.decisions), "iteration": state.last_train_time, "member": trial.trial_id,
+                  "score": _plain(state.last_score * self._metric_op) if state.last_score is not None else None,
+                  "diverged": trial.trial_id in self._diverged, **self._quantile_sizes,
+                  "action": "save" if trial in upper_quantile else "keep"}
+        self._exploiting = None
+        if trial in lower_quantile and upper_quantile:
+            donor = upper_quantile[self._rng.integers(len(upper_quantile))]
+            record.update(action="no checkpoint", donor=donor.trial_id,
+                          donor_score=_plain(self._trial_state[donor].last_score * self._metric_op),
+                          old={OPTIMIZER: trial.config[OPTIMIZER], LR: trial.config[LR]},
+                          donor_config={OPTIMIZER: donor.config[OPTIMIZER], LR: donor.config[LR]})
+            self._exploiting = record
+            upper_quantile = [donor]  # Ray draws its donor from this list with the unseeded `random`
+        self.decisions.append(record)
+        super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+
+    def _get_new_config(self, trial, trial_to_clone):
+        donor = trial_to_clone.config
+        new = explore(donor[OPTIMIZER], donor[LR], self._policy, self._rng)
+        record = self._exploiting
+        record.update(action="exploit", new={OPTIMIZER: new[OPTIMIZER], LR: new[LR]}, operation=new["operation"],
+                      donor_state_id=(self._trial_state[trial_to_clone].last_result or {}).get(STATE_ID))
+        config = {**donor, OPTIMIZER: new[OPTIMIZER], LR: new[LR], EXPLOIT: record["decision"]}
+        return config, {OPTIMIZER: new["operation"], LR: new["operation"]}
+
+    def _exploit(self, tune_controller, trial, trial_to_clone):
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        self._diverged.discard(trial.trial_id)  # it now holds the donor's healthy state
+        self._pending.add(trial.trial_id)
+
+    # --- disk -------------------------------------------------------------------------------
+
+    def _prune(self, trials: list[Trial]) -> None:
+        """Delete every checkpoint nothing can restore any more. Kept: each member's latest (a
+        paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
+        and what the last two experiment snapshots name (a resume restores from those)."""
+        needed = set().union(*self._snapshot_paths)
+        for trial in trials:
+            latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+            if latest:
+                needed.add(latest.checkpoint.path)
+        for trial, state in self._trial_state.items():
+            checkpoint, result = state.last_checkpoint, state.last_result
+            if isinstance(checkpoint, _FutureTrainingResult):
+                saved = checkpoint.resolve(block=False)  # not saved yet: then it is registered nowhere either
+                checkpoint, result = (saved.checkpoint, saved.metrics) if saved else (None, None)
+            latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+            same = latest and (result or {}).get(STATE_ID) and latest.metrics.get(STATE_ID) == result[STATE_ID]
+            if checkpoint is not None and same:
+                # Ray saved the same state twice (its PBT save, then a pause or periodic save): copy
+                # from the latest, so the other can go.
+                state.last_checkpoint, state.last_result, checkpoint = latest.checkpoint, latest.metrics, None
+            if checkpoint is not None:
+                needed.add(checkpoint.path)
+        for trial in trials:
+            # With num_to_keep=None this is the checkpoint manager's own list, which Ray never prunes.
+            registered = trial.run_metadata.checkpoint_manager.best_checkpoint_results
+            for result in [r for r in registered if r.checkpoint.path not in needed]:
+                try:
+                    result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
+                except (OSError, FileNotFoundError):
+                    pass  # already gone: forget it all the same
+                registered.remove(result)
+
+    # --- state across a resume --------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to go on as if uninterrupted (JSON-ready)."""
+        members = {}
+        for trial, s in self._trial_state.items():
+            members[trial.trial_id] = {
+                "last_score": _plain(s.last_score), "last_perturbation_time": s.last_perturbation_time,
+                "last_train_time": s.last_train_time, "has_checkpoint": s.last_checkpoint is not None,
+                "diverged": trial.trial_id in self._diverged, "pending": trial.trial_id in self._pending,
+                "last_report": self._last_report.get(trial.trial_id, 0)}
+        return {"format": 1, "rng": self._rng.bit_generator.state, "reports": self._reports,
+                "next_perturbation_sync": self._next_perturbation_sync, "members": members,
+                "decisions": self.decisions}
+
+    def snapshot_taken(self) -> None:
+        """Ray is writing an experiment snapshot: a resume would restore each member from the
+        latest checkpoint it names, so those stay until two later snapshots have replaced it."""
+        self._snapshot_paths = [*self._snapshot_paths[-1:], {
+            r.checkpoint.path for t in self._trial_state
+            if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)}]
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._reports = state["reports"]
+        self._next_perturbation_sync = state["next_perturbation_sync"]
+        self.decisions = list(state["decisions"])
+        self._restored = dict(state["members"])
+
+    def _apply_member_state(self, trial: Trial, member: dict) -> None:
+        s = self._trial_state[trial]
+        s.last_score = member["last_score"]
+        s.last_perturbation_time, s.last_train_time = member["last_perturbation_time"], member["last_train_time"]
+        latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        if member["has_checkpoint"] and latest:
+            # A donor's copy is its checkpoint at its last decision: its latest, as saved then.
+            s.last_checkpoint, s.last_result = latest.checkpoint, latest.metrics
+        if member["diverged"]:
+            self._diverged.add(trial.trial_id)
+        if member["pending"]:
+            self._pending.add(trial.trial_id)
+        self._last_report[trial.trial_id] = member["last_report"]
+
+    def write_state(self, state: dict) -> None:
+        """``pbt_state.json`` beside Ray's experiment state (synced with it): what the tables read."""
+        if self._run_dir:
+            _write_json_atomically(Path(self._run_dir) / PBT_STATE_FILE, state)
+
+
+class KeepPBTState(tune.Callback):
+    """Saves LabPBT's state with every experiment snapshot, restores it on resume.
+
+    Ray saves callback states in the same snapshot as the trials' (``callback-states-*.pkl``), so
+    a resumed scheduler matches the trials it resumes. It is handed the same scheduler object: Ray
+    pickles TuneConfig and RunConfig together in ``tuner.pkl``.
+    """
+
+    def __init__(self, scheduler: LabPBT):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        self.scheduler.snapshot_taken()
+        state = self.scheduler.state_dict()
+        self.scheduler.write_state(state)
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+class PopulationStop(tune.Stopper):
+    """Stops every member once any member has reached the target (``pbt.stop_at_target``)."""
+
+    def __init__(self):
+        self.reached = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.reached = self.reached or result.get(STEPS_TO_TARGET) is not None
+        return False
+
+    def stop_all(self) -> bool:
+        return self.reached
+
+
+def _plain(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _write_json_atomically(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(value, f)
+    os.replace(f.name, path)

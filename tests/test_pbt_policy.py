@@ -1,0 +1,160 @@
+"""PBT's choices as pure functions on hand-made inputs (no Ray run, no training): exact truncation,
+explore inside each optimizer's range, seeded draws, the scheduler's state across a resume."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pbt_lab.config import PBTConfig
+from pbt_lab.scheduler import ExplorePolicy, LabPBT, explore, truncate
+
+RANGES = {"adam": (1e-4, 1e-2), "gd": (1e-2, 1.0), "adadelta": (1.0, 100.0)}
+
+
+def policy(**kwargs) -> ExplorePolicy:
+    return ExplorePolicy(**{"optimizers": tuple(RANGES), "lr_ranges": RANGES, "perturbation_factors": (0.8, 1.2),
+                            "resample_probability": 0.25, "switch_probability": 0.0, **kwargs})
+
+
+def place(lr, low, high):
+    return (math.log(lr) - math.log(low)) / (math.log(high) - math.log(low))
+
+
+# --- truncation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, fraction, expected", [(5, 0.2, 1), (10, 0.2, 2), (15, 0.2, 3), (20, 0.2, 4), (16, 0.2, 3),
+                                                    (6, 0.34, 2), (4, 0.2, 1), (2, 0.5, 1), (30, 0.1, 3)])
+def test_bottom_and_top_are_floor_of_the_fraction(n, fraction, expected):
+    scores = {f"m{i}": i / n for i in range(n)}
+    lower, upper = truncate(scores, set(), fraction, np.random.default_rng(0))
+    assert len(lower) == len(upper) == expected  # Ray's ceil would give 4 of 16, 3 of 6
+    assert sorted(lower) == sorted(f"m{i}" for i in range(expected))
+    assert sorted(upper) == sorted(f"m{i}" for i in range(n - expected, n))
+
+
+def test_unranked_members_are_left_out_and_one_ranked_member_decides_nothing():
+    assert truncate({"a": 0.5, "b": None, "c": float("nan")}, set(), 0.5, np.random.default_rng(0)) == ([], [])
+    lower, upper = truncate({"a": 0.5, "b": None, "c": 0.9}, set(), 0.5, np.random.default_rng(0))
+    assert (lower, upper) == (["a"], ["c"])
+
+
+def test_diverged_members_are_all_replaced_and_never_donate_whatever_their_score():
+    # Scores below −1 and a minimised metric's negated scores: divergence comes from the flag alone.
+    scores = {"a": -5.0, "b": -4.0, "c": -3.0, "d": -2.0, "e": -1.5}
+    lower, upper = truncate(scores, {"d", "e"}, 0.2, np.random.default_rng(0))
+    assert sorted(lower) == ["d", "e"]  # more diverged than floor(0.2 × 5) = 1: all of them
+    assert upper == ["c"]
+    healthy = truncate(scores, set(), 0.2, np.random.default_rng(0))
+    assert healthy == (["a"], ["e"])
+
+
+def test_nobody_left_to_copy_means_no_decision():
+    assert truncate({"a": 0.9, "b": 0.8}, {"a", "b"}, 0.2, np.random.default_rng(0)) == ([], [])
+
+
+def test_a_pending_recipient_is_nobodys_donor():
+    scores = {"a": 0.1, "b": 0.5, "c": 0.99}
+    assert truncate(scores, set(), 0.34, np.random.default_rng(0), not_donors={"c"}) == (["a"], ["b"])
+
+
+def test_ties_break_by_the_seeded_generator():
+    scores = {f"m{i}": 0.5 for i in range(10)}
+
+    def draw(seed):
+        return truncate(scores, set(), 0.2, np.random.default_rng(seed))
+
+    assert draw(1) == draw(1)
+    assert len({tuple(draw(seed)[0]) for seed in range(20)}) > 5  # not always the same members
+
+
+# --- explore ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-2, 1.2e-4, 0.9e-2, 1e-3])
+def test_a_perturbed_rate_stays_inside_its_range_and_never_equals_the_donors(lr):
+    p = policy(resample_probability=0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        new = explore("adam", lr, p, rng)
+        assert new["optimizer"] == "adam" and 1e-4 <= new["lr"] <= 1e-2 and new["lr"] != lr
+        assert any(math.isclose(new["lr"], lr * f) for f in (0.8, 1.2, 1 / 0.8, 1 / 1.2))
+
+
+def test_a_step_past_a_bound_is_reflected_back_inside():
+    p = policy(resample_probability=0.0, perturbation_factors=(1.2,))
+    new = explore("adam", 1e-2, p, np.random.default_rng(0))
+    assert new["lr"] == pytest.approx(1e-2 / 1.2) and "reflected" in new["operation"]
+    p = policy(resample_probability=0.0, perturbation_factors=(0.8,))
+    assert explore("adam", 1e-4, p, np.random.default_rng(0))["lr"] == pytest.approx(1e-4 / 0.8)
+
+
+def test_resampled_rates_spread_over_the_optimizers_own_range_not_piled_at_its_ends():
+    p = policy(resample_probability=1.0)
+    rng = np.random.default_rng(0)
+    rates = np.array([explore("gd", 0.5, p, rng)["lr"] for _ in range(4000)])
+    assert (rates >= 1e-2).all() and (rates <= 1.0).all()
+    places = np.log10(rates / 1e-2) / 2  # 0 at the bottom of gd's range, 1 at the top
+    counts, _ = np.histogram(places, bins=10, range=(0, 1))
+    assert counts.min() > 0.7 * len(rates) / 10 and counts.max() < 1.3 * len(rates) / 10  # log-uniform
+    ends = np.isclose(rates, 1e-2) | np.isclose(rates, 1.0)
+    assert ends.mean() < 0.01
+
+
+def test_a_switch_keeps_the_rates_relative_place_in_the_new_range():
+    p = policy(switch_probability=1.0, resample_probability=0.0, perturbation_factors=(1.2,))
+    rng = np.random.default_rng(0)
+    for lr in (1e-4, 1e-3, 5e-3):
+        new = explore("adam", lr, p, rng)
+        assert new["optimizer"] in ("gd", "adadelta") and "switch adam->" in new["operation"]
+        low, high = RANGES[new["optimizer"]]
+        base = new["lr"] / 1.2 if "reflected" not in new["operation"] else new["lr"] * 1.2
+        assert place(base, low, high) == pytest.approx(place(lr, 1e-4, 1e-2), abs=1e-9)
+        assert low <= new["lr"] <= high
+
+
+def test_a_switched_resample_draws_from_the_new_optimizers_range():
+    p = policy(switch_probability=1.0, resample_probability=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        new = explore("adam", 1e-3, p, rng)
+        low, high = RANGES[new["optimizer"]]
+        assert low <= new["lr"] <= high and new["optimizer"] != "adam"
+
+
+def test_explore_is_a_function_of_its_generator():
+    p = policy(switch_probability=0.5)
+
+    def draws(seed):
+        rng = np.random.default_rng(seed)
+        return [explore("adam", 1e-3, p, rng) for _ in range(20)]
+
+    assert draws(7) == draws(7) and draws(7) != draws(8)
+
+
+def test_config_refuses_ranges_a_reflected_step_would_leave():
+    with pytest.raises(ValueError, match="narrower than"):
+        PBTConfig(optimizers=["adam"], lr_ranges={"adam": [1e-3, 1.2e-3]})
+    with pytest.raises(ValueError, match="other than 1"):
+        PBTConfig(perturbation_factors=[1.0, 1.2])
+    with pytest.raises(ValueError, match="multiple of pbt.perturbation_interval"):
+        PBTConfig(perturbation_interval=4, burn_in_period=6)
+
+
+# --- the scheduler's state -------------------------------------------------------------------
+
+
+def scheduler(seed=0) -> LabPBT:
+    return LabPBT(policy(), seed=seed, metric="score", perturbation_interval=2, quantile_fraction=0.2)
+
+
+def test_the_schedulers_state_round_trips_its_generator_and_decisions():
+    first = scheduler()
+    first._rng.random(17)  # some decisions' worth of draws
+    first.decisions = [{"decision": 0, "action": "keep"}]
+    state = first.state_dict()
+    second = scheduler(seed=99)
+    second.load_state_dict(state)
+    assert second.decisions == first.decisions and second._reports == first._reports
+    assert np.array_equal(second._rng.random(5), first._rng.random(5))  # the stream goes on where it was
