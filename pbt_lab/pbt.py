@@ -99,19 +99,23 @@ def _source_config(args) -> dict | None:
     return summary["config"]
 
 
-def replay_schedule(source: str | Path) -> tuple[str, int, list[dict]]:
-    """The winner of a PBT run, its lineage's seed and its schedule [{step, optimizer, lr}], read from
-    the ancestry in the winner's last checkpoint (not rebuilt from the tables)."""
-    _, _, summary = results.read_tables(source)
-    winner = summary["winner"]
-    ancestry = results.read_checkpoint_meta(source, winner["checkpoint"]).get("ancestry")
+def replay_schedule(source: str | Path, member: str | None = None) -> tuple[str, int, list[dict]]:
+    """A PBT run's winner (or ``member``), its lineage's seed and its schedule [{step, optimizer, lr}],
+    read from the ancestry in the member's last checkpoint (not rebuilt from the tables)."""
+    trials, _, summary = results.read_tables(source)
+    member = member or summary["winner"]["trial_id"]
+    checkpoints = trials.set_index("trial_id")["checkpoint"]
+    if member not in checkpoints.index or not checkpoints[member]:
+        raise UserError(f"--member {member}: {source} has no such member with a checkpoint "
+                        f"(members: {', '.join(sorted(checkpoints.index))})")
+    ancestry = results.read_checkpoint_meta(source, checkpoints[member]).get("ancestry")
     if not ancestry:
-        raise UserError(f"--replay {source}: the winner's checkpoint {winner['checkpoint']} records no ancestry")
-    return winner["trial_id"], int(ancestry[0]["seed"]), lineage.schedule(ancestry)
+        raise UserError(f"--replay {source}: the checkpoint {checkpoints[member]} records no ancestry")
+    return member, int(ancestry[0]["seed"]), lineage.schedule(ancestry)
 
 
 def run_replay(launch: Launch) -> dict:
-    """Retrain the winner's schedule on a fresh model (``--set model.scale=…`` for another width).
+    """Retrain the winner's (or ``--member``'s) schedule on a fresh model (``--set model.scale=…`` for another width).
 
     One trial whose trainable switches optimizer and rate at the schedule's steps, as the winner
     did, from the seed its lineage started with (weights, dropout and data order). (Ray's
@@ -121,7 +125,7 @@ def run_replay(launch: Launch) -> dict:
     source = launch.args.replay
     train = replace(launch.cfg.train, stop_at_target=False)
     launch.cfg = replace(launch.cfg, train=train)
-    winner, seed, schedule = replay_schedule(source)
+    winner, seed, schedule = replay_schedule(source, launch.args.member)
     space = {**trial_space(train, launch.cfg.model, threads=launch.cfg.resources.threads,
                            optimizer=schedule[0]["optimizer"], lr=schedule[0]["lr"], seed=seed),
              "schedule": [[c["step"], c["optimizer"], c["lr"]] for c in schedule]}
@@ -135,6 +139,7 @@ def run_replay(launch: Launch) -> dict:
 def main(argv: list[str] | None = None) -> int:
     def add_arguments(parser):
         parser.add_argument("--replay", metavar="RUN_DIR", help="retrain the winner of this PBT run on a fresh model")
+        parser.add_argument("--member", metavar="TRIAL_ID", help="with --replay: retrain this member instead of the winner")
 
     launch = Launch.parse("pbt", PBTExperiment, __doc__.splitlines()[0], argv, add_arguments, _source_config,
                           check_capacity)

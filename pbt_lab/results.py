@@ -162,11 +162,19 @@ def read_trials(run_dir: Path, history: pd.DataFrame, stopped_as: str | None = N
             TEST_ACC: last.get(TEST_ACC),
             "error": _last_error(trial_dir) if errored else None, "failures": failures,
             "iterations": len(h), "node_ip": last.get("node_ip"), "node_id": last.get("node_id"), "trial_dir": trial_dir.name,
+            "checkpoint": last_checkpoint(run_dir, trial_dir),
         })
     trials = pd.DataFrame(rows)
     return trials.astype({"steps_to_target": "Int64", "seconds_to_target": float, "final_val_acc": float,
                           "best_val_acc": float, "final_train_acc": float, TEST_ACC: float}).sort_values(
         ["optimizer", "lr", "seed"])
+
+
+def last_checkpoint(run_dir: Path, trial_dir: Path) -> str | None:
+    """A trial's newest checkpoint, relative to the run directory (a finished PBT member's: its state
+    at the end, ancestry included)."""
+    found = sorted(trial_dir.glob("checkpoint_*/trainer.json"))
+    return str(found[-1].parent.relative_to(run_dir)) if found else None
 
 
 def _trial_params(trial_dir: Path, ray_config: dict | None) -> dict:
@@ -282,15 +290,6 @@ def schedule_changes(rows: pd.DataFrame) -> list[dict]:
     return changes
 
 
-def final_checkpoint(run_dir: Path, trial_dir: str) -> tuple[str, dict] | None:
-    """A trial's last checkpoint (relative path) and its metadata: for a finished member, its
-    state at the end, ancestry included."""
-    found = sorted((run_dir / trial_dir).glob("checkpoint_*/trainer.json"))
-    if not found:
-        return None
-    return str(found[-1].parent.relative_to(run_dir)), json.loads(found[-1].read_text())
-
-
 def read_checkpoint_meta(run_dir: str | Path, checkpoint: str) -> dict:
     """The metadata (``trainer.json``) of a run's checkpoint, named by its path in the run directory."""
     if is_uri(run_dir):
@@ -316,10 +315,9 @@ def pbt_summary(run_dir: Path, config: dict, trials: pd.DataFrame, history: pd.D
         row = trials.set_index("trial_id").loc[winner_id]
         winner.update({"val_acc": _plain(row["final_val_acc"]), TEST_ACC: _plain(row[TEST_ACC]),
                        "status": row["status"], "steps": int(row["steps"])})
-        final = final_checkpoint(run_dir, row["trial_dir"])
-        if final:
-            winner.update(checkpoint=final[0], ancestry=final[1].get("ancestry", []),
-                          schedule=lineage.schedule(final[1].get("ancestry", [])))
+        if row["checkpoint"]:
+            ancestry = read_checkpoint_meta(run_dir, row["checkpoint"]).get("ancestry", [])
+            winner.update(checkpoint=row["checkpoint"], ancestry=ancestry, schedule=lineage.schedule(ancestry))
     exploits = lineage.exploit_rows(history)
     verdicts = lineage.audit(exploits, saves, decisions)
     table = lineage.lineage_table(exploits, verdicts, decisions, winner.get("ancestry"))

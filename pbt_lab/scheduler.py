@@ -31,10 +31,12 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pyarrow.fs import FileSelector
 from ray import tune
 from ray.train._internal.session import _FutureTrainingResult
 from ray.tune.experiment import Trial
@@ -149,7 +151,7 @@ class LabPBT(PopulationBasedTraining):
         self._reports = 0
         self._last_report: dict[str, int] = {}
         self._quantile_sizes: dict = {}
-        self._snapshot_paths: list[set[str]] = []  # checkpoints the last experiment snapshots name
+        self._snapshot_paths: list[tuple[float, set[str]]] = []  # checkpoints the last two snapshots name, and when
         self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
         self._run_dir: str | None = None
         self.decisions: list[dict] = []
@@ -173,12 +175,12 @@ class LabPBT(PopulationBasedTraining):
         decided = len(self.decisions)
         decision = super().on_trial_result(tune_controller, trial, result)
         if len(self.decisions) > decided:
-            self._prune(tune_controller.get_trials())
+            self.prune(tune_controller.get_trials())
         return decision
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
         super().on_trial_complete(tune_controller, trial, result)
-        self._prune(tune_controller.get_trials())
+        self.prune(tune_controller.get_trials())
 
     def choose_trial_to_run(self, tune_controller):
         waiting = [t for t in tune_controller.get_trials() if t.status in (Trial.PENDING, Trial.PAUSED)
@@ -233,11 +235,13 @@ class LabPBT(PopulationBasedTraining):
 
     # --- disk -------------------------------------------------------------------------------
 
-    def _prune(self, trials: list[Trial]) -> None:
+    def prune(self, trials: list[Trial]) -> None:
         """Delete every checkpoint nothing can restore any more. Kept: each member's latest (a
         paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
-        and what the last two experiment snapshots name (a resume restores from those)."""
-        needed = set().union(*self._snapshot_paths)
+        and what the experiment snapshot in storage names (a resume restores from it)."""
+        needed = self._snapshot_paths[-1][1] if self._snapshot_paths else set()
+        if len(self._snapshot_paths) == 2 and not self._synced_since(self._snapshot_paths[-1][0]):
+            needed = needed | self._snapshot_paths[0][1]  # storage may still hold the one before
         for trial in trials:
             latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
             if latest:
@@ -282,10 +286,21 @@ class LabPBT(PopulationBasedTraining):
 
     def snapshot_taken(self) -> None:
         """Ray is writing an experiment snapshot: a resume would restore each member from the
-        latest checkpoint it names, so those stay until two later snapshots have replaced it."""
-        self._snapshot_paths = [*self._snapshot_paths[-1:], {
+        latest checkpoint it names, so those stay until a later snapshot has reached storage."""
+        self._snapshot_paths = [*self._snapshot_paths[-1:], (time.time(), {
             r.checkpoint.path for t in self._trial_state
-            if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)}]
+            if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)})]
+
+    def _synced_since(self, when: float) -> bool:
+        """Whether storage holds an experiment snapshot written at or after ``when`` (Ray uploads
+        each snapshot in the background)."""
+        storage = next(iter(self._trial_state)).storage
+        try:
+            found = storage.storage_filesystem.get_file_info(FileSelector(storage.experiment_fs_path))
+        except OSError:
+            return False
+        return any(f.base_name.startswith("experiment_state-") and f.mtime and f.mtime.timestamp() >= when - 1
+                   for f in found)
 
     def load_state_dict(self, state: dict) -> None:
         self._rng.bit_generator.state = state["rng"]
@@ -333,6 +348,9 @@ class KeepPBTState(tune.Callback):
 
     def set_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state)
+
+    def on_trial_save(self, iteration, trials, trial, **info):
+        self.scheduler.prune(trials)  # the new checkpoint may replace one (Ray saves a state twice)
 
 
 class PopulationStop(tune.Stopper):

@@ -1,6 +1,10 @@
 """Shared fixtures: the bundled data once per session, the full MNIST file when it is beside the repo,
 one local Ray, and the quick grid and quick PBT runs (each run once per session, read by several modules)."""
 
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,14 +51,41 @@ def quick_grid(ray_session, tmp_path_factory):
     return storage / "quick"
 
 
-@pytest.fixture(scope="session")
-def quick_pbt(ray_session, tmp_path_factory):
-    """The quick PBT population, run once for the session's tests."""
-    from pbt_lab import pbt
+def run_pbt(storage: Path, name: str, *argv: str) -> subprocess.Popen:
+    """The quick PBT as a user runs it (``python -m pbt_lab.pbt``), with a local Ray of its own; its
+    console goes to ``<storage>/<name>.log`` (a pipe nobody reads would stall it)."""
+    storage.mkdir(parents=True, exist_ok=True)
+    with open(storage / f"{name}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "pbt_lab.pbt", "--config", str(CONFIGS / "pbt-quick.yaml"),
+                                 "--storage-path", str(storage), "--name", name, *argv],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+
+def finish(driver: subprocess.Popen, storage: Path, name: str) -> None:
+    """Wait for a run started by ``run_pbt``; it must succeed."""
+    driver.wait(timeout=900)
+    assert driver.returncode == 0, (storage / f"{name}.log").read_text()[-3000:]
+
+
+SERIAL = ("--set", "resources.max_concurrent=1")  # one member at a time: a seed gives one lineage
+
+
+def checkpoints_per_member(run: Path) -> int:
+    """The most checkpoints any member has on disk right now."""
+    return max((len(list(d.glob("checkpoint_*"))) for d in run.glob("LabTrainable_*")), default=0)
+
+
+@pytest.fixture(scope="session")
+def quick_pbt(tmp_path_factory):
+    """The quick PBT population, serial (so its lineage is a function of its seed), run once for the
+    session's tests; the most checkpoints a member held at any moment is kept beside it."""
     storage = tmp_path_factory.mktemp("runs")
-    assert pbt.main(["--config", str(CONFIGS / "pbt-quick.yaml"), "--storage-path", str(storage), "--name", "quick",
-                     "--set", "resources.gpu=0.5", "--set", "run.keep_checkpoints=null"]) == 0
+    driver, most = run_pbt(storage, "quick", *SERIAL), 0
+    while driver.poll() is None:
+        most = max(most, checkpoints_per_member(storage / "quick"))
+        time.sleep(0.1)
+    finish(driver, storage, "quick")
+    (storage / "observed.json").write_text(json.dumps({"most_checkpoints_per_member": most}))
     return storage / "quick"
 
 

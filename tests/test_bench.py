@@ -17,7 +17,7 @@ def test_tune_figures_from_the_quick_runs(quick_grid, quick_pbt):
     grid, pbt = _tables(quick_grid), _tables(quick_pbt)
     assert 0 < bench.tune_efficiency(grid, slots=2) <= 1
     assert 0 < bench.tune_efficiency(pbt, slots=2) <= 1
-    cost = bench.exploit_cost(pbt["history"], interval=2)
+    cost = bench.exploit_cost(pbt["history"], interval=1)
     assert cost["exploits"] >= 1 and cost["exploit_gap_seconds_median"] >= 0 and cost["train_seconds_per_interval"] > 0
     assert bench.trial_start(grid["history"]) >= 0
     versus = bench.pbt_vs_grid(grid, pbt)

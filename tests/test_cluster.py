@@ -175,10 +175,10 @@ def test_pbt_spreads_over_two_nodes_and_exploits_across_them(isolated_ray, tmp_p
     trials = pd.read_parquet(run / TRIALS)
     history = pd.read_parquet(run / HISTORY)
     lineage = pd.read_parquet(run / LINEAGE)
-    assert len(trials) == 6 and (trials["status"] != "error").all()
+    assert len(trials) == 5 and (trials["status"] != "error").all()
     assert set(history["node_id"]) == set(nodes) and len(nodes) == 2, "members trained on both nodes"
-    # Where each exploit's checkpoint was written (the donor's node when it reported that step;
-    # Ray does not log every result around a pause, so some are unknown) and where it was read.
+    # Where each exploit's checkpoint was written (the donor's node when it reported that step) and
+    # where it was read.
     def node(trial_id, column, value):
         rows = history[(history["trial_id"] == trial_id) & (history[column] == value)]
         return rows["node_id"].iloc[0] if len(rows) else None
@@ -187,8 +187,10 @@ def test_pbt_spreads_over_two_nodes_and_exploits_across_them(isolated_ray, tmp_p
              for _, e in lineage.iterrows()]
     assert any(written and written != read for written, read in moves), f"no exploit crossed nodes: {moves}"
     summary = json.loads((run / SUMMARY).read_text())
-    assert summary["run_dir"] == f"file://{run}" and summary["exploits"]["unmatched"] == []
-    assert lineage["lr_verified"].all()  # and the weights hash was checked by the recipient on restore
+    assert summary["run_dir"] == f"file://{run}"
+    e = summary["exploits"]  # every copy across nodes audited: decided, and the state the donor saved
+    assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"] >= 1
+    assert (lineage["verdict"] == "verified").all()
 
 
 @pytest.mark.slow
