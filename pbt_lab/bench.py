@@ -109,7 +109,7 @@ def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
     """Median worker gap before an exploited member's first check, against an interval's training."""
     h = worker_gaps(history)
     exploit = h["segment_from"].notna() & (h["segment_from"] != h["trial_id"])
-    per_interval = interval * h.loc[~exploit & h["segment_from"].isna(), "check_seconds"].median()
+    per_interval = interval * h.loc[~exploit, "check_seconds"].median()
     gaps = h.loc[exploit, "gap"]
     return {"exploit_cost_ratio": gaps.median() / per_interval, "exploit_gap_seconds_median": gaps.median(),
             "exploits": int(exploit.sum()), "exploits_on_a_fresh_worker": int(gaps.isna().sum()),

@@ -67,7 +67,8 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
     """One row per reported check of every trial, in the order reported.
 
     Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
-    restart) replace the ones they repeat, and so does an exploit carried out again (a resumed
+    restart: what followed the report of the restored state) replace the ones they repeat, and
+    so does an exploit carried out again (a resumed
     recipient restarting from the donor's checkpoint: same decision); an exploit starts a new
     segment from the donor's state and keeps the recipient's earlier rows. ``check_seconds``
     counts every row reported, repeats included: it is the compute really spent.
@@ -83,7 +84,11 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
             row = {**{k: r.get(k) for k in HISTORY_COLUMNS}, "iteration": r["training_iteration"],
                    "trial_seconds": r.get("time_total_s"), "trial_dir": trial_dir, **spent}
             if row[SEGMENT_FROM] == row["trial_id"] and row[SEGMENT_STEP] is not None:
-                kept = [k for k in kept if k["step"] <= row[SEGMENT_STEP]]  # a restart repeats these
+                # A restart from its own checkpoint repeats what came after the report of the state
+                # it restored (an exploit can move a trial's step back, so steps alone can mislead).
+                at = next((i for i in range(len(kept) - 1, -1, -1)
+                           if row[RESTORED_ID] and kept[i][STATE_ID] == row[RESTORED_ID]), None)
+                kept = kept[:at + 1] if at is not None else [k for k in kept if k["step"] <= row[SEGMENT_STEP]]
             elif row[EXPLOIT] is not None:
                 again = next((i for i, k in enumerate(kept) if k[EXPLOIT] == row[EXPLOIT]
                               and k[SEGMENT_FROM] not in (None, k["trial_id"])), None)

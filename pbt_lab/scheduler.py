@@ -198,7 +198,7 @@ class LabPBT(PopulationBasedTraining):
         pending = {t for t in scores if t.trial_id in self._pending}
         lower, upper = truncate(scores, diverged, self._quantile_fraction, self._rng, not_donors=pending)
         self._quantile_sizes = {"ranked": len(ranked_members(scores, diverged)), "lower": len(lower),
-                                "upper": len(upper), "diverged": len(diverged)}
+                                "upper": len(upper), "diverged_ranked": len(diverged)}
         return lower, upper
 
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
@@ -210,6 +210,7 @@ class LabPBT(PopulationBasedTraining):
         self._exploiting = None
         if trial in lower_quantile and upper_quantile:
             donor = upper_quantile[self._rng.integers(len(upper_quantile))]
+            self._checkpoint_of_ranked_state(donor)
             record.update(action="no checkpoint", donor=donor.trial_id,
                           donor_score=_plain(self._trial_state[donor].last_score * self._metric_op),
                           old={OPTIMIZER: trial.config[OPTIMIZER], LR: trial.config[LR]},
@@ -218,6 +219,16 @@ class LabPBT(PopulationBasedTraining):
             upper_quantile = [donor]  # Ray draws its donor from this list with the unseeded `random`
         self.decisions.append(record)
         super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+
+    def _checkpoint_of_ranked_state(self, donor: Trial) -> None:
+        """Ray copies only a donor that was in the top quantile at its own last decision (it saves
+        only those): one ranked in the middle then, and on top now, was skipped. Its latest
+        checkpoint holds the very state it was ranked on when the ids agree: copy that."""
+        state = self._trial_state[donor]
+        latest = donor.run_metadata.checkpoint_manager.latest_checkpoint_result
+        ranked = (state.last_result or {}).get(STATE_ID)
+        if state.last_checkpoint is None and latest and ranked and latest.metrics.get(STATE_ID) == ranked:
+            state.last_checkpoint = latest.checkpoint
 
     def _get_new_config(self, trial, trial_to_clone):
         donor = trial_to_clone.config

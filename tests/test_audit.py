@@ -179,3 +179,13 @@ def test_the_pbt_state_file_is_what_the_tables_read(tmp_path):
     (tmp_path / "pbt_state.json").write_text(json.dumps({"decisions": [{"decision": 0}]}))
     assert lineage.read_pbt_state(tmp_path)["decisions"] == [{"decision": 0}]
     assert lineage.read_pbt_state(tmp_path / "missing") == {}
+
+
+def test_a_resume_from_before_an_exploit_drops_the_exploit_it_will_redo_not_the_rows_before():
+    # The recipient was at step 200 (state s2) when it copied a donor's step-100 state; the driver
+    # died before Ray's snapshot recorded that, so the resume restarts it from its own s2.
+    runs = {"r": [report("r", 1, 100, state_id="s1"), report("r", 2, 200, state_id="s2"),
+                  report("r", 3, 150, segment_from="d", segment_step=100, restored_id="x", **{EXPLOIT: 4}),
+                  report("r", 3, 250, segment_from="r", segment_step=200, restored_id="s2")]}
+    history = read_history(runs)
+    assert list(history["step"]) == [100, 200, 250] and not len(lineage.exploit_rows(history))

@@ -46,7 +46,6 @@ def test_yaml_then_set_override_in_order(tmp_path):
         (PBTExperiment, "", ["pbt.quantile_fraction=0"], r"pbt.quantile_fraction must be in \(0, 0.5\]"),
         (PBTExperiment, "", ["pbt.perturbation_interval=0"], "pbt.perturbation_interval must be a positive integer"),
         (PBTExperiment, "", ["pbt.lr_ranges.adam=[1e-2, 1e-4]"], r"pbt.lr_ranges.adam must be \[low, high\]"),
-        (PBTExperiment, "", ["run.keep_checkpoints=2"], "run.keep_checkpoints must be ≥ 4"),
     ],
 )
 def test_bad_values_are_one_line(tmp_path, cls, text, sets, message):

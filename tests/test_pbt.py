@@ -165,7 +165,7 @@ def _saved_decisions(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_sigkilled_population_resumes_with_its_pbt_state(ray_session, tmp_path):
-    run, args = tmp_path / "cut", ("--set", "pbt.perturbation_interval=2", "--set", "train.max_steps=800")
+    run, args = tmp_path / "cut", ("--set", "pbt.perturbation_interval=2", "--set", "train.max_steps=1200")
     driver = run_pbt(tmp_path, "cut", *args)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None and not (
@@ -187,7 +187,7 @@ def test_a_sigkilled_population_resumes_with_its_pbt_state(ray_session, tmp_path
     # Its clocks went on too: a member restarts from its last decision, so it is ranked again only at
     # multiples of the interval (restarted clocks rank at the first report after the resume).
     assert all(d["iteration"] % 2 == 0 for d in after)
-    assert (trials["steps"] == 800).all() and len(trials) == 5
+    assert (trials["steps"] == 1200).all() and len(trials) == 5
     e = summary["exploits"]
     assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"] and e["exploits_mismatched"] == 0
     assert (pd.read_parquet(run / LINEAGE)["timestamp"] >= resumed_at - 1).any(), "PBT exploits after a resume"

@@ -158,3 +158,46 @@ def test_the_schedulers_state_round_trips_its_generator_and_decisions():
     second.load_state_dict(state)
     assert second.decisions == first.decisions and second._reports == first._reports
     assert np.array_equal(second._rng.random(5), first._rng.random(5))  # the stream goes on where it was
+
+
+def waiting_population(scheduler: LabPBT, train_times: dict, reported: dict):
+    """Trials waiting to run (paused), as a controller would list them, with PBT's per-trial state."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    class Waiting(SimpleNamespace):
+        __hash__ = object.__hash__
+
+    trials = [Waiting(trial_id=name, status=Trial.PAUSED) for name in train_times]
+    for t in trials:
+        scheduler._trial_state[t] = SimpleNamespace(last_train_time=train_times[t.trial_id])
+        scheduler._last_report[t.trial_id] = reported[t.trial_id]
+    return SimpleNamespace(get_trials=lambda: trials)
+
+
+def test_turns_go_to_the_least_trained_then_to_who_reported_longest_ago():
+    s = scheduler()
+    controller = waiting_population(s, {"a": 4, "b": 2, "c": 2}, {"a": 1, "b": 9, "c": 3})
+    assert s.choose_trial_to_run(controller).trial_id == "c"  # b and c tie on training: c waited longer
+
+
+def test_synchronous_turns_never_run_a_member_past_the_next_sync_point():
+    # Ray's rule, which the lab's turn-taking keeps: a member exploited while queued (its clock now
+    # its donor's, at the sync point) is not chosen again until everyone has reached the point.
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=2, synch=True)
+    s._next_perturbation_sync = 4
+    controller = waiting_population(s, {"exploited": 4, "behind": 2}, {"exploited": 1, "behind": 5})
+    assert s.choose_trial_to_run(controller).trial_id == "behind"
+    s._trial_state[controller.get_trials()[1]].last_train_time = 4
+    assert s.choose_trial_to_run(controller) is None  # both at the point: the decision comes first
+
+
+def test_keep_state_shares_the_scheduler_through_a_pickle_as_tuner_pkl_does():
+    import ray.cloudpickle as pickle
+
+    from pbt_lab.scheduler import KeepPBTState
+
+    s = scheduler()
+    scheduler_copy, keeper = pickle.loads(pickle.dumps((s, KeepPBTState(s))))
+    assert keeper.scheduler is scheduler_copy  # what set_state restores is the scheduler Tune runs
