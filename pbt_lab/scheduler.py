@@ -150,7 +150,8 @@ class LabPBT(PopulationBasedTraining):
         self._pending: set[str] = set()  # recipients that have not reported since their exploit
         self._reports = 0
         self._last_report: dict[str, int] = {}
-        self._quantile_sizes: dict = {}
+        self._quantile_sizes: dict = {}  # of the decision being made
+        self._exploiting: dict | None = None  # the record of the exploit being decided
         self._snapshot_paths: list[tuple[float, set[str]]] = []  # checkpoints the last two snapshots name, and when
         self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
         self._run_dir: str | None = None
@@ -250,7 +251,7 @@ class LabPBT(PopulationBasedTraining):
         """Delete every checkpoint nothing can restore any more. Kept: each member's latest (a
         paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
         and what the experiment snapshot in storage names (a resume restores from it)."""
-        needed = self._snapshot_paths[-1][1] if self._snapshot_paths else set()
+        needed = set(self._snapshot_paths[-1][1]) if self._snapshot_paths else set()
         if len(self._snapshot_paths) == 2 and not self._synced_since(self._snapshot_paths[-1][0]):
             needed = needed | self._snapshot_paths[0][1]  # storage may still hold the one before
         for trial in trials:
@@ -276,7 +277,7 @@ class LabPBT(PopulationBasedTraining):
             for result in [r for r in registered if r.checkpoint.path not in needed]:
                 try:
                     result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
-                except (OSError, FileNotFoundError):
+                except OSError:
                     pass  # already gone: forget it all the same
                 registered.remove(result)
 
