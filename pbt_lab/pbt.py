@@ -50,9 +50,13 @@ def initial_population(p: PBTConfig, seed: int) -> list[dict]:
     return members
 
 
-def check_capacity(launch: Launch) -> None:
-    """A population whose checkpoints the storage cannot hold is refused before anything runs."""
+def validate(launch: Launch) -> None:
+    """Before anything runs: a replay's member must have its ancestry, and a population's
+    checkpoints must fit the storage."""
+    if launch.args.member and not launch.args.replay:
+        raise UserError("--member names a member to replay: use it with --replay RUN_DIR")
     if launch.args.replay:
+        replay_schedule(launch.args.replay, launch.args.member)
         return
     p, model = launch.cfg.pbt, launch.cfg.model
     # Weights and up to two slots per weight (Adam, Adadelta), 4 bytes each.
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--member", metavar="TRIAL_ID", help="with --replay: retrain this member instead of the winner")
 
     launch = Launch.parse("pbt", PBTExperiment, __doc__.splitlines()[0], argv, add_arguments, _source_config,
-                          check_capacity)
+                          validate)
     tables = run_replay(launch) if launch.args.replay else run_population(launch)
     print(results.console_summary(tables, launch.run_dir))
     return results.exit_status(tables)

@@ -202,6 +202,7 @@ BAD_INPUTS = [
     (["--address", "256.1.1.1:6379"], "256.1.1.1 is not an IPv4 address"),
     (["--set", "pbt.population=100000"], r"pbt.population=100000: its checkpoints need about .* GB and .* free"),
     (["--set", "resources.cpu=64"], r"resources.cpu=64 but this machine has \d+ CPUs: one trial would never start"),
+    (["--member", "abc_00001"], "--member names a member to replay: use it with --replay"),
 ]
 
 
