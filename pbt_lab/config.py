@@ -168,6 +168,11 @@ class TuneRunConfig:
                  f"run.max_failures must be an integer ≥ -1 (-1: forever), got {self.max_failures!r}")
 
 
+def quantile_size(fraction: float, ranked: int) -> int:
+    """Members replaced (and donors) at a PBT decision ranking ``ranked``: max(1, floor(fraction × ranked))."""
+    return max(1, math.floor(fraction * ranked + 1e-9))  # 0.2 × 15 is 3.0000000000000004 in floats
+
+
 def study_learning_rates() -> list[float]:
     """The study's 48 rates: 10^(k/6) for k = -36…12, k ≠ 0 (1e-6 to 100, 1/6 decade apart)."""
     return [10 ** (k / 6) for k in range(-36, 13) if k != 0]
@@ -275,6 +280,7 @@ class PBTConfig:
         factors = _coerce(self.perturbation_factors, list[float], "pbt.perturbation_factors")
         _require(bool(factors) and all(f > 0 and f != 1 for f in factors),
                  f"pbt.perturbation_factors must be positive numbers other than 1, got {self.perturbation_factors!r}")
+        object.__setattr__(self, "perturbation_factors", factors)
         # A step reflected at a bound (× 1/f) must land inside: each range spans at least f².
         widest = max(max(factors), 1 / min(factors)) ** 2
         for name in self.optimizers:

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pbt_lab.config import quantile_size
 from pbt_lab.names import (
-    EXPLOIT, LR, OPTIMIZER, OPTIMIZER_STEPS, PBT_STATE_FILE, RESTORED_ID, RESTORED_LR, RESTORED_OPTIMIZER, RESTORED_OPTIMIZER_STEPS,
+    ANCESTRY, EXPLOIT, EXPLOITED, LR, OPTIMIZER, OPTIMIZER_STEPS, PBT_STATE_FILE, RESTORED_ID, RESTORED_LR, RESTORED_OPTIMIZER, RESTORED_OPTIMIZER_STEPS,
     RESTORED_SHA256, RESTORED_SLOTS_SHA256, SEGMENT_FROM, SEGMENT_STEP, SLOTS_SHA256, STATE_ID, STATE_SHA256,
     STEPS_TO_TARGET, VAL_ACC,
 )
@@ -31,7 +32,7 @@ VERDICTS = ("verified", "mismatched", "unverifiable")
 LINEAGE_COLUMNS = ["step", "recipient", "donor", "old_optimizer", "old_lr", "new_optimizer", "new_lr",
                    "recipient_score", "donor_score", "decision", "operation", "source", "matched", "verdict",
                    "problem", "restored_optimizer", "restored_optimizer_steps", "in_winner_ancestry",
-                   "timestamp", "recipient_iteration"]
+                   "timestamp", "reported_at", "recipient_iteration"]
 
 
 def read_pbt_state(run_dir: str | Path) -> dict:
@@ -50,7 +51,8 @@ def _same_lr(a, b) -> bool:
 
 
 def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) -> pd.DataFrame:
-    """One verdict per exploit (index of ``exploits``): ``matched`` (the scheduler decided it), and
+    """One verdict per exploit (index of ``exploits``): ``matched`` (the scheduler decided it: this
+    recipient, this donor's checkpoint, this new optimizer and rate), and
     ``verdict``: verified, mismatched (with the ``problem``) or unverifiable (the donor never
     reported the state it saved).
 
@@ -58,13 +60,13 @@ def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
     equals the donor's report of that state, the live rate is the new config's, and the optimizer's
     slots are the donor's (same optimizer: equal digest and step counter) or fresh (switched: 0 steps).
     """
-    decided = {d["decision"]: d for d in decisions if d.get("action") == "exploit"}
+    decided = {d["decision"]: d for d in decisions if d.get("action") == EXPLOITED}
     reported = saves.drop_duplicates(STATE_ID).set_index(STATE_ID) if len(saves) else pd.DataFrame()
     rows = []
     for index, e in exploits.iterrows():
         d = decided.get(int(e[EXPLOIT])) if pd.notna(e[EXPLOIT]) else None
-        matched = (d is not None and d["member"] == e["trial_id"] and d["new"][OPTIMIZER] == e[OPTIMIZER]
-                   and _same_lr(d["new"][LR], e[LR]))
+        matched = (d is not None and d["member"] == e["trial_id"] and d["donor"] == e[SEGMENT_FROM]
+                   and d["new"][OPTIMIZER] == e[OPTIMIZER] and _same_lr(d["new"][LR], e[LR]))
         saved = reported.loc[e[RESTORED_ID]] if e[RESTORED_ID] in reported.index else None
         problem = None
         if saved is None:
@@ -88,7 +90,7 @@ def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
 def audit_counts(verdicts: pd.DataFrame, decisions: list[dict], exploits: pd.DataFrame) -> dict:
     """What summary.json reports: the counts add up to ``exploits`` twice (matched + unmatched, and
     verified + mismatched + unverifiable)."""
-    decided = {d["decision"] for d in decisions if d.get("action") == "exploit"}
+    decided = {d["decision"] for d in decisions if d.get("action") == EXPLOITED}
     carried_out = set(exploits[EXPLOIT].dropna().astype(int))
     return {
         "exploits": len(verdicts),
@@ -105,8 +107,8 @@ def audit_counts(verdicts: pd.DataFrame, decisions: list[dict], exploits: pd.Dat
 def lineage_table(exploits: pd.DataFrame, verdicts: pd.DataFrame, decisions: list[dict],
                   winner_ancestry: list[dict] | None = None) -> pd.DataFrame:
     """One row per exploit (DESIGN §3's lineage.parquet), in the order they were carried out."""
-    decided = {d["decision"]: d for d in decisions if d.get("action") == "exploit"}
-    on_winner = {(s["trial"], s["step"]) for s in (winner_ancestry or [])[1:]}
+    decided = {d["decision"]: d for d in decisions if d.get("action") == EXPLOITED}
+    on_winner = {(s["trial"], s["step"]) for s in (winner_ancestry or [])[1:]}  # the segments a copy began
     rows = []
     for index, e in exploits.iterrows():
         d = decided.get(int(e[EXPLOIT])) if pd.notna(e[EXPLOIT]) else {}
@@ -121,10 +123,10 @@ def lineage_table(exploits: pd.DataFrame, verdicts: pd.DataFrame, decisions: lis
             "matched": bool(v["matched"]), "verdict": v["verdict"], "problem": v["problem"],
             "restored_optimizer": e[RESTORED_OPTIMIZER], "restored_optimizer_steps": e[RESTORED_OPTIMIZER_STEPS],
             "in_winner_ancestry": (e["trial_id"], int(e[SEGMENT_STEP])) in on_winner,
-            "timestamp": e["timestamp"], "recipient_iteration": e["iteration"],
+            "timestamp": e["timestamp"], "reported_at": e["reported_at"], "recipient_iteration": e["iteration"],
         })
     table = pd.DataFrame(rows, columns=LINEAGE_COLUMNS)
-    return table.astype({"decision": "Int64"}).sort_values(["timestamp", "recipient"]).reset_index(drop=True)
+    return table.astype({"decision": "Int64"}).sort_values(["reported_at", "recipient"]).reset_index(drop=True)
 
 
 def quantile_sizes(decisions: list[dict], fraction: float) -> list[dict]:
@@ -135,7 +137,7 @@ def quantile_sizes(decisions: list[dict], fraction: float) -> list[dict]:
         if d.get("lower") is None or d["lower"] == 0:
             continue  # fewer than two members ranked yet: nothing to replace
         row = rows.setdefault(d["ranked"], {"ranked": d["ranked"], "decisions": 0, "replaced": set(), "donors": set(),
-                                            "expected": max(1, math.floor(fraction * d["ranked"] + 1e-9))})
+                                            "expected": quantile_size(fraction, d["ranked"])})
         row["decisions"] += 1
         row["replaced"].add(d["lower"])
         row["donors"].add(d["upper"])

@@ -43,7 +43,15 @@ RESTORED_SLOTS_SHA256 = "restored_slots_sha256"
 RESTORED_OPTIMIZER_STEPS = "restored_optimizer_steps"
 RESTORED_OPTIMIZER = "restored_optimizer"  # the optimizer the checkpoint was saved with
 RESTORED_LR = "restored_lr"  # the live rate after the restore (must be the new config's)
-EXPLOIT = "exploit"  # the scheduler's decision number, carried in the recipient's config
+EXPLOIT = "exploit_decision"  # the scheduler's decision number, carried in the recipient's config
+ANCESTRY = "ancestry"  # a checkpoint's lineage: segments of step, optimizer, lr, seed, trial since step 0
+SAVED_BY = "trial_id"  # a checkpoint's metadata: the trial that saved it
+
+# --- what a PBT decision did (pbt_state.json) -------------------------------------------------
+EXPLOITED = "exploit"  # the member copies a donor
+SAVED = "save"  # a top member: PBT saves it for others to copy
+KEPT = "keep"  # neither
+NO_CHECKPOINT = "no checkpoint"  # it would copy, but the donor has no checkpoint of its ranked state
 
 # --- files the lab writes beside Ray's in a run directory ---------------------------------------
 PBT_STATE_FILE = "pbt_state.json"  # the scheduler's decisions and state, with every experiment snapshot

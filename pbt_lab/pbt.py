@@ -25,7 +25,7 @@ from ray.tune.search import BasicVariantGenerator
 from pbt_lab import UserError, lineage, results
 from pbt_lab.config import PBTConfig, PBTExperiment
 from pbt_lab.launch import Launch, free_bytes
-from pbt_lab.names import SCORE, STOPPED
+from pbt_lab.names import ANCESTRY, SCORE, STOPPED
 from pbt_lab.scheduler import ExplorePolicy, KeepPBTState, LabPBT, PopulationStop
 from pbt_lab.trainable import trial_space
 
@@ -88,7 +88,7 @@ def run_population(launch: Launch) -> dict:
                callbacks=[KeepPBTState(scheduler)], checkpoint_every=p.perturbation_interval,
                keep_all_checkpoints=True)  # the scheduler deletes what no exploit or resume can need
     return results.write_tables(launch.run_dir, kind="pbt", config=launch.config_dict(), data=launch.data.identity(),
-                                wall_seconds=launch.wall_seconds, stopped_as=STOPPED)
+                                wall_seconds=launch.wall_seconds, stopped_as=STOPPED if p.stop_at_target else None)
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def replay_schedule(source: str | Path, member: str | None = None) -> tuple[str,
     if member not in checkpoints.index or not checkpoints[member]:
         raise UserError(f"--member {member}: {source} has no such member with a checkpoint "
                         f"(members: {', '.join(sorted(checkpoints.index))})")
-    ancestry = results.read_checkpoint_meta(source, checkpoints[member]).get("ancestry")
+    ancestry = results.read_checkpoint_meta(source, checkpoints[member]).get(ANCESTRY)
     if not ancestry:
         raise UserError(f"--replay {source}: the checkpoint {checkpoints[member]} records no ancestry")
     return member, int(ancestry[0]["seed"]), lineage.schedule(ancestry)

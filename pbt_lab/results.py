@@ -26,7 +26,7 @@ import pandas as pd
 from pbt_lab import UserError, lineage
 from pbt_lab.lineage import plain as _plain
 from pbt_lab.names import (
-    DIVERGED_FLAG, ERROR, EXPLOIT, LR, OPTIMIZER, OPTIMIZER_STEPS, PBT_STATE_FILE, RESTORED_ID, RESTORED_LR,
+    ANCESTRY, DIVERGED_FLAG, ERROR, EXPLOIT, EXPLOITED, LR, OPTIMIZER, OPTIMIZER_STEPS, PBT_STATE_FILE, RESTORED_ID, RESTORED_LR,
     RESTORED_OPTIMIZER, RESTORED_OPTIMIZER_STEPS, RESTORED_SHA256, RESTORED_SLOTS_SHA256, SCORE, SEGMENT_FROM,
     SEGMENT_STEP, SLOTS_SHA256, STATE_ID, STATE_SHA256, STEP, TEST_ACC,
 )
@@ -90,8 +90,7 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
                            if row[RESTORED_ID] and kept[i][STATE_ID] == row[RESTORED_ID]), None)
                 kept = kept[:at + 1] if at is not None else [k for k in kept if k["step"] <= row[SEGMENT_STEP]]
             elif row[EXPLOIT] is not None:
-                again = next((i for i, k in enumerate(kept) if k[EXPLOIT] == row[EXPLOIT]
-                              and k[SEGMENT_FROM] not in (None, k["trial_id"])), None)
+                again = next((i for i, k in enumerate(kept) if k[EXPLOIT] == row[EXPLOIT]), None)
                 kept = kept if again is None else kept[:again]
             kept.append(row)
         frames.append(pd.DataFrame(kept))
@@ -321,7 +320,7 @@ def pbt_summary(run_dir: Path, config: dict, trials: pd.DataFrame, history: pd.D
         winner.update({"val_acc": _plain(row["final_val_acc"]), TEST_ACC: _plain(row[TEST_ACC]),
                        "status": row["status"], "steps": int(row["steps"])})
         if row["checkpoint"]:
-            ancestry = read_checkpoint_meta(run_dir, row["checkpoint"]).get("ancestry", [])
+            ancestry = read_checkpoint_meta(run_dir, row["checkpoint"]).get(ANCESTRY, [])
             winner.update(checkpoint=row["checkpoint"], ancestry=ancestry, schedule=lineage.schedule(ancestry))
     exploits = lineage.exploit_rows(history)
     verdicts = lineage.audit(exploits, saves, decisions)
@@ -338,7 +337,7 @@ def pbt_summary(run_dir: Path, config: dict, trials: pd.DataFrame, history: pd.D
     return {
         "winner": winner,
         "first_to_target": first,
-        "decisions": {"count": len(decisions), "exploits_decided": sum(d.get("action") == "exploit" for d in decisions),
+        "decisions": {"count": len(decisions), "exploits_decided": sum(d.get("action") == EXPLOITED for d in decisions),
                       "quantile_fraction": p["quantile_fraction"],
                       "quantile_sizes": lineage.quantile_sizes(decisions, p["quantile_fraction"])},
         "exploits": {**lineage.audit_counts(verdicts, decisions, exploits),
@@ -533,6 +532,7 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
     if not trial_dirs(run_dir):
         raise UserError(f"{run_dir} holds no Ray Tune trials")
     previous = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+    stopped_as = stopped_as or previous.get("stopped_as")  # a rebuild keeps what the run said
     ray_states = ray_trial_states(run_dir)  # Ray's experiment state, parsed once for both tables
     reports = read_reports(run_dir, ray_states)
     history = read_history(reports)
@@ -547,6 +547,7 @@ def write_tables(run_dir: str | Path, *, kind: str | None = None, config: dict |
         "config": config if config is not None else previous.get("config"),
         "versions": versions(),
         "data": data if data is not None else previous.get("data"),
+        "stopped_as": stopped_as,
         "best": best_trial(trials),
         "optimizers": per_optimizer(trials),
         "compute": compute_totals(trials, wall_seconds if wall_seconds is not None else

@@ -30,19 +30,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pyarrow.fs import FileSelector
 from ray import tune
 from ray.train._internal.session import _FutureTrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
-from pbt_lab.names import DIVERGED_FLAG, EXPLOIT, LR, OPTIMIZER, PBT_STATE_FILE, STATE_ID, STEPS_TO_TARGET
+from pbt_lab.config import quantile_size
+from pbt_lab.names import (
+    DIVERGED_FLAG, EXPLOIT, EXPLOITED, KEPT, LR, NO_CHECKPOINT, OPTIMIZER, PBT_STATE_FILE, SAVED, STATE_ID,
+    STEPS_TO_TARGET,
+)
 
 
 
@@ -88,7 +91,7 @@ def explore(optimizer: str, lr: float, policy: ExplorePolicy, rng: np.random.Gen
     if new == optimizer:
         base = min(max(lr, low), high)
     else:
-        place = _place(lr, *policy.lr_ranges[optimizer]) if optimizer in policy.lr_ranges else 0.5
+        place = _place(lr, *policy.lr_ranges[optimizer])
         base = math.exp(math.log(low) + place * (math.log(high) - math.log(low)))
     switch = f"switch {optimizer}->{new}, " if new != optimizer else ""
     if rng.random() < policy.resample_probability:
@@ -107,23 +110,23 @@ def ranked_members(scores: dict, diverged: set) -> list:
 
 
 def truncate(scores: dict, diverged: set, fraction: float, rng: np.random.Generator,
-             not_donors: set = frozenset()) -> tuple[list, list]:
+             name=str) -> tuple[list, list]:
     """(lower, upper): who is replaced and who may donate, from ``scores`` (member -> score, higher
-    better; ``None`` or NaN: not ranked yet).
+    better; ``None`` or NaN: not ranked).
 
     ``n = max(1, floor(fraction × ranked))``. Diverged members rank last and are all replaced, even
-    when there are more than ``n``; the top ``n`` healthy members donate (``not_donors`` never do).
-    Ties break in a random order drawn from ``rng``. Empty lists when fewer than two are ranked or
-    no healthy member is left to copy.
+    when there are more than ``n``; the top ``n`` healthy members donate. Ties break in an order
+    drawn from ``rng`` over the members sorted by ``name`` (not by how they happen to be listed).
+    Empty lists when fewer than two are ranked or no healthy member is left to copy.
     """
-    ranked = ranked_members(scores, diverged)
+    ranked = sorted(ranked_members(scores, diverged), key=name)
     if len(ranked) < 2:
         return [], []
-    n = max(1, math.floor(fraction * len(ranked) + 1e-9))
+    n = quantile_size(fraction, len(ranked))
     order = [ranked[i] for i in rng.permutation(len(ranked))]
     order.sort(key=lambda m: (m not in diverged, scores[m] if m not in diverged else 0.0))  # stable: ties stay shuffled
     lower = order[: max(n, sum(m in diverged for m in order))]
-    upper = [m for m in order if m not in diverged and m not in not_donors and m not in lower][-n:]
+    upper = [m for m in order if m not in diverged and m not in lower][-n:]
     return (lower, upper) if upper else ([], [])
 
 
@@ -152,7 +155,9 @@ class LabPBT(PopulationBasedTraining):
         self._last_report: dict[str, int] = {}
         self._quantile_sizes: dict = {}  # of the decision being made
         self._exploiting: dict | None = None  # the record of the exploit being decided
-        self._snapshot_paths: list[tuple[float, set[str]]] = []  # checkpoints the last two snapshots name, and when
+        # Checkpoints each experiment snapshot names, by number, until storage holds a later one.
+        self._snapshots: list[tuple[int, set[str]]] = []
+        self._snapshot_count = 0
         self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
         self._run_dir: str | None = None
         self.decisions: list[dict] = []
@@ -193,11 +198,11 @@ class LabPBT(PopulationBasedTraining):
     # --- decisions --------------------------------------------------------------------------
 
     def _quantiles(self):
-        scores = {t: s.last_score for t, s in self._trial_state.items() if not t.is_finished()}
+        # A recipient whose copy is pending is not ranked: its score is that of the state it discards.
+        scores = {t: s.last_score for t, s in self._trial_state.items()
+                  if not t.is_finished() and t.trial_id not in self._pending}
         diverged = {t for t in scores if t.trial_id in self._diverged}
-        # A recipient whose copy is pending still holds its old, low score: it is nobody's donor.
-        pending = {t for t in scores if t.trial_id in self._pending}
-        lower, upper = truncate(scores, diverged, self._quantile_fraction, self._rng, not_donors=pending)
+        lower, upper = truncate(scores, diverged, self._quantile_fraction, self._rng, name=lambda t: t.trial_id)
         self._quantile_sizes = {"ranked": len(ranked_members(scores, diverged)), "lower": len(lower),
                                 "upper": len(upper), "diverged_ranked": len(diverged)}
         return lower, upper
@@ -207,12 +212,12 @@ class LabPBT(PopulationBasedTraining):
         record = {"decision": len(self.decisions), "iteration": state.last_train_time, "member": trial.trial_id,
                   "score": _plain(state.last_score * self._metric_op) if state.last_score is not None else None,
                   "diverged": trial.trial_id in self._diverged, **self._quantile_sizes,
-                  "action": "save" if trial in upper_quantile else "keep"}
+                  "action": SAVED if trial in upper_quantile else KEPT}
         self._exploiting = None
         if trial in lower_quantile and upper_quantile:
             donor = upper_quantile[self._rng.integers(len(upper_quantile))]
             self._checkpoint_of_ranked_state(donor)
-            record.update(action="no checkpoint", donor=donor.trial_id,
+            record.update(action=NO_CHECKPOINT, donor=donor.trial_id,
                           donor_score=_plain(self._trial_state[donor].last_score * self._metric_op),
                           old={OPTIMIZER: trial.config[OPTIMIZER], LR: trial.config[LR]},
                           donor_config={OPTIMIZER: donor.config[OPTIMIZER], LR: donor.config[LR]})
@@ -235,7 +240,7 @@ class LabPBT(PopulationBasedTraining):
         donor = trial_to_clone.config
         new = explore(donor[OPTIMIZER], donor[LR], self._policy, self._rng)
         record = self._exploiting
-        record.update(action="exploit", new={OPTIMIZER: new[OPTIMIZER], LR: new[LR]}, operation=new["operation"],
+        record.update(action=EXPLOITED, new={OPTIMIZER: new[OPTIMIZER], LR: new[LR]}, operation=new["operation"],
                       donor_state_id=(self._trial_state[trial_to_clone].last_result or {}).get(STATE_ID))
         config = {**donor, OPTIMIZER: new[OPTIMIZER], LR: new[LR], EXPLOIT: record["decision"]}
         return config, {OPTIMIZER: new["operation"], LR: new["operation"]}
@@ -251,9 +256,9 @@ class LabPBT(PopulationBasedTraining):
         """Delete every checkpoint nothing can restore any more. Kept: each member's latest (a
         paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
         and what the experiment snapshot in storage names (a resume restores from it)."""
-        needed = set(self._snapshot_paths[-1][1]) if self._snapshot_paths else set()
-        if len(self._snapshot_paths) == 2 and not self._synced_since(self._snapshot_paths[-1][0]):
-            needed = needed | self._snapshot_paths[0][1]  # storage may still hold the one before
+        stored = self._stored_snapshot()
+        self._snapshots = [(k, paths) for k, paths in self._snapshots if stored is None or k >= stored]
+        needed = set().union(*(paths for _, paths in self._snapshots))
         for trial in trials:
             latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
             if latest:
@@ -292,29 +297,36 @@ class LabPBT(PopulationBasedTraining):
                 "last_train_time": s.last_train_time, "has_checkpoint": s.last_checkpoint is not None,
                 "diverged": trial.trial_id in self._diverged, "pending": trial.trial_id in self._pending,
                 "last_report": self._last_report.get(trial.trial_id, 0)}
-        return {"format": 1, "rng": self._rng.bit_generator.state, "reports": self._reports,
+        # "snapshot" first: prune() reads the stored file's first bytes only.
+        return {"snapshot": self._snapshot_count, "format": 1, "rng": self._rng.bit_generator.state,
+                "reports": self._reports,
                 "next_perturbation_sync": self._next_perturbation_sync, "members": members,
                 "decisions": self.decisions}
 
     def snapshot_taken(self) -> None:
-        """Ray is writing an experiment snapshot: a resume would restore each member from the
-        latest checkpoint it names, so those stay until a later snapshot has reached storage."""
-        self._snapshot_paths = [*self._snapshot_paths[-1:], (time.time(), {
+        """Ray is writing an experiment snapshot: a resume restores each member from the latest
+        checkpoint it names, so those stay until storage holds a later snapshot (Ray uploads in the
+        background, and skips an upload while the one before is still going)."""
+        self._snapshot_count += 1
+        self._snapshots.append((self._snapshot_count, {
             r.checkpoint.path for t in self._trial_state
-            if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)})]
+            if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)}))
 
-    def _synced_since(self, when: float) -> bool:
-        """Whether storage holds an experiment snapshot written at or after ``when`` (Ray uploads
-        each snapshot in the background)."""
+    def _stored_snapshot(self) -> int | None:
+        """The number of the snapshot storage holds, from its ``pbt_state.json`` (None: none yet)."""
+        if not self._trial_state:
+            return None
         storage = next(iter(self._trial_state)).storage
         try:
-            found = storage.storage_filesystem.get_file_info(FileSelector(storage.experiment_fs_path))
+            with storage.storage_filesystem.open_input_stream(f"{storage.experiment_fs_path}/{PBT_STATE_FILE}") as f:
+                head = f.read(64).decode()
         except OSError:
-            return False
-        return any(f.base_name.startswith("experiment_state-") and f.mtime and f.mtime.timestamp() >= when - 1
-                   for f in found)
+            return None
+        found = re.match(r'\{"snapshot": (\d+)', head)
+        return int(found[1]) if found else None
 
     def load_state_dict(self, state: dict) -> None:
+        self._snapshot_count = state["snapshot"]
         self._rng.bit_generator.state = state["rng"]
         self._reports = state["reports"]
         self._next_perturbation_sync = state["next_perturbation_sync"]
@@ -326,9 +338,11 @@ class LabPBT(PopulationBasedTraining):
         s.last_score = member["last_score"]
         s.last_perturbation_time, s.last_train_time = member["last_perturbation_time"], member["last_train_time"]
         latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
-        if member["has_checkpoint"] and latest:
-            # A donor's copy is its checkpoint at its last decision: its latest, as saved then.
-            s.last_checkpoint, s.last_result = latest.checkpoint, latest.metrics
+        if latest:
+            # It resumes from its latest checkpoint: the state of its last decision, reported then.
+            s.last_result = latest.metrics
+            if member["has_checkpoint"]:
+                s.last_checkpoint = latest.checkpoint
         if member["diverged"]:
             self._diverged.add(trial.trial_id)
         if member["pending"]:

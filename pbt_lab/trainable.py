@@ -32,7 +32,7 @@ from ray import tune
 
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
-    DIVERGED, DIVERGED_FLAG, EXPLOIT, LR, OPTIMIZER, OPTIMIZER_STEPS, RESTORED_ID, RESTORED_LR, RESTORED_OPTIMIZER,
+    ANCESTRY, SAVED_BY, DIVERGED, DIVERGED_FLAG, EXPLOIT, LR, OPTIMIZER, OPTIMIZER_STEPS, RESTORED_ID, RESTORED_LR, RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS, RESTORED_SHA256, RESTORED_SLOTS_SHA256, SCORE, SEED, SEGMENT_FROM, SEGMENT_STEP,
     SLOTS_SHA256, STATE_ID, STATE_SHA256, STEP, TEST_ACC,
 )
@@ -41,7 +41,6 @@ SEARCHED = (OPTIMIZER, LR, SEED)
 STATE_KEYS = (STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS)
 RESTORE_KEYS = (SEGMENT_FROM, SEGMENT_STEP, RESTORED_ID, RESTORED_SHA256, RESTORED_SLOTS_SHA256,
                 RESTORED_OPTIMIZER_STEPS, RESTORED_OPTIMIZER, RESTORED_LR, EXPLOIT)
-ANCESTRY = "ancestry"
 
 
 def trial_space(train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None,
@@ -148,8 +147,8 @@ class LabTrainable(tune.Trainable):
         self._ancestry.append(segment(t.step, t.optimizer_name, t.lr, t.data_seed, self.trial_id))
 
     def _rank_score(self, metric: str, row: dict) -> float:
-        """PBT's score, on every report: PBT may rank a member at any report (after a resume its clock
-        restarts off the validation rhythm), so the last validation carries forward until the next."""
+        """PBT's score, on every report (Ray requires it): the last validation carries forward until the
+        next; members validate at every perturbation, where they are ranked."""
         if row.get(metric) is not None:
             self._score = row[metric]
         elif self._score is None:
@@ -160,14 +159,14 @@ class LabTrainable(tune.Trainable):
         # The id the last report gave this state; a state no report described gets one of its own
         # (its exploits then count as unverifiable: the saver never reported its digests).
         state_id = self._live[STATE_ID] if self._live else uuid.uuid4().hex
-        self.trainer.save(checkpoint_dir, extra={"trial_id": self.trial_id, STATE_ID: state_id,
+        self.trainer.save(checkpoint_dir, extra={SAVED_BY: self.trial_id, STATE_ID: state_id,
                                                  ANCESTRY: self._ancestry})
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         t = self.trainer
         meta = t.restore(checkpoint_dir)
         state, slots = t.state_digests()
-        saver = meta.get("trial_id")
+        saver = meta.get(SAVED_BY)
         # Reported, not raised: the driver's audit compares these with what the saver reported.
         self._restore_report = {SEGMENT_FROM: saver, SEGMENT_STEP: meta[STEP], RESTORED_ID: meta.get(STATE_ID),
                           RESTORED_SHA256: state, RESTORED_SLOTS_SHA256: slots,

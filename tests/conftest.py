@@ -83,7 +83,7 @@ def quick_pbt(tmp_path_factory):
     driver, most = run_pbt(storage, "quick", *SERIAL), 0
     while driver.poll() is None:
         most = max(most, checkpoints_per_member(storage / "quick"))
-        time.sleep(0.1)
+        time.sleep(0.05)
     finish(driver, storage, "quick")
     (storage / "observed.json").write_text(json.dumps({"most_checkpoints_per_member": most}))
     return storage / "quick"

@@ -15,7 +15,7 @@ import pytest
 from conftest import SERIAL, finish, run_pbt
 
 from pbt_lab import lineage, pbt
-from pbt_lab.results import LINEAGE, member_schedule, read_checkpoint_meta, read_tables
+from pbt_lab.results import LINEAGE, member_schedule, read_checkpoint_meta, read_tables, write_tables
 
 LINEAGE_KEY = ["step", "recipient", "donor", "new_optimizer", "new_lr"]
 
@@ -45,7 +45,7 @@ def test_every_exploit_is_decided_matched_and_verified(quick_pbt):
 def test_each_decision_replaces_exactly_floor_of_20_percent(quick_pbt):
     _, _, summary = read_tables(quick_pbt)
     sizes = summary["decisions"]["quantile_sizes"]
-    assert sizes[-1]["ranked"] == 5 and sizes[-1]["decisions"] >= 10
+    assert sizes[-1]["ranked"] <= 5 and sum(row["decisions"] for row in sizes) >= 10
     for row in sizes:  # nobody diverged here: replaced and donors are exactly max(1, floor(0.2 × ranked))
         assert row["replaced"] == row["donors"] == [row["expected"]] == [max(1, int(0.2 * row["ranked"]))]
     state = json.loads((quick_pbt / "pbt_state.json").read_text())
@@ -96,7 +96,9 @@ def test_the_winner_is_chosen_on_validation_and_reported_on_test(quick_pbt):
 @pytest.mark.slow
 def test_checkpoints_stay_bounded_and_the_summary_counts_them(quick_pbt):
     observed = json.loads((quick_pbt.parent / "observed.json").read_text())
-    assert 1 <= observed["most_checkpoints_per_member"] <= 3
+    # by design at most: its latest, one being written, and what the snapshot in storage and a newer
+    # one still uploading name (PBT's copy is one of these); 3 on an idle machine
+    assert 1 <= observed["most_checkpoints_per_member"] <= 4
     _, _, summary = read_tables(quick_pbt)
     on_disk = [d for d in quick_pbt.glob("*/checkpoint_*")]
     assert summary["checkpoints"]["count"] == len(on_disk) <= 3 * 5
@@ -207,3 +209,18 @@ def test_synchronous_pbt_ranks_the_whole_population_at_every_sync_point(tmp_path
         assert {d["ranked"] for d in at} == {5} and sum(d["action"] == "exploit" for d in at) == 1
     _, _, summary = read_tables(tmp_path / "sync")
     assert summary["exploits"]["exploits"] == summary["exploits"]["exploits_verified"] == 3
+
+
+@pytest.mark.slow
+def test_a_population_stopped_at_the_target_says_so_and_its_first_member_there_wins(tmp_path):
+    finish(run_pbt(tmp_path, "stop", "--set", "pbt.stop_at_target=true", "--set", "train.target=0.9"), tmp_path, "stop")
+    trials, _, summary = read_tables(tmp_path / "stop")
+    winner = trials.set_index("trial_id").loc[summary["winner"]["trial_id"]]
+    assert summary["winner"]["trial_id"] == summary["first_to_target"]["trial_id"]
+    assert winner["status"] == "reached" and 0.8 < winner["test_acc"] <= 1  # it ended on its own: evaluated
+    others = trials[trials["trial_id"] != summary["winner"]["trial_id"]]
+    assert set(others["status"]) <= {"stopped", "reached"} and (others["status"] == "stopped").any()
+    # the configuration that ran: members stop at the target only with the population
+    assert summary["config"]["train"]["stop_at_target"] is True and summary["config"]["train"]["val_every"] == 1
+    rebuilt = write_tables(tmp_path / "stop", figures=False)["trials"]  # python -m pbt_lab.results RUN_DIR
+    assert rebuilt.set_index("trial_id")["status"].equals(trials.set_index("trial_id")["status"])
