@@ -110,12 +110,13 @@ def ranked_members(scores: dict, diverged: set) -> list:
 
 
 def truncate(scores: dict, diverged: set, fraction: float, rng: np.random.Generator,
-             name=str) -> tuple[list, list]:
+             not_donors: set = frozenset(), name=str) -> tuple[list, list]:
     """(lower, upper): who is replaced and who may donate, from ``scores`` (member -> score, higher
     better; ``None`` or NaN: not ranked).
 
     ``n = max(1, floor(fraction × ranked))``. Diverged members rank last and are all replaced, even
-    when there are more than ``n``; the top ``n`` healthy members donate. Ties break in an order
+    when there are more than ``n``; the top ``n`` healthy members donate (``not_donors`` are ranked
+    but never donate). Ties break in an order
     drawn from ``rng`` over the members sorted by ``name`` (not by how they happen to be listed).
     Empty lists when fewer than two are ranked or no healthy member is left to copy.
     """
@@ -126,7 +127,7 @@ def truncate(scores: dict, diverged: set, fraction: float, rng: np.random.Genera
     order = [ranked[i] for i in rng.permutation(len(ranked))]
     order.sort(key=lambda m: (m not in diverged, scores[m] if m not in diverged else 0.0))  # stable: ties stay shuffled
     lower = order[: max(n, sum(m in diverged for m in order))]
-    upper = [m for m in order if m not in diverged and m not in lower][-n:]
+    upper = [m for m in order if m not in diverged and m not in not_donors and m not in lower][-n:]
     return (lower, upper) if upper else ([], [])
 
 
@@ -198,11 +199,15 @@ class LabPBT(PopulationBasedTraining):
     # --- decisions --------------------------------------------------------------------------
 
     def _quantiles(self):
-        # A recipient whose copy is pending is not ranked: its score is that of the state it discards.
-        scores = {t: s.last_score for t, s in self._trial_state.items()
-                  if not t.is_finished() and t.trial_id not in self._pending}
+        scores = {t: s.last_score for t, s in self._trial_state.items() if not t.is_finished()}
         diverged = {t for t in scores if t.trial_id in self._diverged}
-        lower, upper = truncate(scores, diverged, self._quantile_fraction, self._rng, name=lambda t: t.trial_id)
+        # Every member ranks by the score it last reported. A recipient whose copy is pending still
+        # holds its old one (scoring it as its donor made each copy push the next member to the
+        # bottom: half of all decisions became exploits, not a fifth); it is nobody's donor until it
+        # has reported, as its checkpoint is still its donor's.
+        pending = {t for t in scores if t.trial_id in self._pending}
+        lower, upper = truncate(scores, diverged, self._quantile_fraction, self._rng, not_donors=pending,
+                                name=lambda t: t.trial_id)
         self._quantile_sizes = {"ranked": len(ranked_members(scores, diverged)), "lower": len(lower),
                                 "upper": len(upper), "diverged_ranked": len(diverged)}
         return lower, upper

@@ -50,6 +50,11 @@ def test_diverged_members_are_all_replaced_and_never_donate_whatever_their_score
     assert healthy == (["a"], ["e"])
 
 
+def test_members_that_may_not_donate_are_ranked_and_the_next_best_donates():
+    scores = {"a": 0.1, "b": 0.5, "c": 0.99}
+    assert truncate(scores, set(), 0.34, np.random.default_rng(0), not_donors={"c"}) == (["a"], ["b"])
+
+
 def test_nobody_left_to_copy_means_no_decision():
     assert truncate({"a": 0.9, "b": 0.8}, {"a", "b"}, 0.2, np.random.default_rng(0)) == ([], [])
 
@@ -171,8 +176,11 @@ def waiting_population(scheduler: LabPBT, train_times: dict, reported: dict):
     return SimpleNamespace(get_trials=lambda: trials)
 
 
-def test_a_recipient_whose_copy_is_pending_is_not_ranked():
+def test_a_recipient_whose_copy_is_pending_keeps_its_reported_score_and_donates_nothing():
     from types import SimpleNamespace
+    from unittest import mock
+
+    from ray.tune.schedulers import PopulationBasedTraining
 
     class Member(SimpleNamespace):
         __hash__ = object.__hash__
@@ -182,12 +190,13 @@ def test_a_recipient_whose_copy_is_pending_is_not_ranked():
 
     s = scheduler()
     members = {name: Member(trial_id=name) for name in "abcde"}
-    for name, score in zip("abcde", (0.1, 0.5, 0.6, 0.7, 0.9)):
+    for name, score in zip("abcde", (0.1, 0.5, 0.6, 0.95, 0.97)):
         s._trial_state[members[name]] = SimpleNamespace(last_score=score)
-    s._pending.add("a")  # it copied a donor and has not reported since: 0.1 describes what it discards
+    with mock.patch.object(PopulationBasedTraining, "_exploit"):  # Ray's part: pause, new config, checkpoint
+        s._exploit(None, members["e"], members["d"])  # "e" copies "d" (a hand-made case: e reported best)
     lower, upper = s._quantiles()
-    assert [m.trial_id for m in lower] == ["b"] and [m.trial_id for m in upper] == ["e"]
-    assert s._quantile_sizes["ranked"] == 4
+    assert [m.trial_id for m in lower] == ["a"] and s._trial_state[members["e"]].last_score == 0.97
+    assert [m.trial_id for m in upper] == ["d"]  # e ranks by what it reported, but holds d's checkpoint
 
 
 def test_turns_go_to_the_least_trained_then_to_who_reported_longest_ago():
