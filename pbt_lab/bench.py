@@ -34,11 +34,13 @@ import numpy as np
 import pandas as pd
 
 from pbt_lab import UserError, results
-from pbt_lab.config import ModelConfig, OneLineParser, TrainConfig
-from pbt_lab.data import Mnist, load_mnist
-from pbt_lab.model import build_cnn
-from pbt_lab.optimizers import make_optimizer
-from pbt_lab.train import Trainer, configure_tensorflow
+from pbt_lab.cli import OneLineParser
+from pbt_lab.config import ModelConfig, TrainConfig
+from pbt_lab.names import LR, OPTIMIZER, REACHED, SEED, STATUS, STEPS_TO_TARGET, TRAIN_SECONDS, VAL_ACC
+from pbt_lab.training.data import Mnist, load_mnist
+from pbt_lab.training.model import build_cnn
+from pbt_lab.training.optimizers import make_optimizer
+from pbt_lab.training.trainer import Trainer, configure_tensorflow
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,11 @@ def trainer_vs_fit(data: Mnist, scale: float, steps: int, rounds: int) -> Throug
     steps = min(steps, len(data.y_train) // batch)
     trainer = Trainer(data, TrainConfig(optimizer="adam", steps_per_check=steps), ModelConfig(scale=scale))
     model = build_cnn(scale)
-    model.compile(make_optimizer("adam", TrainConfig.lr),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        make_optimizer("adam", TrainConfig.lr),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     # What a Keras user feeds fit: float images in [0, 1] with a channel axis.
     x = (data.x_train[: steps * batch].astype(np.float32) / 255.0)[..., None]
     y = data.y_train[: steps * batch].astype(np.int32)
@@ -85,7 +90,16 @@ def trainer_vs_fit(data: Mnist, scale: float, steps: int, rounds: int) -> Throug
 
 def tune_run(module, config: Path, storage: Path, name: str, *sets: str) -> dict:
     """Run an experiment module's ``main`` on the local Ray and return its tables."""
-    argv = ["--config", str(config), "--storage-path", str(storage), "--name", name, "--set", "resources.gpu=0"]
+    argv = [
+        "--config",
+        str(config),
+        "--storage-path",
+        str(storage),
+        "--name",
+        name,
+        "--set",
+        "resources.gpu=0",
+    ]
     if module.main([*argv, *(a for s in sets for a in ("--set", s))]) != 0:
         raise RuntimeError(f"the {name} run had failed trials: see {storage / name}")
     return dict(zip(("trials", "history", "summary"), results.read_tables(storage / name)))
@@ -94,7 +108,7 @@ def tune_run(module, config: Path, storage: Path, name: str, *sets: str) -> dict
 def tune_efficiency(tables: dict, slots: int) -> float:
     """Σ training seconds ÷ (wall seconds × slots): 1.0 is every slot training all the time."""
     compute = tables["summary"]["compute"]
-    return compute["train_seconds"] / (compute["wall_seconds"] * slots)
+    return compute[TRAIN_SECONDS] / (compute["wall_seconds"] * slots)
 
 
 def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
@@ -111,9 +125,13 @@ def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
     exploit = h["segment_from"].notna() & (h["segment_from"] != h["trial_id"])
     per_interval = interval * h.loc[~exploit, "check_seconds"].median()
     gaps = h.loc[exploit, "gap"]
-    return {"exploit_cost_ratio": gaps.median() / per_interval, "exploit_gap_seconds_median": gaps.median(),
-            "exploits": int(exploit.sum()), "exploits_on_a_fresh_worker": int(gaps.isna().sum()),
-            "train_seconds_per_interval": per_interval}
+    return {
+        "exploit_cost_ratio": gaps.median() / per_interval,
+        "exploit_gap_seconds_median": gaps.median(),
+        "exploits": int(exploit.sum()),
+        "exploits_on_a_fresh_worker": int(gaps.isna().sum()),
+        "train_seconds_per_interval": per_interval,
+    }
 
 
 def trial_start(history: pd.DataFrame) -> float:
@@ -124,66 +142,100 @@ def trial_start(history: pd.DataFrame) -> float:
 
 def divergence_savings(with_stop: dict, without_stop: dict) -> dict:
     """What the divergence stop saved, and whether the trials that reached the target were untouched."""
-    keys = ["optimizer", "lr", "seed"]
-    reached = with_stop["trials"][with_stop["trials"]["status"] == "reached"].merge(
-        without_stop["trials"], on=keys, suffixes=("", "_without"))
-    return {"divergence_savings": 1 - with_stop["summary"]["compute"]["trial_seconds"]
-            / without_stop["summary"]["compute"]["trial_seconds"],
-            "diverged_trials": with_stop["summary"]["compute"]["diverged_trials"],
-            "reached_identical": bool(len(reached) and (reached["steps_to_target"] == reached["steps_to_target_without"]).all())}
+    keys = [OPTIMIZER, LR, SEED]
+    reached = with_stop["trials"][with_stop["trials"][STATUS] == REACHED].merge(
+        without_stop["trials"], on=keys, suffixes=("", "_without")
+    )
+    return {
+        "divergence_savings": 1
+        - with_stop["summary"]["compute"]["trial_seconds"]
+        / without_stop["summary"]["compute"]["trial_seconds"],
+        "diverged_trials": with_stop["summary"]["compute"]["diverged_trials"],
+        "reached_identical": bool(
+            len(reached) and (reached[STEPS_TO_TARGET] == reached["steps_to_target_without"]).all()
+        ),
+    }
 
 
 def pbt_vs_grid(grid_tables: dict, pbt_tables: dict, tolerance: float = 0.002) -> dict:
     """PBT's compute to come within ``tolerance`` of the grid's best validation accuracy, ÷ the grid's."""
     best = float(grid_tables["trials"]["best_val_acc"].max())
     curve = results.compute_curve(pbt_tables["history"])
-    reached = results.compute_until(curve, curve["val_acc"] >= best - tolerance)
-    grid_seconds = grid_tables["summary"]["compute"]["train_seconds"]
-    return {"pbt_vs_grid_compute": reached["train_seconds"] / grid_seconds if reached else None,
-            "grid_best_val_acc": best, "pbt_best_val_acc": float(pbt_tables["trials"]["best_val_acc"].max()),
-            "pbt_train_seconds_to_grid_best": reached["train_seconds"] if reached else None,
-            "grid_train_seconds": grid_seconds}
+    reached = results.compute_until(curve, curve[VAL_ACC] >= best - tolerance)
+    grid_seconds = grid_tables["summary"]["compute"][TRAIN_SECONDS]
+    return {
+        "pbt_vs_grid_compute": reached[TRAIN_SECONDS] / grid_seconds if reached else None,
+        "grid_best_val_acc": best,
+        "pbt_best_val_acc": float(pbt_tables["trials"]["best_val_acc"].max()),
+        "pbt_train_seconds_to_grid_best": reached[TRAIN_SECONDS] if reached else None,
+        "grid_train_seconds": grid_seconds,
+    }
 
 
 def tune_figures(quick: bool, storage: Path, cpus: int) -> dict:
     import ray
 
-    from pbt_lab import grid, pbt
+    from pbt_lab.experiments import grid, pbt
 
     configs = Path(__file__).resolve().parents[1] / "configs"
-    grid_config, pbt_config = (configs / "grid-quick.yaml", configs / "pbt-quick.yaml") if quick else \
-        (configs / "grid.yaml", configs / "pbt.yaml")
+    grid_config, pbt_config = (
+        (configs / "grid-quick.yaml", configs / "pbt-quick.yaml")
+        if quick
+        else (configs / "grid.yaml", configs / "pbt.yaml")
+    )
     ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="ERROR")
     try:
         grid_tables = tune_run(grid, grid_config, storage, "grid")
-        no_stop = tune_run(grid, grid_config, storage, "grid-no-divergence-stop", "train.stop_on_divergence=false")
+        no_stop = tune_run(
+            grid, grid_config, storage, "grid-no-divergence-stop", "train.stop_on_divergence=false"
+        )
         pbt_tables = tune_run(pbt, pbt_config, storage, "pbt")
     finally:
         ray.shutdown()
     interval = pbt_tables["summary"]["config"]["pbt"]["perturbation_interval"]
-    slots = {name: min(cpus // int(t["summary"]["config"]["resources"]["cpu"]),
-                       t["summary"]["config"]["resources"]["max_concurrent"] or cpus)
-             for name, t in (("grid", grid_tables), ("pbt", pbt_tables))}
-    return {"tune_efficiency_grid": tune_efficiency(grid_tables, slots["grid"]),
-            "tune_efficiency_pbt": tune_efficiency(pbt_tables, slots["pbt"]),
-            **exploit_cost(pbt_tables["history"], interval),
-            **divergence_savings(grid_tables, no_stop),
-            **pbt_vs_grid(grid_tables, pbt_tables),
-            "trial_start_seconds_median_grid": trial_start(grid_tables["history"]),
-            "slots": slots["grid"], "runs": str(storage)}
+    slots = {
+        name: min(
+            cpus // int(t["summary"]["config"]["resources"]["cpu"]),
+            t["summary"]["config"]["resources"]["max_concurrent"] or cpus,
+        )
+        for name, t in (("grid", grid_tables), ("pbt", pbt_tables))
+    }
+    return {
+        "tune_efficiency_grid": tune_efficiency(grid_tables, slots["grid"]),
+        "tune_efficiency_pbt": tune_efficiency(pbt_tables, slots["pbt"]),
+        **exploit_cost(pbt_tables["history"], interval),
+        **divergence_savings(grid_tables, no_stop),
+        **pbt_vs_grid(grid_tables, pbt_tables),
+        "trial_start_seconds_median_grid": trial_start(grid_tables["history"]),
+        "slots": slots["grid"],
+        "runs": str(storage),
+    }
 
 
-GOALS = {"trainer_vs_fit_small": (">=", 1.5), "trainer_vs_fit_full": (">=", 1.0),
-         "tune_efficiency_grid": (">=", 0.85), "tune_efficiency_pbt": (">=", 0.85),
-         "exploit_cost_ratio": ("<=", 0.05), "divergence_savings": (">=", 0.30),
-         "pbt_vs_grid_compute": ("<=", 0.10)}
+GOALS = {
+    "trainer_vs_fit_small": (">=", 1.5),
+    "trainer_vs_fit_full": (">=", 1.0),
+    "tune_efficiency_grid": (">=", 0.85),
+    "tune_efficiency_pbt": (">=", 0.85),
+    "exploit_cost_ratio": ("<=", 0.05),
+    "divergence_savings": (">=", 0.30),
+    "pbt_vs_grid_compute": ("<=", 0.10),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m pbt_lab.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bundled data, quick configs, fewer rounds (~10 min on 2 cores)")
-    parser.add_argument("--data", default=None, help="mnist.npz path or 'bundled' for Trainer/fit (default: bundled with --quick)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per Trainer/fit comparison")
+    parser.add_argument(
+        "--quick", action="store_true", help="bundled data, quick configs, fewer rounds (~10 min on 2 cores)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="mnist.npz path or 'bundled' for Trainer/fit (default: bundled with --quick)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="alternating rounds per Trainer/fit comparison"
+    )
     parser.add_argument("--only", choices=("trainer", "tune"), help="run one half of the benchmark")
     parser.add_argument("--storage-path", help="where the Tune runs go (default: a new temporary directory)")
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
@@ -199,10 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         configure_tensorflow()
         for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if args.quick else 100)):
             t = trainer_vs_fit(data, scale, steps, rounds)
-            figures |= {f"trainer_vs_fit_{key}": t.ratio,
-                        f"trainer_img_per_s_{key}": t.trainer, f"fit_img_per_s_{key}": t.fit}
-            print(f"scale {scale:g}: Trainer {t.trainer:,.0f} img/s, Keras fit {t.fit:,.0f} img/s, ratio {t.ratio:.2f}",
-                  flush=True)
+            figures |= {
+                f"trainer_vs_fit_{key}": t.ratio,
+                f"trainer_img_per_s_{key}": t.trainer,
+                f"fit_img_per_s_{key}": t.fit,
+            }
+            print(
+                f"scale {scale:g}: Trainer {t.trainer:,.0f} img/s, Keras fit {t.fit:,.0f} img/s, "
+                f"ratio {t.ratio:.2f}",
+                flush=True,
+            )
     if args.only != "trainer":
         storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
         figures |= tune_figures(args.quick, storage, cpus=os.cpu_count() or 1)

@@ -54,4 +54,7 @@ KEPT = "keep"  # neither
 NO_CHECKPOINT = "no checkpoint"  # it would copy, but the donor has no checkpoint of its ranked state
 
 # --- files the lab writes beside Ray's in a run directory ---------------------------------------
+TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet"
+SUMMARY, FIGURES = "summary.json", "figures"
 PBT_STATE_FILE = "pbt_state.json"  # the scheduler's decisions and state, with every experiment snapshot
+CHECKPOINT_META = "trainer.json"  # a checkpoint's metadata (the arrays beside it: trainer.npz)

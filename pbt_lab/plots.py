@@ -1,7 +1,7 @@
 """The study's pictures, drawn from the tidy tables only (never from Ray, never by training).
 
-    from pbt_lab.plots import grid_figures
-    grid_figures(trials, run_dir / "figures")
+from pbt_lab.plots import grid_figures
+grid_figures(trials, run_dir / "figures")
 """
 
 from __future__ import annotations
@@ -11,25 +11,41 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files, not windows: runs headless on clusters and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from pbt_lab.config import OPTIMIZER_NAMES  # noqa: E402
+from pbt_lab.config import OPTIMIZER_NAMES
+from pbt_lab.names import (
+    DIVERGED,
+    LR,
+    OPTIMIZER,
+    REACHED,
+    SECONDS_TO_TARGET,
+    STATUS,
+    STEP,
+    STEPS_TO_TARGET,
+    TRAIN_SECONDS,
+    VAL_ACC,
+)
 
 COLOURS = dict(zip(OPTIMIZER_NAMES, plt.get_cmap("tab10").colors))
 
 
 def _cap(trials: pd.DataFrame, column: str) -> float:
     """Where failures are drawn: the most any trial spent (the budget, when one ran out)."""
-    return float(trials["train_seconds" if column == "seconds_to_target" else "steps"].max())
+    return float(trials[TRAIN_SECONDS if column == SECONDS_TO_TARGET else "steps"].max())
 
 
 def _valley_points(trials: pd.DataFrame, column: str, cap: float) -> pd.DataFrame:
     """Median (over seeds) of ``column`` per optimizer and rate, failures counted at the cap."""
-    t = trials.assign(value=trials[column].astype(float).where(trials["status"] == "reached", cap),
-                      failed=trials["status"] != "reached", diverged=trials["status"] == "diverged")
-    return t.groupby(["optimizer", "lr"], as_index=False).agg(
-        value=("value", "median"), failed=("failed", "all"), diverged=("diverged", "all"))
+    t = trials.assign(
+        value=trials[column].astype(float).where(trials[STATUS] == REACHED, cap),
+        failed=trials[STATUS] != REACHED,
+        diverged=trials[STATUS] == DIVERGED,
+    )
+    return t.groupby([OPTIMIZER, LR], as_index=False).agg(
+        value=("value", "median"), failed=("failed", "all"), diverged=(DIVERGED, "all")
+    )
 
 
 def plot_valley(trials: pd.DataFrame, column: str, cap: float, label: str, path: Path) -> Path:
@@ -37,46 +53,57 @@ def plot_valley(trials: pd.DataFrame, column: str, cap: float, label: str, path:
     failures sit on the cap (hollow: capped, ×: diverged)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     points = _valley_points(trials, column, cap)
-    for name, p in points.groupby("optimizer"):
+    for name, p in points.groupby(OPTIMIZER):
         colour = COLOURS.get(name)
-        ax.plot(p["lr"], p["value"], "-", color=colour, alpha=0.6, label=name)
-        ok, capped, diverged = p[~p["failed"]], p[p["failed"] & ~p["diverged"]], p[p["diverged"]]
-        ax.plot(ok["lr"], ok["value"], "o", color=colour, ms=5)
-        ax.plot(capped["lr"], capped["value"], "o", mfc="none", color=colour, ms=5)
-        ax.plot(diverged["lr"], diverged["value"], "x", color=colour, ms=6)
+        ax.plot(p[LR], p["value"], "-", color=colour, alpha=0.6, label=name)
+        ok, capped, diverged = p[~p["failed"]], p[p["failed"] & ~p[DIVERGED]], p[p[DIVERGED]]
+        ax.plot(ok[LR], ok["value"], "o", color=colour, ms=5)
+        ax.plot(capped[LR], capped["value"], "o", mfc="none", color=colour, ms=5)
+        ax.plot(diverged[LR], diverged["value"], "x", color=colour, ms=6)
     ax.axhline(cap, color="grey", lw=0.8, ls=":")
-    ax.text(points["lr"].min(), cap, " cap: failed (○ capped, × diverged)", va="bottom", fontsize=8, color="grey")
-    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel=label, title=f"{label} vs learning rate")
+    ax.text(
+        points[LR].min(), cap, " cap: failed (○ capped, × diverged)", va="bottom", fontsize=8, color="grey"
+    )
+    ax.set(
+        xscale="log", yscale="log", xlabel="learning rate", ylabel=label, title=f"{label} vs learning rate"
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 def plot_fastest_slowest(trials: pd.DataFrame, cap: float, path: Path) -> Path:
     """Per learning rate, the fastest and the slowest optimizer to the target (failures at the cap)."""
-    points = _valley_points(trials, "seconds_to_target", cap)
+    points = _valley_points(trials, SECONDS_TO_TARGET, cap)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for lr, p in points.groupby("lr"):
+    for lr, p in points.groupby(LR):
         for row, marker in ((p.loc[p["value"].idxmin()], "v"), (p.loc[p["value"].idxmax()], "^")):
-            ax.plot(lr, row["value"], marker, color=COLOURS.get(row["optimizer"]), ms=7)
-    best = points.groupby("lr")["value"].min()
-    worst = points.groupby("lr")["value"].max()
+            ax.plot(lr, row["value"], marker, color=COLOURS.get(row[OPTIMIZER]), ms=7)
+    best = points.groupby(LR)["value"].min()
+    worst = points.groupby(LR)["value"].max()
     ax.fill_between(best.index, best.values, worst.values, color="grey", alpha=0.15)
-    for name in sorted(points["optimizer"].unique()):
+    for name in sorted(points[OPTIMIZER].unique()):
         ax.plot([], [], "s", color=COLOURS.get(name), label=name)
     ax.plot([], [], "kv", label="fastest"), ax.plot([], [], "k^", label="slowest")
-    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="seconds to target (cap: failed)",
-           title="Fastest and slowest optimizer per learning rate")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="learning rate",
+        ylabel="seconds to target (cap: failed)",
+        title="Fastest and slowest optimizer per learning rate",
+    )
     ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
 
 
 def grid_figures(trials: pd.DataFrame, out_dir: Path) -> list[Path]:
     """The valley in seconds and in steps, and fastest/slowest per rate (any run's trials)."""
-    seconds_cap, steps_cap = _cap(trials, "seconds_to_target"), _cap(trials, "steps_to_target")
+    seconds_cap, steps_cap = _cap(trials, SECONDS_TO_TARGET), _cap(trials, STEPS_TO_TARGET)
     out_dir = Path(out_dir)
     return [
-        plot_valley(trials, "seconds_to_target", seconds_cap, "seconds to target", out_dir / "valley_seconds.png"),
-        plot_valley(trials, "steps_to_target", steps_cap, "steps to target", out_dir / "valley_steps.png"),
+        plot_valley(
+            trials, SECONDS_TO_TARGET, seconds_cap, "seconds to target", out_dir / "valley_seconds.png"
+        ),
+        plot_valley(trials, STEPS_TO_TARGET, steps_cap, "steps to target", out_dir / "valley_steps.png"),
         plot_fastest_slowest(trials, seconds_cap, out_dir / "fastest_slowest.png"),
     ]
 
@@ -105,13 +132,24 @@ def plot_population(history: pd.DataFrame, lineage: pd.DataFrame | None, metric:
     rows = history.dropna(subset=[metric])
     for _, h in rows.groupby("trial_id"):
         for seg in _segments(h):
-            for name, part in seg.groupby((seg["optimizer"] != seg["optimizer"].shift()).cumsum()):
-                ax.plot(part["step"], part[metric], "-", color=COLOURS.get(part["optimizer"].iloc[0]), lw=1, alpha=0.8)
+            for _, part in seg.groupby((seg[OPTIMIZER] != seg[OPTIMIZER].shift()).cumsum()):
+                ax.plot(
+                    part[STEP],
+                    part[metric],
+                    "-",
+                    color=COLOURS.get(part[OPTIMIZER].iloc[0]),
+                    lw=1,
+                    alpha=0.8,
+                )
     if lineage is not None and len(lineage):
-        ax.plot(lineage["step"], lineage["donor_score"], "k*", ms=7, label="exploit (copied at)")
-    for name in sorted(rows["optimizer"].unique()):
+        ax.plot(lineage[STEP], lineage["donor_score"], "k*", ms=7, label="exploit (copied at)")
+    for name in sorted(rows[OPTIMIZER].unique()):
         ax.plot([], [], "-", color=COLOURS.get(name), label=name)
-    ax.set(xlabel="training step", ylabel=metric.replace("_", " "), title=f"Population: {metric.replace('_', ' ')} over steps")
+    ax.set(
+        xlabel="training step",
+        ylabel=metric.replace("_", " "),
+        title=f"Population: {metric.replace('_', ' ')} over steps",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -121,10 +159,22 @@ def plot_lr_schedules(history: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5))
     for _, h in history.groupby("trial_id"):
         for seg in _segments(h):
-            ax.step(seg["step"], seg["lr"], where="pre", color=COLOURS.get(seg["optimizer"].iloc[-1]), lw=1, alpha=0.8)
-    for name in sorted(history["optimizer"].unique()):
+            ax.step(
+                seg[STEP],
+                seg[LR],
+                where="pre",
+                color=COLOURS.get(seg[OPTIMIZER].iloc[-1]),
+                lw=1,
+                alpha=0.8,
+            )
+    for name in sorted(history[OPTIMIZER].unique()):
         ax.plot([], [], "-", color=COLOURS.get(name), label=name)
-    ax.set(yscale="log", xlabel="training step", ylabel="learning rate", title="Learning-rate schedules of all members")
+    ax.set(
+        yscale="log",
+        xlabel="training step",
+        ylabel="learning rate",
+        title="Learning-rate schedules of all members",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -138,42 +188,57 @@ def plot_lineage(history: pd.DataFrame, lineage: pd.DataFrame, path: Path) -> Pa
     for t, h in history.groupby("trial_id"):
         ax.plot(h["timestamp"] - start, [y[t]] * len(h), "-", color="lightgrey", lw=3)
     for _, e in lineage.iterrows():
-        ax.annotate("", xy=(e["timestamp"] - start, y[e["recipient"]]), xytext=(e["timestamp"] - start, y[e["donor"]]),
-                    arrowprops={"arrowstyle": "->", "color": COLOURS.get(e["new_optimizer"]), "lw": 1})
+        ax.annotate(
+            "",
+            xy=(e["timestamp"] - start, y[e["recipient"]]),
+            xytext=(e["timestamp"] - start, y[e["donor"]]),
+            arrowprops={"arrowstyle": "->", "color": COLOURS.get(e["new_optimizer"]), "lw": 1},
+        )
     ax.set_yticks(range(len(members)), [m.rsplit("_", 1)[-1] for m in members], fontsize=7)
-    ax.set(xlabel="wall seconds", ylabel="member", title="Lineage: arrows from donor to recipient at each exploit")
+    ax.set(
+        xlabel="wall seconds",
+        ylabel="member",
+        title="Lineage: arrows from donor to recipient at each exploit",
+    )
     return _save(fig, path)
 
 
 def plot_schedule(schedule_rows: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
     """One schedule: learning rate (log, left) and accuracy (right) over steps, optimizer labelled."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.step(schedule_rows["step"], schedule_rows["lr"], where="pre", color="black")
-    changed = schedule_rows["optimizer"] != schedule_rows["optimizer"].shift()
+    ax.step(schedule_rows[STEP], schedule_rows[LR], where="pre", color="black")
+    changed = schedule_rows[OPTIMIZER] != schedule_rows[OPTIMIZER].shift()
     for _, r in schedule_rows[changed].iterrows():
-        ax.annotate(r["optimizer"], (r["step"], r["lr"]), fontsize=8, color=COLOURS.get(r["optimizer"]))
+        ax.annotate(r[OPTIMIZER], (r[STEP], r[LR]), fontsize=8, color=COLOURS.get(r[OPTIMIZER]))
     ax.set(yscale="log", xlabel="training step", ylabel="learning rate", title=title)
     acc = schedule_rows.dropna(subset=[metric])
     right = ax.twinx()
-    right.plot(acc["step"], acc[metric], "o-", color="tab:green", ms=3)
+    right.plot(acc[STEP], acc[metric], "o-", color="tab:green", ms=3)
     right.set_ylabel(metric.replace("_", " "), color="tab:green")
     return _save(fig, path)
 
 
 def pbt_figures(tables: dict, out_dir: Path) -> list[Path]:
-    """The PBT figures: population accuracy, learning-rate schedules, lineage, the winner's schedule."""
-    from pbt_lab.results import member_schedule
-
+    """The PBT figures: population accuracy, learning-rate schedules, lineage, the winner's schedule
+    (``tables["winner_rows"]``: the history rows along its lineage)."""
     history, lineage, summary = tables["history"], tables.get("lineage"), tables["summary"]
     out_dir = Path(out_dir)
-    made = [plot_population(history, lineage, "val_acc", out_dir / "population.png"),
-            plot_lr_schedules(history, out_dir / "lr_schedules.png")]
+    made = [
+        plot_population(history, lineage, VAL_ACC, out_dir / "population.png"),
+        plot_lr_schedules(history, out_dir / "lr_schedules.png"),
+    ]
     if lineage is not None and len(lineage):
         made.append(plot_lineage(history, lineage, out_dir / "lineage.png"))
-    winner = (summary.get("winner") or {}).get("trial_id") or (summary.get("best") or {}).get("trial_id")
-    if winner:
-        made.append(plot_schedule(member_schedule(history, winner), "val_acc", f"Winner {winner}: its schedule",
-                                  out_dir / "winner_schedule.png"))
+    winner = (summary.get("best") or {}).get("trial_id")
+    if winner and tables.get("winner_rows") is not None:
+        made.append(
+            plot_schedule(
+                tables["winner_rows"],
+                VAL_ACC,
+                f"Winner {winner}: its schedule",
+                out_dir / "winner_schedule.png",
+            )
+        )
     return made
 
 
@@ -195,21 +260,24 @@ def run_figures(kind: str | None, tables: dict, out_dir: Path) -> list[Path]:
 def plot_scaling(trials: pd.DataFrame, scaling: dict, column: str, label: str, path: Path) -> Path:
     """``column`` (steps or seconds to target) against width, one line per optimizer × rate (reached
     trials only), with each rate's fit c + k·n (n = weights) dashed."""
-    t = trials[trials["status"] == "reached"].assign(width=trials["scale"] / scaling["base_scale"])
-    fits = {(f["optimizer"], f["lr"]): f for f in scaling["fits"]}
+    t = trials[trials[STATUS] == REACHED].assign(width=trials["scale"] / scaling["base_scale"])
+    fits = {(f[OPTIMIZER], f[LR]): f for f in scaling["fits"]}
     widths = trials.assign(width=trials["scale"] / scaling["base_scale"]).groupby("width")["weights"].first()
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.get_cmap("viridis")
-    rates = sorted(t.groupby(["optimizer", "lr"]).groups)
+    rates = sorted(t.groupby([OPTIMIZER, LR]).groups)
     for i, (optimizer, lr) in enumerate(rates):
         colour = colours(i / max(1, len(rates) - 1))
-        p = t[(t["optimizer"] == optimizer) & (t["lr"] == lr)].sort_values("width")
+        p = t[(t[OPTIMIZER] == optimizer) & (t[LR] == lr)].sort_values("width")
         ax.plot(p["width"], p[column].astype(float), "o-", color=colour, ms=4, label=f"{optimizer} {lr:.3g}")
-        fit = fits[(optimizer, lr)].get("seconds" if column == "seconds_to_target" else "steps")
+        fit = fits[(optimizer, lr)].get("seconds" if column == SECONDS_TO_TARGET else "steps")
         if fit:
             ax.plot(widths.index, fit["c"] + fit["k"] * widths.values, "--", color=colour, lw=0.8)
-    ax.set(xlabel=f"width (× model.scale {scaling['base_scale']:g})", ylabel=label,
-           title=f"{label} vs width (dashed: c + k·n, n = weights)")
+    ax.set(
+        xlabel=f"width (× model.scale {scaling['base_scale']:g})",
+        ylabel=label,
+        title=f"{label} vs width (dashed: c + k·n, n = weights)",
+    )
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
@@ -228,9 +296,15 @@ def plot_best_rate(scaling: dict, path: Path, lrs=()) -> Path:
         best = [r["best_lr"] for r in rows]
         low = [b - min(r["tied_lrs"]) for b, r in zip(best, rows)]
         high = [max(r["tied_lrs"]) - b for b, r in zip(best, rows)]
-        ax.errorbar(x, best, yerr=[low, high], fmt="o-", capsize=4, color=COLOURS.get(optimizer), label=optimizer)
-    ax.set(yscale="log", xlabel=f"width (× model.scale {scaling['base_scale']:g})", ylabel="best learning rate",
-           title="Best learning rate vs width (bar: rates tied at the fewest steps)")
+        ax.errorbar(
+            x, best, yerr=[low, high], fmt="o-", capsize=4, color=COLOURS.get(optimizer), label=optimizer
+        )
+    ax.set(
+        yscale="log",
+        xlabel=f"width (× model.scale {scaling['base_scale']:g})",
+        ylabel="best learning rate",
+        title="Best learning rate vs width (bar: rates tied at the fewest steps)",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -238,9 +312,13 @@ def plot_best_rate(scaling: dict, path: Path, lrs=()) -> Path:
 def scaling_figures(trials: pd.DataFrame, scaling: dict, out_dir: Path) -> list[Path]:
     """Steps and seconds to target vs width per rate, and the best rate vs width."""
     out_dir = Path(out_dir)
-    return [plot_scaling(trials, scaling, "steps_to_target", "steps to target", out_dir / "scaling_steps.png"),
-            plot_scaling(trials, scaling, "seconds_to_target", "seconds to target", out_dir / "scaling_seconds.png"),
-            plot_best_rate(scaling, out_dir / "best_rate_vs_width.png", sorted(trials["lr"].unique()))]
+    return [
+        plot_scaling(trials, scaling, STEPS_TO_TARGET, "steps to target", out_dir / "scaling_steps.png"),
+        plot_scaling(
+            trials, scaling, SECONDS_TO_TARGET, "seconds to target", out_dir / "scaling_seconds.png"
+        ),
+        plot_best_rate(scaling, out_dir / "best_rate_vs_width.png", sorted(trials[LR].unique())),
+    ]
 
 
 # --- trace and run comparison -----------------------------------------------------------------
@@ -249,9 +327,13 @@ def scaling_figures(trials: pd.DataFrame, scaling: dict, out_dir: Path) -> list[
 def plot_trace(history: pd.DataFrame, x: str, label: str, path: Path) -> Path:
     """Validation accuracy against ``x`` (train_seconds or step), one line per trial's optimizer and rate."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (optimizer, lr), h in history.dropna(subset=["val_acc"]).groupby(["optimizer", "lr"]):
-        ax.plot(h[x], h["val_acc"], ".-", color=COLOURS.get(optimizer), ms=4, label=f"{optimizer} {lr:.3g}")
-    ax.set(xlabel=label, ylabel="validation accuracy", title=f"Validation accuracy over {label}, each optimizer at its best rate")
+    for (optimizer, lr), h in history.dropna(subset=[VAL_ACC]).groupby([OPTIMIZER, LR]):
+        ax.plot(h[x], h[VAL_ACC], ".-", color=COLOURS.get(optimizer), ms=4, label=f"{optimizer} {lr:.3g}")
+    ax.set(
+        xlabel=label,
+        ylabel="validation accuracy",
+        title=f"Validation accuracy over {label}, each optimizer at its best rate",
+    )
     ax.set_ylim(max(0.0, ax.get_ylim()[0]), 1.0)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -260,8 +342,10 @@ def plot_trace(history: pd.DataFrame, x: str, label: str, path: Path) -> Path:
 def trace_figures(history: pd.DataFrame, out_dir: Path) -> list[Path]:
     """The study's trace: validation accuracy over training seconds and over steps."""
     out_dir = Path(out_dir)
-    return [plot_trace(history, "train_seconds", "training seconds", out_dir / "trace_time.png"),
-            plot_trace(history, "step", "steps", out_dir / "trace_steps.png")]
+    return [
+        plot_trace(history, TRAIN_SECONDS, "training seconds", out_dir / "trace_time.png"),
+        plot_trace(history, STEP, "steps", out_dir / "trace_steps.png"),
+    ]
 
 
 def plot_compute_curves(curves: dict, x: str, label: str, path: Path) -> Path:
@@ -270,7 +354,11 @@ def plot_compute_curves(curves: dict, x: str, label: str, path: Path) -> Path:
     for name, curve in curves.items():
         c = curve.dropna(subset=["best_val_acc"])
         ax.step(c[x], c["best_val_acc"], where="post", label=name)
-    ax.set(xscale="log", xlabel=label, ylabel="best validation accuracy so far",
-           title=f"What each run had found for its compute ({label})")
+    ax.set(
+        xscale="log",
+        xlabel=label,
+        ylabel="best validation accuracy so far",
+        title=f"What each run had found for its compute ({label})",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)

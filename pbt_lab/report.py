@@ -15,7 +15,18 @@ import sys
 from pathlib import Path
 
 from pbt_lab import UserError, plots, results
-from pbt_lab.config import OneLineParser
+from pbt_lab.cli import OneLineParser
+from pbt_lab.names import (
+    FIGURES,
+    LR,
+    OPTIMIZER,
+    REACHED,
+    SECONDS_TO_TARGET,
+    STATUS,
+    STEPS_TO_TARGET,
+    TRAIN_SECONDS,
+    VAL_ACC,
+)
 
 
 def _fmt(value, spec: str = ",.0f", none: str = "–") -> str:
@@ -23,7 +34,7 @@ def _fmt(value, spec: str = ",.0f", none: str = "–") -> str:
 
 
 def _compute(c: dict | None) -> str:
-    return "not reached" if c is None else f"{c['steps']:,} steps, {c['train_seconds']:,.0f} s"
+    return "not reached" if c is None else f"{c['steps']:,} steps, {c[TRAIN_SECONDS]:,.0f} s"
 
 
 def load_runs(run_dirs: list[str]) -> dict:
@@ -32,13 +43,17 @@ def load_runs(run_dirs: list[str]) -> dict:
     loaded = []
     for run_dir in run_dirs:
         trials, history, summary = results.read_tables(run_dir)
-        loaded.append((Path(run_dir).expanduser().resolve().name, summary.get("kind"), trials, summary, history))
+        loaded.append(
+            (Path(run_dir).expanduser().resolve().name, summary.get("kind"), trials, summary, history)
+        )
     names = [name for name, *_ in loaded]
     runs = {}
     for name, kind, trials, summary, history in loaded:
         label = name if names.count(name) == 1 else f"{kind} {name}"
         if label in runs:
-            raise UserError(f"two {kind} runs are named {name}: compare runs whose directories have different names")
+            raise UserError(
+                f"two {kind} runs are named {name}: compare runs whose directories have different names"
+            )
         runs[label] = (trials, summary, results.compute_curve(history))
     return runs
 
@@ -49,52 +64,88 @@ def run_rows(runs: dict) -> list[dict]:
     rows = []
     for name, (trials, summary, curve) in runs.items():
         best = trials.sort_values("best_val_acc", ascending=False).iloc[0]
-        reached = trials[trials["status"] == "reached"].sort_values(["steps_to_target", "seconds_to_target"])
+        reached = trials[trials[STATUS] == REACHED].sort_values([STEPS_TO_TARGET, SECONDS_TO_TARGET])
         fastest = reached.iloc[0] if len(reached) else None
         within = curve.loc[curve["cum_train_seconds"] <= cheapest * (1 + 1e-9), "best_val_acc"].dropna()
         c = summary["compute"]
-        rows.append({
-            "run": name, "kind": summary.get("kind"), "trials": c["trials"], "steps": c["steps"],
-            "train_seconds": c["train_seconds"], "trial_seconds": c["trial_seconds"], "wall_seconds": c["wall_seconds"],
-            "best_val_acc": float(best["best_val_acc"]), "best_config": f"{best['optimizer']} {best['lr']:.3g}",
-            "target": summary["config"]["train"]["target"],
-            "fastest_steps": int(fastest["steps_to_target"]) if fastest is not None else None,
-            "fastest_seconds": float(fastest["seconds_to_target"]) if fastest is not None else None,
-            "first_target": results.compute_until(curve, curve["reached_target"]),
-            "best_within_cheapest": float(within.iloc[-1]) if len(within) else None,
-        })
+        rows.append(
+            {
+                "run": name,
+                "kind": summary.get("kind"),
+                "trials": c["trials"],
+                "steps": c["steps"],
+                TRAIN_SECONDS: c[TRAIN_SECONDS],
+                "trial_seconds": c["trial_seconds"],
+                "wall_seconds": c["wall_seconds"],
+                "best_val_acc": float(best["best_val_acc"]),
+                "best_config": f"{best[OPTIMIZER]} {best[LR]:.3g}",
+                "target": summary["config"]["train"]["target"],
+                "fastest_steps": int(fastest[STEPS_TO_TARGET]) if fastest is not None else None,
+                "fastest_seconds": float(fastest[SECONDS_TO_TARGET]) if fastest is not None else None,
+                "first_target": results.compute_until(curve, curve["reached_target"]),
+                "best_within_cheapest": float(within.iloc[-1]) if len(within) else None,
+            }
+        )
     return rows
 
 
 def cross_rows(runs: dict, rows: list[dict]) -> list[dict]:
     """For every ordered pair (a, b): the compute run a had spent when it first matched b's best."""
     best = {r["run"]: r["best_val_acc"] for r in rows}
-    return [{"run": a, "other": b, "other_best": best[b],
-             "needed": results.compute_until(curve, curve["val_acc"] >= best[b] - 1e-12)}
-            for a, (_, _, curve) in runs.items() for b in runs if a != b]
+    return [
+        {
+            "run": a,
+            "other": b,
+            "other_best": best[b],
+            "needed": results.compute_until(curve, curve[VAL_ACC] >= best[b] - 1e-12),
+        }
+        for a, (_, _, curve) in runs.items()
+        for b in runs
+        if a != b
+    ]
 
 
 def markdown(rows: list[dict], cross: list[dict], figures: list[Path], out: Path) -> str:
-    cheapest = min(r["train_seconds"] for r in rows)
-    lines = ["# pbt_lab report: runs at equal compute", "",
-             "Seconds are pure training seconds (inside the fused training calls) unless marked trial-seconds "
-             "(Ray's time per trial, overheads included); steps compare across machines exactly.", "",
-             "## Runs", "",
-             "| run | kind | trials | steps | train-seconds | trial-seconds | wall s | best val acc | best at "
-             "| fastest trial to target: steps / s | run compute at first target | best val acc within "
-             f"{cheapest:,.0f} train-s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cheapest = min(r[TRAIN_SECONDS] for r in rows)
+    lines = [
+        "# pbt_lab report: runs at equal compute",
+        "",
+        "Seconds are pure training seconds (inside the fused training calls) unless marked trial-seconds "
+        "(Ray's time per trial, overheads included); steps compare across machines exactly.",
+        "",
+        "## Runs",
+        "",
+        "| run | kind | trials | steps | train-seconds | trial-seconds | wall s | best val acc | best at "
+        "| fastest trial to target: steps / s | run compute at first target | best val acc within "
+        f"{cheapest:,.0f} train-s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        fastest = "not reached" if r["fastest_steps"] is None else f"{r['fastest_steps']:,} / {r['fastest_seconds']:.1f}"
-        lines.append(f"| {r['run']} | {r['kind']} | {r['trials']} | {r['steps']:,} | {r['train_seconds']:,.0f} | "
-                     f"{r['trial_seconds']:,.0f} | {_fmt(r['wall_seconds'])} | {r['best_val_acc']:.2%} | {r['best_config']} | "
-                     f"{fastest} (target {r['target']:.0%}) | {_compute(r['first_target'])} | "
-                     f"{_fmt(r['best_within_cheapest'], '.2%')} |")
+        fastest = (
+            "not reached"
+            if r["fastest_steps"] is None
+            else f"{r['fastest_steps']:,} / {r['fastest_seconds']:.1f}"
+        )
+        lines.append(
+            f"| {r['run']} | {r['kind']} | {r['trials']} | {r['steps']:,} | {r[TRAIN_SECONDS]:,.0f} | "
+            f"{r['trial_seconds']:,.0f} | {_fmt(r['wall_seconds'])} | {r['best_val_acc']:.2%} | "
+            f"{r['best_config']} | "
+            f"{fastest} (target {r['target']:.0%}) | {_compute(r['first_target'])} | "
+            f"{_fmt(r['best_within_cheapest'], '.2%')} |"
+        )
     if cross:
-        lines += ["", "## Compute each run needed to reach the other's best", "",
-                  "Counted in the order the run's checks happened (all its trials, in parallel as they ran).", "",
-                  "| run | to reach | its best val acc | compute spent by then |", "|---|---|---|---|"]
-        lines += [f"| {c['run']} | {c['other']} | {c['other_best']:.2%} | {_compute(c['needed'])} |" for c in cross]
+        lines += [
+            "",
+            "## Compute each run needed to reach the other's best",
+            "",
+            "Counted in the order the run's checks happened (all its trials, in parallel as they ran).",
+            "",
+            "| run | to reach | its best val acc | compute spent by then |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['run']} | {c['other']} | {c['other_best']:.2%} | {_compute(c['needed'])} |" for c in cross
+        ]
     lines += ["", "## Figures", ""]
     lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures]
     return "\n".join(lines) + "\n"
@@ -106,9 +157,15 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
     runs = load_runs(run_dirs)
     rows = run_rows(runs)
     curves = {name: curve for name, (_, _, curve) in runs.items()}
-    figures = [plots.plot_compute_curves(curves, "cum_train_seconds", "training seconds spent",
-                                         out / results.FIGURES / "best_vs_train_seconds.png"),
-               plots.plot_compute_curves(curves, "cum_steps", "steps spent", out / results.FIGURES / "best_vs_steps.png")]
+    figures = [
+        plots.plot_compute_curves(
+            curves,
+            "cum_train_seconds",
+            "training seconds spent",
+            out / FIGURES / "best_vs_train_seconds.png",
+        ),
+        plots.plot_compute_curves(curves, "cum_steps", "steps spent", out / FIGURES / "best_vs_steps.png"),
+    ]
     path = out / "report.md"
     path.write_text(markdown(rows, cross_rows(runs, rows), figures, out))
     return path

@@ -1,66 +1,8 @@
-"""The width study: steps and seconds to the target as the network widens, and whether the best rate moves.
-
-    python -m pbt_lab.scaling --config configs/scaling-quick.yaml
-    python -m pbt_lab.scaling --config configs/scaling.yaml --set scaling.mode=resweep
-
-Trains every width × optimizer × rate (a grid over ``model.scale`` × rate; ``model.scale`` is the
-1× width). ``scaling.mode: fixed`` runs the study's few rates at every width; ``resweep`` re-runs
-a learning-rate grid at every width, to answer "does the best rate at 1× still win at 10×?"
-(μP predicts it shifts under standard parameterisation; the study saw it hold). ``summary.json``
-gains ``scaling``: the best rate per width and whether it moved, and per rate the fits
-steps, seconds = c + k·n (n = weights) with R².
-"""
-
-from __future__ import annotations
+"""``python -m pbt_lab.scaling``: the command; the recipe is ``pbt_lab/experiments/scaling.py``."""
 
 import sys
 
-from ray import tune
-
-from pbt_lab import results
-from pbt_lab.config import ScalingExperiment
-from pbt_lab.launch import Launch
-from pbt_lab.trainable import trial_space
-
-
-def main(argv: list[str] | None = None) -> int:
-    launch = Launch.parse("scaling", ScalingExperiment, __doc__.splitlines()[0], argv)
-    cfg = launch.cfg
-    pairs = [(optimizer, lr) for optimizer, lrs in cfg.scaling.rates().items() for lr in lrs]
-    # Rates differ per optimizer, so the grid runs over (optimizer, rate) pairs by index.
-    space = trial_space(cfg.train, cfg.model, threads=cfg.resources.threads, seed=cfg.train.seed,
-                        pair=tune.grid_search(list(range(len(pairs)))),
-                        optimizer=tune.sample_from(lambda spec: pairs[spec.config.pair][0]),
-                        lr=tune.sample_from(lambda spec: pairs[spec.config.pair][1]))
-    space["model"]["scale"] = tune.grid_search([cfg.model.scale * w for w in cfg.scaling.widths])
-    launch.fit(space)
-    tables = results.write_tables(launch.run_dir, kind="scaling", config=launch.config_dict(),
-                                  data=launch.data.identity(), wall_seconds=launch.wall_seconds)
-    print(results.console_summary(tables, launch.run_dir))
-    print(scaling_table(tables["summary"]["scaling"]))
-    return 0
-
-
-def scaling_table(scaling: dict) -> str:
-    """The best rate per width and optimizer, and each rate's fit of seconds to target against weights."""
-    lines = [f"\n{'optimizer':10} {'width':>6} {'weights':>10} {'best lr':>10} {'steps':>6} {'seconds':>8}  tied rates"]
-    for optimizer, rows in scaling["best_rates"].items():
-        for r in rows:
-            best = "–" if r["best_lr"] is None else f"{r['best_lr']:.3g}"
-            steps = "–" if r["steps_to_target"] is None else str(r["steps_to_target"])
-            seconds = "–" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.2f}"
-            lines.append(f"{optimizer:10} {r['width']:>5g}× {r['weights']:>10,} {best:>10} {steps:>6} {seconds:>8}  "
-                         + ", ".join(f"{lr:.3g}" for lr in r["tied_lrs"]))
-        moved = scaling["best_rate_moved"][optimizer]
-        lines.append(f"{optimizer}: best rate moved with width: {'unknown' if moved is None else 'yes' if moved else 'no'}")
-    lines.append(f"\n{'optimizer':10} {'lr':>10}  seconds = c + k·n{'':14} R²")
-    for f in scaling["fits"]:
-        s = f["seconds"]
-        fit = f"{s['c']:8.2f} + {s['k'] * 1e6:8.3f}·n/1e6" if s else "(one width reached)"
-        r2 = f"{s['r2']:.3f}" if s and s["r2"] is not None else "–"
-        lines.append(f"{f['optimizer']:10} {f['lr']:>10.3g}  {fit:30} {r2}")
-    return "\n".join(lines)
-
+from pbt_lab.experiments.scaling import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pbt_lab.data import load_mnist
+from pbt_lab.training.data import load_mnist
 
 FULL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
@@ -46,8 +46,21 @@ def quick_grid(ray_session, tmp_path_factory):
     from pbt_lab import grid
 
     storage = tmp_path_factory.mktemp("runs")
-    assert grid.main(["--config", str(CONFIGS / "grid-quick.yaml"), "--storage-path", str(storage), "--name", "quick",
-                      "--set", "resources.gpu=0.5"]) == 0
+    assert (
+        grid.main(
+            [
+                "--config",
+                str(CONFIGS / "grid-quick.yaml"),
+                "--storage-path",
+                str(storage),
+                "--name",
+                "quick",
+                "--set",
+                "resources.gpu=0.5",
+            ]
+        )
+        == 0
+    )
     return storage / "quick"
 
 
@@ -56,9 +69,23 @@ def run_pbt(storage: Path, name: str, *argv: str) -> subprocess.Popen:
     console goes to ``<storage>/<name>.log`` (a pipe nobody reads would stall it)."""
     storage.mkdir(parents=True, exist_ok=True)
     with open(storage / f"{name}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "pbt_lab.pbt", "--config", str(CONFIGS / "pbt-quick.yaml"),
-                                 "--storage-path", str(storage), "--name", name, *argv],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pbt_lab.pbt",
+                "--config",
+                str(CONFIGS / "pbt-quick.yaml"),
+                "--storage-path",
+                str(storage),
+                "--name",
+                name,
+                *argv,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def finish(driver: subprocess.Popen, storage: Path, name: str) -> None:
@@ -95,6 +122,17 @@ def quick_scaling(ray_session, tmp_path_factory):
     from pbt_lab import scaling
 
     storage = tmp_path_factory.mktemp("runs")
-    assert scaling.main(["--config", str(CONFIGS / "scaling-quick.yaml"), "--storage-path", str(storage),
-                         "--name", "scaling-quick"]) == 0
+    assert (
+        scaling.main(
+            [
+                "--config",
+                str(CONFIGS / "scaling-quick.yaml"),
+                "--storage-path",
+                str(storage),
+                "--name",
+                "scaling-quick",
+            ]
+        )
+        == 0
+    )
     return storage / "scaling-quick"

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pbt_lab import lineage
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import EXPLOIT, LR, OPTIMIZER
-from pbt_lab.results import read_history, read_saved_states
-from pbt_lab.trainable import LabTrainable, trial_space
+from pbt_lab.results import lineage
+from pbt_lab.results.tables import read_history, read_saved_states
+from pbt_lab.tuning.trainable import LabTrainable, trial_space
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,16 @@ def member(member_class, trial_id: str, **searched):
     """A PBT member outside Tune (its trial id set as Tune would), reporting its state every 2 checks."""
     from ray.tune.result import TRIAL_INFO
 
-    config = trial_space(TrainConfig(steps_per_check=10, max_steps=200), ModelConfig(scale=0.25), threads=1,
-                         population={"metric": "val_acc", "rescue_checks": 2}, **searched)
-    info = types.SimpleNamespace(trial_id=trial_id, trial_name=trial_id, experiment_name="audit", trial_resources=None)
+    config = trial_space(
+        TrainConfig(steps_per_check=10, max_steps=200),
+        ModelConfig(scale=0.25),
+        threads=1,
+        population={"metric": "val_acc", "rescue_checks": 2},
+        **searched,
+    )
+    info = types.SimpleNamespace(
+        trial_id=trial_id, trial_name=trial_id, experiment_name="audit", trial_resources=None
+    )
     return member_class(config={**config, "checkpoint_every": 2, TRIAL_INFO: info})
 
 
@@ -47,8 +54,17 @@ def donor(member_class, tmp_path_factory):
     return reports, kept
 
 
-def exploit(member_class, donor, tmp_path, tamper=None, optimizer="adam", lr=8e-4, decision=None, reported=True,
-            edit_report=lambda report: report):
+def exploit(
+    member_class,
+    donor,
+    tmp_path,
+    tamper=None,
+    optimizer="adam",
+    lr=8e-4,
+    decision=None,
+    reported=True,
+    edit_report=lambda report: report,
+):
     """A recipient restores (a copy of) the donor's checkpoint, tampered with or not, and trains one
     check; returns the audit's verdict and the counts over this one exploit."""
     reports, checkpoint = donor
@@ -60,8 +76,14 @@ def exploit(member_class, donor, tmp_path, tamper=None, optimizer="adam", lr=8e-
     r.restore(str(copy))
     report = edit_report(r.train())
     r.stop()
-    decided = decision or {"decision": 7, "action": "exploit", "member": "recipient", "donor": "donor",
-                           "new": {OPTIMIZER: optimizer, LR: lr}, "donor_state_id": reports[-1]["state_id"]}
+    decided = decision or {
+        "decision": 7,
+        "action": "exploit",
+        "member": "recipient",
+        "donor": "donor",
+        "new": {OPTIMIZER: optimizer, LR: lr},
+        "donor_state_id": reports[-1]["state_id"],
+    }
     runs = {"donor": reports if reported else reports[:1], "recipient": [report]}
     history = read_history(runs)
     exploits = lineage.exploit_rows(history)
@@ -73,7 +95,9 @@ def change_arrays(checkpoint: Path, prefix: str) -> None:
     """Nudge the first array under ``prefix`` in a checkpoint, leaving its metadata as it was."""
     with np.load(checkpoint / "trainer.npz") as f:
         arrays = dict(f)
-    key = next(k for k in arrays if k.startswith(prefix) and arrays[k].dtype.kind == "f" and arrays[k].size > 1)
+    key = next(
+        k for k in arrays if k.startswith(prefix) and arrays[k].dtype.kind == "f" and arrays[k].size > 1
+    )
     arrays[key] = arrays[key] + np.float32(1e-3)
     np.savez(checkpoint / "trainer.npz", **arrays)
 
@@ -101,8 +125,14 @@ def test_a_switched_optimizer_starts_with_fresh_slots_and_is_verified(member_cla
 
 
 def test_a_checkpoint_other_than_the_decisions_is_mismatched(member_class, donor, tmp_path):
-    decision = {"decision": 7, "action": "exploit", "member": "recipient", "donor": "donor",
-                "new": {OPTIMIZER: "adam", LR: 8e-4}, "donor_state_id": "another state"}
+    decision = {
+        "decision": 7,
+        "action": "exploit",
+        "member": "recipient",
+        "donor": "donor",
+        "new": {OPTIMIZER: "adam", LR: 8e-4},
+        "donor_state_id": "another state",
+    }
     verdict, _ = exploit(member_class, donor, tmp_path, decision=decision)
     assert verdict["verdict"] == "mismatched" and "not the state the decision meant" in verdict["problem"]
 
@@ -113,8 +143,14 @@ def test_a_state_its_donor_never_reported_is_unverifiable_not_verified(member_cl
 
 
 def test_a_restore_no_decision_explains_is_unmatched(member_class, donor, tmp_path):
-    decision = {"decision": 7, "action": "exploit", "member": "someone else", "donor": "donor",
-                "new": {OPTIMIZER: "adam", LR: 8e-4}, "donor_state_id": None}
+    decision = {
+        "decision": 7,
+        "action": "exploit",
+        "member": "someone else",
+        "donor": "donor",
+        "new": {OPTIMIZER: "adam", LR: 8e-4},
+        "donor_state_id": None,
+    }
     verdict, counts = exploit(member_class, donor, tmp_path, decision=decision)
     assert not verdict["matched"] and counts["exploits_unmatched"] == 1
 
@@ -122,8 +158,14 @@ def test_a_restore_no_decision_explains_is_unmatched(member_class, donor, tmp_pa
 def test_the_restored_rate_must_be_the_new_configs(member_class, donor, tmp_path):
     # The decision says 5e-4; the recipient ran 8e-4 (Keras restoring an optimizer's old rate is the
     # classic way to lose a mutation): unmatched, as the config it ran is not the one decided.
-    decision = {"decision": 7, "action": "exploit", "member": "recipient", "donor": "donor",
-                "new": {OPTIMIZER: "adam", LR: 5e-4}, "donor_state_id": None}
+    decision = {
+        "decision": 7,
+        "action": "exploit",
+        "member": "recipient",
+        "donor": "donor",
+        "new": {OPTIMIZER: "adam", LR: 5e-4},
+        "donor_state_id": None,
+    }
     verdict, _ = exploit(member_class, donor, tmp_path, decision=decision)
     assert not verdict["matched"]
 
@@ -138,19 +180,35 @@ def test_a_live_rate_left_at_the_donors_is_mismatched(member_class, donor, tmp_p
 
 
 def report(trial, iteration, step, **extra):
-    row = {"trial_id": trial, "training_iteration": iteration, "step": step, OPTIMIZER: "adam", LR: 1e-3,
-           "timestamp": iteration, "check_seconds": 1.0}
+    row = {
+        "trial_id": trial,
+        "training_iteration": iteration,
+        "step": step,
+        OPTIMIZER: "adam",
+        LR: 1e-3,
+        "timestamp": iteration,
+        "check_seconds": 1.0,
+    }
     return {**row, **extra}
 
 
 def test_a_resumed_recipient_repeating_its_exploit_counts_once_and_a_real_second_exploit_twice():
     restore = {"segment_from": "d", "segment_step": 100, EXPLOIT: 4, "restored_id": "s1"}
-    runs = {"r": [report("r", 1, 50, segment_from="r", segment_step=0), report("r", 2, 100),
-                  report("r", 3, 150, **restore), report("r", 4, 200),
-                  # the driver died; on resume the recipient restarts from the same donor checkpoint
-                  report("r", 3, 150, **restore), report("r", 4, 200), report("r", 5, 250),
-                  # later, a new decision copies the same (unchanged) donor checkpoint again
-                  report("r", 6, 150, **{**restore, EXPLOIT: 9}), report("r", 7, 200)]}
+    runs = {
+        "r": [
+            report("r", 1, 50, segment_from="r", segment_step=0),
+            report("r", 2, 100),
+            report("r", 3, 150, **restore),
+            report("r", 4, 200),
+            # the driver died; on resume the recipient restarts from the same donor checkpoint
+            report("r", 3, 150, **restore),
+            report("r", 4, 200),
+            report("r", 5, 250),
+            # later, a new decision copies the same (unchanged) donor checkpoint again
+            report("r", 6, 150, **{**restore, EXPLOIT: 9}),
+            report("r", 7, 200),
+        ]
+    }
     history = read_history(runs)
     exploits = lineage.exploit_rows(history)
     assert list(exploits[EXPLOIT]) == [4, 9]
@@ -159,17 +217,26 @@ def test_a_resumed_recipient_repeating_its_exploit_counts_once_and_a_real_second
 
 
 def test_quantile_sizes_compare_each_decision_with_floor_of_the_fraction():
-    decisions = [{"ranked": 1, "lower": 0, "upper": 0}, {"ranked": 5, "lower": 1, "upper": 1},
-                 {"ranked": 10, "lower": 2, "upper": 2}, {"ranked": 10, "lower": 3, "upper": 2}]
+    decisions = [
+        {"ranked": 1, "lower": 0, "upper": 0},
+        {"ranked": 5, "lower": 1, "upper": 1},
+        {"ranked": 10, "lower": 2, "upper": 2},
+        {"ranked": 10, "lower": 3, "upper": 2},
+    ]
     sizes = lineage.quantile_sizes(decisions, 0.2)
-    assert sizes == [{"ranked": 5, "decisions": 1, "replaced": [1], "donors": [1], "expected": 1},
-                     {"ranked": 10, "decisions": 2, "replaced": [2, 3], "donors": [2], "expected": 2}]
+    assert sizes == [
+        {"ranked": 5, "decisions": 1, "replaced": [1], "donors": [1], "expected": 1},
+        {"ranked": 10, "decisions": 2, "replaced": [2, 3], "donors": [2], "expected": 2},
+    ]
 
 
 def test_the_winner_is_chosen_on_validation_never_on_test():
-    trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "final_val_acc": [0.97, 0.99, 0.98],
-                           "test_acc": [0.99, 0.90, 0.95]})
-    history = pd.DataFrame({"trial_id": ["a"], "steps_to_target": [None], "timestamp": [1], "train_seconds": [1.0]})
+    trials = pd.DataFrame(
+        {"trial_id": ["a", "b", "c"], "final_val_acc": [0.97, 0.99, 0.98], "test_acc": [0.99, 0.90, 0.95]}
+    )
+    history = pd.DataFrame(
+        {"trial_id": ["a"], "steps_to_target": [None], "timestamp": [1], "train_seconds": [1.0]}
+    )
     assert lineage.choose_winner(trials, history, stopped_at_target=False) == "b"
     shuffled = trials.assign(test_acc=trials["test_acc"].sample(frac=1, random_state=3).to_numpy())
     assert lineage.choose_winner(shuffled, history, stopped_at_target=False) == "b"
@@ -184,8 +251,13 @@ def test_the_pbt_state_file_is_what_the_tables_read(tmp_path):
 def test_a_resume_from_before_an_exploit_drops_the_exploit_it_will_redo_not_the_rows_before():
     # The recipient was at step 200 (state s2) when it copied a donor's step-100 state; the driver
     # died before Ray's snapshot recorded that, so the resume restarts it from its own s2.
-    runs = {"r": [report("r", 1, 100, state_id="s1"), report("r", 2, 200, state_id="s2"),
-                  report("r", 3, 150, segment_from="d", segment_step=100, restored_id="x", **{EXPLOIT: 4}),
-                  report("r", 3, 250, segment_from="r", segment_step=200, restored_id="s2")]}
+    runs = {
+        "r": [
+            report("r", 1, 100, state_id="s1"),
+            report("r", 2, 200, state_id="s2"),
+            report("r", 3, 150, segment_from="d", segment_step=100, restored_id="x", **{EXPLOIT: 4}),
+            report("r", 3, 250, segment_from="r", segment_step=200, restored_id="s2"),
+        ]
+    }
     history = read_history(runs)
     assert list(history["step"]) == [100, 200, 250] and not len(lineage.exploit_rows(history))

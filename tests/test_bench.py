@@ -18,23 +18,37 @@ def test_tune_figures_from_the_quick_runs(quick_grid, quick_pbt):
     assert 0 < bench.tune_efficiency(grid, slots=2) <= 1
     assert 0 < bench.tune_efficiency(pbt, slots=2) <= 1
     cost = bench.exploit_cost(pbt["history"], interval=1)
-    assert cost["exploits"] >= 1 and cost["exploit_gap_seconds_median"] >= 0 and cost["train_seconds_per_interval"] > 0
+    assert (
+        cost["exploits"] >= 1
+        and cost["exploit_gap_seconds_median"] >= 0
+        and cost["train_seconds_per_interval"] > 0
+    )
     assert bench.trial_start(grid["history"]) >= 0
     versus = bench.pbt_vs_grid(grid, pbt)
     assert versus["grid_best_val_acc"] == grid["trials"]["best_val_acc"].max()
     if versus["pbt_vs_grid_compute"] is not None:
-        assert 0 < versus["pbt_train_seconds_to_grid_best"] <= pbt["summary"]["compute"]["train_seconds"] + 1e-6
+        assert (
+            0 < versus["pbt_train_seconds_to_grid_best"] <= pbt["summary"]["compute"]["train_seconds"] + 1e-6
+        )
 
 
 def test_divergence_savings_compares_twin_runs(quick_grid):
     grid = _tables(quick_grid)
-    assert bench.divergence_savings(grid, grid) == {"divergence_savings": 0.0, "reached_identical": True,
-                                                    "diverged_trials": grid["summary"]["compute"]["diverged_trials"]}
+    assert bench.divergence_savings(grid, grid) == {
+        "divergence_savings": 0.0,
+        "reached_identical": True,
+        "diverged_trials": grid["summary"]["compute"]["diverged_trials"],
+    }
 
 
 def test_trainer_half_prints_its_figures_as_json():
-    out = subprocess.run([sys.executable, "-m", "pbt_lab.bench", "--quick", "--only", "trainer", "--rounds", "1", "--json"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pbt_lab.bench", "--quick", "--only", "trainer", "--rounds", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["trainer_vs_fit_small"] > 0 and figures["trainer_vs_fit_full"] > 0
     assert "trainer_vs_fit_small" in out and ("met" in out or "MISSED" in out)

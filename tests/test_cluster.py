@@ -23,9 +23,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from pbt_lab import cli
 from pbt_lab.config import PBTExperiment
-from pbt_lab.launch import Launch
-from pbt_lab.results import HISTORY, LINEAGE, SUMMARY, TRIALS
+from pbt_lab.names import HISTORY, LINEAGE, SUMMARY, TRIALS
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIGS = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -52,7 +52,7 @@ def test_cluster_config_passes_rays_validator(path):
 
     config = prepared(path)
     validate_config(config)
-    with pytest.raises(Exception):  # the validator does reject a broken config
+    with pytest.raises(Exception):  # noqa: B017 (the validator does reject a broken config, with its own errors)
         validate_config({**config, "idle_timeout_minutes": "soon"})
     raw = yaml.safe_load(path.read_text())
     assert raw["provider"]["type"] == "aws" and raw["idle_timeout_minutes"] > 0
@@ -81,7 +81,9 @@ def test_cluster_config_opens_no_port_but_ssh_to_the_internet(path):
     for node_type in config["available_node_types"].values():
         assert not {"SecurityGroupIds", "NetworkInterfaces", "LaunchTemplate"} & set(node_type["node_config"])
     # The inbound rules Ray gives that group: its own defaults plus the config's IpPermissions.
-    rules = _create_default_inbound_rules(["sg-cluster"], config["provider"].get("security_group", {}).get("IpPermissions"))
+    rules = _create_default_inbound_rules(
+        ["sg-cluster"], config["provider"].get("security_group", {}).get("IpPermissions")
+    )
     from_outside = [r for r in rules if r.get("IpRanges") or r.get("Ipv6Ranges") or r.get("PrefixListIds")]
     assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in from_outside] == [("tcp", 22, 22)]
     assert all(r["UserIdGroupPairs"] == [{"GroupId": "sg-cluster"}] for r in rules if r not in from_outside)
@@ -95,22 +97,25 @@ def test_cluster_config_opens_no_port_but_ssh_to_the_internet(path):
 
 def test_default_run_names_do_not_collide(tmp_path):
     argv = ["--config", PBT_QUICK, "--storage-path", f"file://{tmp_path}"]
-    first, second = (Launch.parse("pbt", PBTExperiment, "pbt", argv) for _ in range(2))
+    first, second = (cli.parse("pbt", PBTExperiment, "pbt", argv) for _ in range(2))
     assert first.name != second.name and first.name.startswith("pbt-")
     assert first.run_dir == f"file://{tmp_path}/{first.name}"  # a URI stays a URI
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--address", "localhost"], "--address 'localhost': expected auto or HOST:PORT"),
-    (["--name", "a/b"], "--name 'a/b': use letters"),
-    (["--storage-path", "nosuchscheme://bucket/runs"], "storage nosuchscheme://bucket/runs/pbt-"),
-    (["--resume", "--name", "gone"], "--resume: there is no run"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--address", "localhost"], "--address 'localhost': expected auto or HOST:PORT"),
+        (["--name", "a/b"], "--name 'a/b': use letters"),
+        (["--storage-path", "nosuchscheme://bucket/runs"], "storage nosuchscheme://bucket/runs/pbt-"),
+        (["--resume", "--name", "gone"], "--resume: there is no run"),
+    ],
+)
 def test_bad_launch_flags_get_one_line(tmp_path, capsys, argv, message):
     if "--storage-path" not in argv:
         argv = [*argv, "--storage-path", f"file://{tmp_path}"]
     with pytest.raises(SystemExit) as exit_:
-        Launch.parse("pbt", PBTExperiment, "pbt", ["--config", PBT_QUICK, *argv])
+        cli.parse("pbt", PBTExperiment, "pbt", ["--config", PBT_QUICK, *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and message in err[0]
 
@@ -119,8 +124,12 @@ def test_an_existing_run_behind_a_uri_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "tuner.pkl").write_bytes(b"")
     with pytest.raises(SystemExit):
-        Launch.parse("pbt", PBTExperiment, "pbt", ["--config", PBT_QUICK, "--storage-path", f"file://{tmp_path}",
-                                                   "--name", "taken"])
+        cli.parse(
+            "pbt",
+            PBTExperiment,
+            "pbt",
+            ["--config", PBT_QUICK, "--storage-path", f"file://{tmp_path}", "--name", "taken"],
+        )
     assert "already exists: pass --resume" in capsys.readouterr().err
 
 
@@ -135,8 +144,13 @@ def isolated_ray(tmp_path):
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_TMPDIR=temp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=str(ROOT))
+    env.update(
+        RAY_TMPDIR=temp,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(ROOT),
+    )
     yield env
     subprocess.run(["rm", "-rf", temp], check=False)
 
@@ -147,10 +161,12 @@ import ray
 from ray.cluster_utils import Cluster
 from pbt_lab import pbt
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+head = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False}
+cluster = Cluster(initialize_head=True, head_node_args=head)
 cluster.add_node(num_cpus=2, num_gpus=1)
 cluster.wait_for_nodes()
-print("NODES " + json.dumps([cluster.head_node.node_id] + [n.node_id for n in cluster.worker_nodes]), flush=True)
+nodes = [cluster.head_node.node_id] + [n.node_id for n in cluster.worker_nodes]
+print("NODES " + json.dumps(nodes), flush=True)
 try:
     code = pbt.main(["--address", cluster.address, *sys.argv[1:]])
 finally:
@@ -163,28 +179,50 @@ sys.exit(code)
 @pytest.mark.slow
 def test_pbt_spreads_over_two_nodes_and_exploits_across_them(isolated_ray, tmp_path):
     runs = tmp_path / "runs"  # shared by both nodes, reached as a URI the way s3:// is
-    argv = ["--config", PBT_QUICK, "--storage-path", f"file://{runs}", "--name", "two-nodes",
-            "--set", "resources.gpu=0.5",  # one fake GPU per node: two members per node
-            "--set", "train.max_steps=400", "--set", "pbt.quantile_fraction=0.4"]  # 2 of 5: more exploits to cross
-    done = subprocess.run([sys.executable, "-c", TWO_NODES, *argv], env=isolated_ray, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    argv = [
+        "--config",
+        PBT_QUICK,
+        "--storage-path",
+        f"file://{runs}",
+        "--name",
+        "two-nodes",
+        "--set",
+        "resources.gpu=0.5",  # one fake GPU per node: two members per node
+        "--set",
+        "train.max_steps=400",
+        "--set",
+        "pbt.quantile_fraction=0.4",
+    ]  # 2 of 5: more exploits to cross
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_NODES, *argv],
+        env=isolated_ray,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nodes = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("NODES "))[6:])
     run = runs / "two-nodes"
-    assert {TRIALS, HISTORY, LINEAGE, SUMMARY} <= {p.name for p in run.iterdir()}  # tables written through the URI
+    assert {TRIALS, HISTORY, LINEAGE, SUMMARY} <= {
+        p.name for p in run.iterdir()
+    }  # tables written through the URI
     trials = pd.read_parquet(run / TRIALS)
     history = pd.read_parquet(run / HISTORY)
     lineage = pd.read_parquet(run / LINEAGE)
     assert len(trials) == 5 and (trials["status"] != "error").all()
     assert set(history["node_id"]) == set(nodes) and len(nodes) == 2, "members trained on both nodes"
+
     # Where each exploit's checkpoint was written (the donor's node when it reported that step) and
     # where it was read.
     def node(trial_id, column, value):
         rows = history[(history["trial_id"] == trial_id) & (history[column] == value)]
         return rows["node_id"].iloc[0] if len(rows) else None
 
-    moves = [(node(e["donor"], "step", e["step"]), node(e["recipient"], "iteration", e["recipient_iteration"]))
-             for _, e in lineage.iterrows()]
+    moves = [
+        (node(e["donor"], "step", e["step"]), node(e["recipient"], "iteration", e["recipient_iteration"]))
+        for _, e in lineage.iterrows()
+    ]
     assert any(written and written != read for written, read in moves), f"no exploit crossed nodes: {moves}"
     summary = json.loads((run / SUMMARY).read_text())
     assert summary["run_dir"] == f"file://{run}"
@@ -198,14 +236,29 @@ def test_entry_point_joins_a_head_started_with_ray_start(isolated_ray, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
-                             "--include-dashboard=false", "--block"],
-                            env=isolated_ray, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (the head process writes to it until the test ends)
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=1",
+            "--include-dashboard=false",
+            "--block",
+        ],
+        env=isolated_ray,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         probe = "import ray; ray.init(address='auto'); print(ray.get_runtime_context().get_node_id())"
         for _ in range(60):
-            found = subprocess.run([sys.executable, "-c", probe], env=isolated_ray, capture_output=True, text=True)
+            found = subprocess.run(
+                [sys.executable, "-c", probe], env=isolated_ray, capture_output=True, text=True
+            )
             if found.returncode == 0:
                 break
             time.sleep(1)
@@ -213,11 +266,34 @@ def test_entry_point_joins_a_head_started_with_ray_start(isolated_ray, tmp_path)
         head_node = found.stdout.split()[-1]
         # `auto` finds the head that `ray start` recorded; 0.5 GPU is the head's fake GPU (alone,
         # on this GPU-less machine, the launcher would refuse it)
-        done = subprocess.run([sys.executable, "-m", "pbt_lab.grid", "--address", "auto", "--config", GRID_QUICK,
-                               "--storage-path", str(tmp_path / "runs"), "--name", "joined",
-                               "--set", "grid.optimizers=[adam]", "--set", "grid.lrs=[0.001]",
-                               "--set", "train.max_steps=100", "--set", "resources.gpu=0.5"],
-                              env=isolated_ray, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pbt_lab.grid",
+                "--address",
+                "auto",
+                "--config",
+                GRID_QUICK,
+                "--storage-path",
+                str(tmp_path / "runs"),
+                "--name",
+                "joined",
+                "--set",
+                "grid.optimizers=[adam]",
+                "--set",
+                "grid.lrs=[0.001]",
+                "--set",
+                "train.max_steps=100",
+                "--set",
+                "resources.gpu=0.5",
+            ],
+            env=isolated_ray,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         trials = pd.read_parquet(tmp_path / "runs" / "joined" / TRIALS)
         assert list(trials["node_id"]) == [head_node] and list(trials["steps"]) == [100]

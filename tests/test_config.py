@@ -3,7 +3,8 @@
 import pytest
 
 from pbt_lab import UserError
-from pbt_lab.config import GridExperiment, PBTExperiment, load_config, study_learning_rates
+from pbt_lab.cli import load_config
+from pbt_lab.config import GridExperiment, PBTExperiment, study_learning_rates
 
 
 def test_defaults_are_the_study():
@@ -11,7 +12,12 @@ def test_defaults_are_the_study():
     assert len(cfg.grid.optimizers) == 6 and len(cfg.grid.lrs) == 48
     assert cfg.grid.lrs[0] == pytest.approx(1e-6) and cfg.grid.lrs[-1] == pytest.approx(100)
     assert 1.0 not in study_learning_rates()  # k = 0 is left out, as in the study
-    assert (cfg.model.scale, cfg.train.target, cfg.train.max_seconds, cfg.train.batch_size) == (1.0, 0.97, 120.0, 100)
+    assert (cfg.model.scale, cfg.train.target, cfg.train.max_seconds, cfg.train.batch_size) == (
+        1.0,
+        0.97,
+        120.0,
+        100,
+    )
     assert cfg.train.seed == 3141592
 
 
@@ -19,7 +25,11 @@ def test_yaml_then_set_override_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1e-3\n  target: 0.9\nmodel:\n  scale: 0.5\n")
     cfg = load_config(GridExperiment, path, ["train.target=0.95", "grid.optimizers=[Adam, GD]"])
-    assert (cfg.train.lr, cfg.train.target, cfg.model.scale) == (1e-3, 0.95, 0.5)  # "1e-3" is a string in YAML
+    assert (cfg.train.lr, cfg.train.target, cfg.model.scale) == (
+        1e-3,
+        0.95,
+        0.5,
+    )  # "1e-3" is a string in YAML
     assert cfg.grid.optimizers == ["adam", "gd"]
 
 
@@ -29,7 +39,12 @@ def test_yaml_then_set_override_in_order(tmp_path):
         (GridExperiment, "train: [1, 2", [], r"not valid YAML \(line"),
         (GridExperiment, "- a\n- b\n", [], "must hold a mapping"),
         (GridExperiment, "trian:\n  lr: 0.1\n", [], r"unknown config key 'trian' \(did you mean 'train'\?\)"),
-        (GridExperiment, "", ["train.optimzer=adam"], r"unknown config key 'train.optimzer' \(did you mean 'train.optimizer'\?\)"),
+        (
+            GridExperiment,
+            "",
+            ["train.optimzer=adam"],
+            r"unknown config key 'train.optimzer' \(did you mean 'train.optimizer'\?\)",
+        ),
         (GridExperiment, "", ["train.optimizer=adamw"], "unknown optimizer 'adamw'"),
         (GridExperiment, "", ["train.lr=0"], "train.lr must be a positive number"),
         (GridExperiment, "", ["train.lr=.nan"], "train.lr must be a positive number"),
@@ -44,7 +59,12 @@ def test_yaml_then_set_override_in_order(tmp_path):
         (PBTExperiment, "", ["pbt.population=1"], "pbt.population must be an integer ≥ 2"),
         (PBTExperiment, "", ["pbt.quantile_fraction=0.6"], r"pbt.quantile_fraction must be in \(0, 0.5\]"),
         (PBTExperiment, "", ["pbt.quantile_fraction=0"], r"pbt.quantile_fraction must be in \(0, 0.5\]"),
-        (PBTExperiment, "", ["pbt.perturbation_interval=0"], "pbt.perturbation_interval must be a positive integer"),
+        (
+            PBTExperiment,
+            "",
+            ["pbt.perturbation_interval=0"],
+            "pbt.perturbation_interval must be a positive integer",
+        ),
         (PBTExperiment, "", ["pbt.lr_ranges.adam=[1e-2, 1e-4]"], r"pbt.lr_ranges.adam must be \[low, high\]"),
     ],
 )
@@ -57,5 +77,5 @@ def test_bad_values_are_one_line(tmp_path, cls, text, sets, message):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(UserError, match="config file .*nope.yaml does not exist"):
+    with pytest.raises(UserError, match=r"config file .*nope\.yaml does not exist"):
         load_config(GridExperiment, tmp_path / "nope.yaml")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pbt_lab import UserError
-from pbt_lab.data import BUNDLED_PATH, ENV_VAR, load_mnist, make_subset, read_npz
+from pbt_lab.training.data import BUNDLED_PATH, ENV_VAR, load_mnist, make_subset, read_npz
 
 
 def write_npz(path, **overrides):
@@ -44,7 +44,9 @@ def test_bundled_subset_is_reproducible_from_the_full_file(full_mnist_path):
 
 def test_sources_in_order_explicit_then_env(tmp_path, monkeypatch):
     env_file = write_npz(tmp_path / "env.npz")
-    explicit = write_npz(tmp_path / "explicit.npz", x_test=np.zeros((30, 28, 28), np.uint8), y_test=np.zeros(30, int))
+    explicit = write_npz(
+        tmp_path / "explicit.npz", x_test=np.zeros((30, 28, 28), np.uint8), y_test=np.zeros(30, int)
+    )
     monkeypatch.setenv(ENV_VAR, str(env_file))
     assert load_mnist().source == str(env_file)
     assert len(load_mnist(explicit).y_test) == 30
@@ -74,5 +76,5 @@ def test_missing_and_corrupt_files(tmp_path):
         load_mnist(tmp_path / "nope.npz")
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(UserError, match="not a readable .npz"):
+    with pytest.raises(UserError, match=r"not a readable \.npz"):
         load_mnist(corrupt)

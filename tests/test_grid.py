@@ -1,4 +1,5 @@
-"""The grid end to end on Ray Tune (shared local Ray, one fake GPU): contract, valley, reuse, TensorBoard, resume."""
+"""The grid end to end on Ray Tune (shared local Ray, one fake GPU): contract, valley, reuse,
+TensorBoard, resume."""
 
 import json
 import os
@@ -12,13 +13,36 @@ import pandas as pd
 import pytest
 
 from pbt_lab import grid
-from pbt_lab.results import HISTORY, SUMMARY, TRIALS, read_tables, write_tables
+from pbt_lab.names import HISTORY, SUMMARY, TRIALS
+from pbt_lab.results import read_tables, write_tables
 
 QUICK = str(Path(__file__).resolve().parents[1] / "configs" / "grid-quick.yaml")
-TRIAL_COLUMNS = ["trial_id", "optimizer", "lr", "scale", "seed", "status", "steps_to_target", "seconds_to_target",
-                 "steps", "train_seconds", "final_train_acc", "final_val_acc", "best_val_acc"]
-HISTORY_COLUMNS = ["trial_id", "iteration", "step", "train_seconds", "train_acc", "train_loss", "val_acc",
-                   "optimizer", "lr"]
+TRIAL_COLUMNS = [
+    "trial_id",
+    "optimizer",
+    "lr",
+    "scale",
+    "seed",
+    "status",
+    "steps_to_target",
+    "seconds_to_target",
+    "steps",
+    "train_seconds",
+    "final_train_acc",
+    "final_val_acc",
+    "best_val_acc",
+]
+HISTORY_COLUMNS = [
+    "trial_id",
+    "iteration",
+    "step",
+    "train_seconds",
+    "train_acc",
+    "train_loss",
+    "val_acc",
+    "optimizer",
+    "lr",
+]
 
 
 @pytest.mark.slow
@@ -30,17 +54,22 @@ def test_quick_grid_writes_the_contract(quick_grid):
     assert summary["kind"] == "grid" and summary["data"]["source"] == "bundled"
     assert summary["config"]["grid"]["lrs"] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 100.0]
     assert summary["compute"]["trials"] == 36 and summary["compute"]["train_seconds"] > 0
-    assert {p.name for p in (quick_grid / "figures").iterdir()} >= {"valley_seconds.png", "valley_steps.png",
-                                                                     "fastest_slowest.png"}
+    assert {p.name for p in (quick_grid / "figures").iterdir()} >= {
+        "valley_seconds.png",
+        "valley_steps.png",
+        "fastest_slowest.png",
+    }
     # every reported iteration of every trial is a history row
     assert len(history) == trials["iterations"].sum()
-    assert (history.groupby("trial_id")["step"].max().sort_index()
-            == trials.set_index("trial_id")["steps"].sort_index()).all()
+    assert (
+        history.groupby("trial_id")["step"].max().sort_index()
+        == trials.set_index("trial_id")["steps"].sort_index()
+    ).all()
 
 
 @pytest.mark.slow
 def test_statuses_agree_with_steps(quick_grid):
-    trials, _, summary = read_tables(quick_grid)
+    trials, _, _summary = read_tables(quick_grid)
     reached = trials[trials["status"] == "reached"]
     assert len(reached) and (reached["steps_to_target"] == reached["steps"]).all()
     assert (reached["final_train_acc"] >= 0.95).all()
@@ -93,11 +122,13 @@ def test_tables_rebuild_from_the_run_dir(quick_grid):
 
 
 def test_set_overrides_reach_the_run_and_bad_ones_stop_before_ray(tmp_path, capsys):
-    for bad, message in ((["--set", "train.targt=0.9"], "did you mean 'train.target'"),
-                         (["--set", "grid.lrs=[0.1, -1]"], "grid.lrs must be a positive number"),
-                         (["--set", "train.target=high"], "train.target must be a number"),
-                         (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
-                         (["--name", "nothing-here", "--resume"], "--resume: there is no run")):
+    for bad, message in (
+        (["--set", "train.targt=0.9"], "did you mean 'train.target'"),
+        (["--set", "grid.lrs=[0.1, -1]"], "grid.lrs must be a positive number"),
+        (["--set", "train.target=high"], "train.target must be a number"),
+        (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
+        (["--name", "nothing-here", "--resume"], "--resume: there is no run"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             grid.main(["--config", QUICK, "--storage-path", str(tmp_path), *bad])
         err = capsys.readouterr().err
@@ -117,11 +148,25 @@ def _finished(run_dir: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_interrupted_grid_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
-    args = ["--config", QUICK, "--storage-path", str(tmp_path), "--name", "cut",
-            # 9 trials: storage shows a finished trial only after Ray's next sync (about every 10 s)
-            "--set", "grid.optimizers=[adam, gd, momentum]", "--set", "grid.lrs=[1.0e-3, 1.0e-2, 0.1]"]
-    driver = subprocess.Popen([sys.executable, "-m", "pbt_lab.grid", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "--config",
+        QUICK,
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "cut",
+        # 9 trials: storage shows a finished trial only after Ray's next sync (about every 10 s)
+        "--set",
+        "grid.optimizers=[adam, gd, momentum]",
+        "--set",
+        "grid.lrs=[1.0e-3, 1.0e-2, 0.1]",
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pbt_lab.grid", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while len(_finished(tmp_path / "cut")) < 2 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.5)

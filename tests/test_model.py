@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pbt_lab import UserError
-from pbt_lab.model import build_cnn
-from pbt_lab.optimizers import OPTIMIZERS, TF1RMSprop, make_optimizer
+from pbt_lab.training.model import build_cnn
+from pbt_lab.training.optimizers import OPTIMIZERS, TF1RMSprop, make_optimizer
 
 
 @pytest.mark.parametrize(

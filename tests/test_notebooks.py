@@ -19,7 +19,12 @@ def test_notebook_is_stored_clean_with_a_parameters_cell(name):
     assert all(not c.outputs and c.execution_count is None for c in code)
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    assigned = {t.id for node in ast.parse(tagged[0].source).body if isinstance(node, ast.Assign) for t in node.targets}
+    assigned = {
+        t.id
+        for node in ast.parse(tagged[0].source).body
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+    }
     assert "run_dir" in assigned
 
 
@@ -32,13 +37,23 @@ def test_every_notebook_is_tested():
 def test_notebook_executes_headless(name, request, tmp_path):
     import papermill
 
-    runs = {"grid": {"run_dir": "quick_grid"}, "pbt": {"run_dir": "quick_pbt"}, "scaling": {"run_dir": "quick_scaling"},
-            "pbt_vs_grid": {"run_dir": "quick_grid", "pbt_run_dir": "quick_pbt"}}[name]
+    runs = {
+        "grid": {"run_dir": "quick_grid"},
+        "pbt": {"run_dir": "quick_pbt"},
+        "scaling": {"run_dir": "quick_scaling"},
+        "pbt_vs_grid": {"run_dir": "quick_grid", "pbt_run_dir": "quick_pbt"},
+    }[name]
     parameters = {key: str(request.getfixturevalue(fixture)) for key, fixture in runs.items()}
     out = tmp_path / f"{name}.ipynb"
     # The kernel is this environment's Python (ipykernel's python3 spec resolves to sys.executable).
-    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=parameters,
-                               kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    papermill.execute_notebook(
+        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(out),
+        parameters=parameters,
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(tmp_path),
+    )
     executed = nbformat.read(out, as_version=4)
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

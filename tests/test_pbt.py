@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 from conftest import SERIAL, finish, run_pbt
 
-from pbt_lab import lineage, pbt
-from pbt_lab.results import LINEAGE, member_schedule, read_checkpoint_meta, read_tables, write_tables
+from pbt_lab import pbt
+from pbt_lab.names import LINEAGE
+from pbt_lab.results import lineage, member_schedule, read_checkpoint_meta, read_tables, write_tables
 
 LINEAGE_KEY = ["step", "recipient", "donor", "new_optimizer", "new_lr"]
 
@@ -102,7 +103,9 @@ def test_checkpoints_stay_bounded_and_the_summary_counts_them(quick_pbt):
     _, _, summary = read_tables(quick_pbt)
     on_disk = [d for d in quick_pbt.glob("*/checkpoint_*")]
     assert summary["checkpoints"]["count"] == len(on_disk) <= 3 * 5
-    assert summary["checkpoints"]["bytes"] == sum(f.stat().st_size for d in on_disk for f in d.rglob("*") if f.is_file())
+    assert summary["checkpoints"]["bytes"] == sum(
+        f.stat().st_size for d in on_disk for f in d.rglob("*") if f.is_file()
+    )
 
 
 @pytest.mark.slow
@@ -122,7 +125,16 @@ def replay_matches(run: Path, storage: Path, member: str | None = None) -> list[
     Returns the ancestry."""
     trials, source_history, source = read_tables(run)
     member = member or source["winner"]["trial_id"]
-    argv = ["--replay", str(run), "--storage-path", str(storage), "--name", "replay", "--set", "resources.gpu=0"]
+    argv = [
+        "--replay",
+        str(run),
+        "--storage-path",
+        str(storage),
+        "--name",
+        "replay",
+        "--set",
+        "resources.gpu=0",
+    ]
     assert pbt.main([*argv, *(["--member", member] if member else [])]) == 0
     replay_trials, history, summary = read_tables(storage / "replay")
     ancestry = read_checkpoint_meta(run, trials.set_index("trial_id").loc[member, "checkpoint"])["ancestry"]
@@ -138,7 +150,10 @@ def replay_matches(run: Path, storage: Path, member: str | None = None) -> list[
 @pytest.mark.slow
 def test_replay_follows_a_member_exploited_more_than_once(ray_session, quick_pbt, tmp_path):
     trials, _, summary = read_tables(quick_pbt)
-    ancestries = {t: read_checkpoint_meta(quick_pbt, c)["ancestry"] for t, c in trials[["trial_id", "checkpoint"]].values}
+    ancestries = {
+        t: read_checkpoint_meta(quick_pbt, c)["ancestry"]
+        for t, c in trials[["trial_id", "checkpoint"]].values
+    }
     member = max(ancestries, key=lambda t: len(ancestries[t]))
     assert len(ancestries[member]) >= 3, "no member of the quick run was copied into twice"
     assert replay_matches(quick_pbt, tmp_path, member) == ancestries[member]
@@ -170,8 +185,11 @@ def test_a_sigkilled_population_resumes_with_its_pbt_state(ray_session, tmp_path
     run, args = tmp_path / "cut", ("--set", "pbt.perturbation_interval=2", "--set", "train.max_steps=1200")
     driver = run_pbt(tmp_path, "cut", *args)
     deadline = time.time() + 300
-    while time.time() < deadline and driver.poll() is None and not (
-            _carried_out(run) >= 1 and any(d["action"] == "exploit" for d in _saved_decisions(run))):
+    while (
+        time.time() < deadline
+        and driver.poll() is None
+        and not (_carried_out(run) >= 1 and any(d["action"] == "exploit" for d in _saved_decisions(run)))
+    ):
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray: no clean-up at all
     driver.wait(timeout=60)
@@ -179,11 +197,24 @@ def test_a_sigkilled_population_resumes_with_its_pbt_state(ray_session, tmp_path
     assert before and any(d["action"] == "exploit" for d in before), "the kill should land after an exploit"
 
     resumed_at = time.time()
-    assert pbt.main(["--config", str(Path(__file__).parents[1] / "configs" / "pbt-quick.yaml"),
-                     "--storage-path", str(tmp_path), "--name", "cut", *args, "--resume"]) == 0
-    trials, history, summary = read_tables(run)
+    assert (
+        pbt.main(
+            [
+                "--config",
+                str(Path(__file__).parents[1] / "configs" / "pbt-quick.yaml"),
+                "--storage-path",
+                str(tmp_path),
+                "--name",
+                "cut",
+                *args,
+                "--resume",
+            ]
+        )
+        == 0
+    )
+    trials, _history, summary = read_tables(run)
     after = json.loads((run / "pbt_state.json").read_text())["decisions"]
-    assert after[:len(before)] == before  # what PBT had decided is still its record
+    assert after[: len(before)] == before  # what PBT had decided is still its record
     assert [d["decision"] for d in after] == list(range(len(after)))  # its count went on
     assert len(after) > len(before)
     # Its clocks went on too: a member restarts from its last decision, so it is ranked again only at
@@ -192,14 +223,28 @@ def test_a_sigkilled_population_resumes_with_its_pbt_state(ray_session, tmp_path
     assert (trials["steps"] == 1200).all() and len(trials) == 5
     e = summary["exploits"]
     assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"] and e["exploits_mismatched"] == 0
-    assert (pd.read_parquet(run / LINEAGE)["timestamp"] >= resumed_at - 1).any(), "PBT exploits after a resume"
+    assert (pd.read_parquet(run / LINEAGE)["timestamp"] >= resumed_at - 1).any(), (
+        "PBT exploits after a resume"
+    )
     replay_matches(run, tmp_path / "replays")
 
 
 @pytest.mark.slow
 def test_synchronous_pbt_ranks_the_whole_population_at_every_sync_point(tmp_path):
-    finish(run_pbt(tmp_path, "sync", "--set", "pbt.synch=true", "--set", "pbt.perturbation_interval=2",
-                   "--set", "train.max_steps=400"), tmp_path, "sync")
+    finish(
+        run_pbt(
+            tmp_path,
+            "sync",
+            "--set",
+            "pbt.synch=true",
+            "--set",
+            "pbt.perturbation_interval=2",
+            "--set",
+            "train.max_steps=400",
+        ),
+        tmp_path,
+        "sync",
+    )
     decisions = json.loads((tmp_path / "sync" / "pbt_state.json").read_text())["decisions"]
     points = sorted({d["iteration"] for d in decisions})
     assert points == [2, 4, 6]  # 400 steps: 8 checks, the last one ends every member
@@ -213,7 +258,11 @@ def test_synchronous_pbt_ranks_the_whole_population_at_every_sync_point(tmp_path
 
 @pytest.mark.slow
 def test_a_population_stopped_at_the_target_says_so_and_its_first_member_there_wins(tmp_path):
-    finish(run_pbt(tmp_path, "stop", "--set", "pbt.stop_at_target=true", "--set", "train.target=0.9"), tmp_path, "stop")
+    finish(
+        run_pbt(tmp_path, "stop", "--set", "pbt.stop_at_target=true", "--set", "train.target=0.9"),
+        tmp_path,
+        "stop",
+    )
     trials, _, summary = read_tables(tmp_path / "stop")
     winner = trials.set_index("trial_id").loc[summary["winner"]["trial_id"]]
     assert summary["winner"]["trial_id"] == summary["first_to_target"]["trial_id"]
@@ -221,6 +270,8 @@ def test_a_population_stopped_at_the_target_says_so_and_its_first_member_there_w
     others = trials[trials["trial_id"] != summary["winner"]["trial_id"]]
     assert set(others["status"]) <= {"stopped", "reached"} and (others["status"] == "stopped").any()
     # the configuration that ran: members stop at the target only with the population
-    assert summary["config"]["train"]["stop_at_target"] is True and summary["config"]["train"]["val_every"] == 1
+    assert (
+        summary["config"]["train"]["stop_at_target"] is True and summary["config"]["train"]["val_every"] == 1
+    )
     rebuilt = write_tables(tmp_path / "stop", figures=False)["trials"]  # python -m pbt_lab.results RUN_DIR
     assert rebuilt.set_index("trial_id")["status"].equals(trials.set_index("trial_id")["status"])

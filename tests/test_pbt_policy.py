@@ -7,14 +7,23 @@ import numpy as np
 import pytest
 
 from pbt_lab.config import PBTConfig
-from pbt_lab.scheduler import ExplorePolicy, LabPBT, explore, truncate
+from pbt_lab.tuning.explore import ExplorePolicy, explore, truncate
+from pbt_lab.tuning.scheduler import LabPBT
 
 RANGES = {"adam": (1e-4, 1e-2), "gd": (1e-2, 1.0), "adadelta": (1.0, 100.0)}
 
 
 def policy(**kwargs) -> ExplorePolicy:
-    return ExplorePolicy(**{"optimizers": tuple(RANGES), "lr_ranges": RANGES, "perturbation_factors": (0.8, 1.2),
-                            "resample_probability": 0.25, "switch_probability": 0.0, **kwargs})
+    return ExplorePolicy(
+        **{
+            "optimizers": tuple(RANGES),
+            "lr_ranges": RANGES,
+            "perturbation_factors": (0.8, 1.2),
+            "resample_probability": 0.25,
+            "switch_probability": 0.0,
+            **kwargs,
+        }
+    )
 
 
 def place(lr, low, high):
@@ -24,8 +33,20 @@ def place(lr, low, high):
 # --- truncation ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, fraction, expected", [(5, 0.2, 1), (10, 0.2, 2), (15, 0.2, 3), (20, 0.2, 4), (16, 0.2, 3),
-                                                    (6, 0.34, 2), (4, 0.2, 1), (2, 0.5, 1), (30, 0.1, 3)])
+@pytest.mark.parametrize(
+    "n, fraction, expected",
+    [
+        (5, 0.2, 1),
+        (10, 0.2, 2),
+        (15, 0.2, 3),
+        (20, 0.2, 4),
+        (16, 0.2, 3),
+        (6, 0.34, 2),
+        (4, 0.2, 1),
+        (2, 0.5, 1),
+        (30, 0.1, 3),
+    ],
+)
 def test_bottom_and_top_are_floor_of_the_fraction(n, fraction, expected):
     scores = {f"m{i}": i / n for i in range(n)}
     lower, upper = truncate(scores, set(), fraction, np.random.default_rng(0))
@@ -35,7 +56,10 @@ def test_bottom_and_top_are_floor_of_the_fraction(n, fraction, expected):
 
 
 def test_unranked_members_are_left_out_and_one_ranked_member_decides_nothing():
-    assert truncate({"a": 0.5, "b": None, "c": float("nan")}, set(), 0.5, np.random.default_rng(0)) == ([], [])
+    assert truncate({"a": 0.5, "b": None, "c": float("nan")}, set(), 0.5, np.random.default_rng(0)) == (
+        [],
+        [],
+    )
     lower, upper = truncate({"a": 0.5, "b": None, "c": 0.9}, set(), 0.5, np.random.default_rng(0))
     assert (lower, upper) == (["a"], ["c"])
 
@@ -65,7 +89,9 @@ def test_ties_break_by_the_seeded_generator_whatever_order_members_are_listed_in
     def draw(seed, listed=scores):
         return truncate(listed, set(), 0.2, np.random.default_rng(seed))
 
-    assert draw(1) == draw(1) == draw(1, dict(reversed(scores.items())))  # a resume re-adds members in another order
+    assert (
+        draw(1) == draw(1) == draw(1, dict(reversed(scores.items())))
+    )  # a resume re-adds members in another order
     assert len({tuple(draw(seed)[0]) for seed in range(20)}) > 5  # not always the same members
 
 
@@ -138,7 +164,7 @@ def test_config_refuses_ranges_a_reflected_step_would_leave():
         PBTConfig(optimizers=["adam"], lr_ranges={"adam": [1e-3, 1.2e-3]})
     with pytest.raises(ValueError, match="other than 1"):
         PBTConfig(perturbation_factors=[1.0, 1.2])
-    with pytest.raises(ValueError, match="multiple of pbt.perturbation_interval"):
+    with pytest.raises(ValueError, match=r"multiple of pbt\.perturbation_interval"):
         PBTConfig(perturbation_interval=4, burn_in_period=6)
 
 
@@ -219,7 +245,7 @@ def test_synchronous_turns_never_run_a_member_past_the_next_sync_point():
 def test_keep_state_shares_the_scheduler_through_a_pickle_as_tuner_pkl_does():
     import ray.cloudpickle as pickle
 
-    from pbt_lab.scheduler import KeepPBTState
+    from pbt_lab.tuning.callbacks import KeepPBTState
 
     s = scheduler()
     scheduler_copy, keeper = pickle.loads(pickle.dumps((s, KeepPBTState(s))))

@@ -1,5 +1,6 @@
 """Faults survived: a killed worker, a killed driver, a diverging PBT member; nothing lost."""
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,8 @@ import pandas as pd
 import pytest
 
 from pbt_lab import grid, pbt
-from pbt_lab.results import LINEAGE, ray_trial_states, read_tables, write_tables
+from pbt_lab.names import LINEAGE
+from pbt_lab.results import ray_trial_states, read_tables, write_tables
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GRID_QUICK, PBT_QUICK = str(CONFIGS / "grid-quick.yaml"), str(CONFIGS / "pbt-quick.yaml")
@@ -25,15 +27,17 @@ GRID_QUICK, PBT_QUICK = str(CONFIGS / "grid-quick.yaml"), str(CONFIGS / "pbt-qui
 def _reports(trial_dir: Path) -> list[dict]:
     """A trial's reports so far (a line being written right now is skipped)."""
     reports = []
-    for line in (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []:
-        try:
+    for line in (
+        (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
+    ):
+        with contextlib.suppress(ValueError):
             reports.append(json.loads(line))
-        except ValueError:
-            pass
     return reports
 
 
-def _run_and_kill_its_worker(tmp_path: Path, name: str, before_kill=lambda trial_dir: None) -> tuple[int, dict]:
+def _run_and_kill_its_worker(
+    tmp_path: Path, name: str, before_kill=lambda trial_dir: None
+) -> tuple[int, dict]:
     """One grid trial (checkpoint every 2 checks, 2 restarts allowed) whose worker is killed with
     SIGKILL after its 5th check; returns the run's exit code and the step and pid it was killed at."""
     killed = {}
@@ -52,10 +56,30 @@ def _run_and_kill_its_worker(tmp_path: Path, name: str, before_kill=lambda trial
 
     killer = threading.Thread(target=kill_the_worker_mid_run, daemon=True)
     killer.start()
-    code = grid.main(["--config", GRID_QUICK, "--storage-path", str(tmp_path), "--name", name,
-                      "--set", "grid.optimizers=[adam]", "--set", "grid.lrs=[1.0e-3]",
-                      "--set", "train.stop_at_target=false", "--set", "train.max_steps=600",
-                      "--set", "run.checkpoint_every=2", "--set", "run.max_failures=2", "--set", "resources.gpu=0"])
+    code = grid.main(
+        [
+            "--config",
+            GRID_QUICK,
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            name,
+            "--set",
+            "grid.optimizers=[adam]",
+            "--set",
+            "grid.lrs=[1.0e-3]",
+            "--set",
+            "train.stop_at_target=false",
+            "--set",
+            "train.max_steps=600",
+            "--set",
+            "run.checkpoint_every=2",
+            "--set",
+            "run.max_failures=2",
+            "--set",
+            "resources.gpu=0",
+        ]
+    )
     killer.join()
     assert killed, "the worker was never killed"
     return code, killed
@@ -84,8 +108,10 @@ def test_a_corrupt_checkpoint_fails_its_trial_naming_the_file(ray_session, tmp_p
 
     code, _ = _run_and_kill_its_worker(tmp_path, "corrupt", before_kill=corrupt_checkpoints)
     assert code == 1  # the run ends, and says a trial failed
-    trials, _, summary = read_tables(tmp_path / "corrupt")
-    assert list(trials["status"]) == ["error"] and trials.iloc[0]["failures"] == 3  # the kill, then 2 restores
+    trials, _, _summary = read_tables(tmp_path / "corrupt")
+    assert (
+        list(trials["status"]) == ["error"] and trials.iloc[0]["failures"] == 3
+    )  # the kill, then 2 restores
     assert re.search(r"checkpoint .*checkpoint_\d+ is missing or corrupt", trials.iloc[0]["error"])
     assert "FAILED" in capsys.readouterr().out
 
@@ -101,10 +127,26 @@ def _finished_in_rays_saved_state(run: Path) -> set[str]:
 @pytest.mark.slow
 def test_sigkilled_grid_driver_resumes(ray_session, tmp_path):
     run = tmp_path / "cut"
-    args = ["--config", GRID_QUICK, "--storage-path", str(tmp_path), "--name", "cut", "--set", "resources.gpu=0",
-            "--set", "grid.optimizers=[adam, momentum]", "--set", "grid.lrs=[1.0e-3, 1.0e-2, 0.1, 1.0]"]
-    driver = subprocess.Popen([sys.executable, "-m", "pbt_lab.grid", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "--config",
+        GRID_QUICK,
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "cut",
+        "--set",
+        "resources.gpu=0",
+        "--set",
+        "grid.optimizers=[adam, momentum]",
+        "--set",
+        "grid.lrs=[1.0e-3, 1.0e-2, 0.1, 1.0]",
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pbt_lab.grid", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not _finished_in_rays_saved_state(run) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
@@ -141,10 +183,29 @@ def test_files_torn_by_a_killed_driver_fall_back_to_rays_state(quick_grid, tmp_p
 def test_diverging_members_are_recipients_never_donors(ray_session, tmp_path):
     # GD above 10 diverges within a check (loss past train.divergence_loss): those members must be
     # rescued by copying a healthy member, and the run must finish like any other.
-    assert pbt.main(["--config", PBT_QUICK, "--storage-path", str(tmp_path), "--name", "nan",
-                     "--set", "resources.gpu=0", "--set", "train.max_steps=400",
-                     "--set", "pbt.optimizers=[adam, gd]", "--set", "pbt.lr_ranges.gd=[30, 100]",
-                     "--set", "pbt.optimizer_switch_probability=0"]) == 0
+    assert (
+        pbt.main(
+            [
+                "--config",
+                PBT_QUICK,
+                "--storage-path",
+                str(tmp_path),
+                "--name",
+                "nan",
+                "--set",
+                "resources.gpu=0",
+                "--set",
+                "train.max_steps=400",
+                "--set",
+                "pbt.optimizers=[adam, gd]",
+                "--set",
+                "pbt.lr_ranges.gd=[30, 100]",
+                "--set",
+                "pbt.optimizer_switch_probability=0",
+            ]
+        )
+        == 0
+    )
     trials, history, summary = read_tables(tmp_path / "nan")
     lineage = pd.read_parquet(tmp_path / "nan" / LINEAGE)
     diverged = set(history.loc[history["status"] == "diverged", "trial_id"])
@@ -200,8 +261,14 @@ BAD_INPUTS = [
     (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray head answers there"),
     (["--address", "256.1.1.1:99999"], "port 99999 is not a TCP port"),
     (["--address", "256.1.1.1:6379"], "256.1.1.1 is not an IPv4 address"),
-    (["--set", "pbt.population=100000"], r"pbt.population=100000: its checkpoints need about .* GB and .* free"),
-    (["--set", "resources.cpu=64"], r"resources.cpu=64 but this machine has \d+ CPUs: one trial would never start"),
+    (
+        ["--set", "pbt.population=100000"],
+        r"pbt.population=100000: its checkpoints need about .* GB and .* free",
+    ),
+    (
+        ["--set", "resources.cpu=64"],
+        r"resources.cpu=64 but this machine has \d+ CPUs: one trial would never start",
+    ),
     (["--member", "abc_00001"], "--member names a member to replay: use it with --replay"),
 ]
 
@@ -214,11 +281,25 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, argv, mess
     (files / "typo.yaml").write_text("trian:\n  lr: 0.1\n")
     (files / "duplicate.yaml").write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
     (files / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    np.savez(files / "wrong_shape.npz", x_train=np.zeros((10, 27, 28), np.uint8), y_train=np.zeros(10, np.uint8),
-             x_test=np.zeros((10, 28, 28), np.uint8), y_test=np.zeros(10, np.uint8))
-    paths = {name: files / f"{name}{ext}" for name, ext in
-             (("missing", ".yaml"), ("malformed", ".yaml"), ("typo", ".yaml"), ("duplicate", ".yaml"), ("nodata", ".npz"),
-              ("corrupt", ".npz"), ("wrong_shape", ".npz"))}
+    np.savez(
+        files / "wrong_shape.npz",
+        x_train=np.zeros((10, 27, 28), np.uint8),
+        y_train=np.zeros(10, np.uint8),
+        x_test=np.zeros((10, 28, 28), np.uint8),
+        y_test=np.zeros(10, np.uint8),
+    )
+    paths = {
+        name: files / f"{name}{ext}"
+        for name, ext in (
+            ("missing", ".yaml"),
+            ("malformed", ".yaml"),
+            ("typo", ".yaml"),
+            ("duplicate", ".yaml"),
+            ("nodata", ".npz"),
+            ("corrupt", ".npz"),
+            ("wrong_shape", ".npz"),
+        )
+    }
     argv = [a.format(**paths) for a in argv]
     storage = tmp_path / "runs"
     with pytest.raises(SystemExit) as exit_:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from pbt_lab.config import ModelConfig, TrainConfig
-from pbt_lab.train import CAPPED, DIVERGED, REACHED, Trainer, main
+from pbt_lab.names import CAPPED, DIVERGED, REACHED
+from pbt_lab.train import main
+from pbt_lab.training.trainer import Trainer
 
 SMALL = ModelConfig(scale=0.25)
 
@@ -41,20 +43,24 @@ def test_gd_at_100_diverges_within_the_first_check(bundled):
     t = trainer(bundled, optimizer="gd", lr=100.0, steps_per_check=50)
     rows = []
     t.run(on_check=rows.append)
-    assert t.status == DIVERGED and len(rows) == 1 and t.step < 50
+    assert t.progress.status == DIVERGED and len(rows) == 1 and t.progress.step < 50
     assert all(np.isfinite(w).all() for w in weights(t))  # stopped before the non-finite update
 
 
 def test_without_the_divergence_stop_a_diverging_run_spends_its_whole_budget(bundled):
-    t = trainer(bundled, optimizer="gd", lr=100.0, steps_per_check=50, max_steps=100, stop_on_divergence=False)
+    t = trainer(
+        bundled, optimizer="gd", lr=100.0, steps_per_check=50, max_steps=100, stop_on_divergence=False
+    )
     t.run()
-    assert t.status == CAPPED and t.step == 100 and t.last["val_acc"] < 0.2  # what early stopping saves
+    assert (
+        t.progress.status == CAPPED and t.progress.step == 100 and t.progress.last["val_acc"] < 0.2
+    )  # what early stopping saves
 
 
 def test_seconds_budget_caps_the_run(bundled):
     t = trainer(bundled, optimizer="gd", lr=1e-6, max_seconds=0.5)
     t.run()
-    assert t.status == CAPPED and t.train_seconds >= 0.5
+    assert t.progress.status == CAPPED and t.progress.train_seconds >= 0.5
 
 
 def test_resume_is_exact(bundled, tmp_path):
@@ -66,13 +72,13 @@ def test_resume_is_exact(bundled, tmp_path):
     first.save(tmp_path / "ckpt")
     resumed = trainer(bundled, optimizer="adam", lr=1e-3, seed=7)  # another seed: the state must carry it
     resumed.restore(tmp_path / "ckpt")
-    assert resumed.step == 20
+    assert resumed.progress.step == 20
     resumed.check()
     resumed.check()
-    assert resumed.step == straight.step == 60
+    assert resumed.progress.step == straight.progress.step == 60
     for a, b in zip(weights(straight), weights(resumed)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
+    for a, b in zip(straight.optimizers.optimizer.variables, resumed.optimizers.optimizer.variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -84,12 +90,12 @@ def test_set_lr_scales_the_update_without_retracing(bundled, tmp_path):
     t.train(1)
     small = [w - s for w, s in zip(weights(t), start)]
     t.restore(tmp_path / "before")
-    traces = t.tracing_count
-    t.set_lr(0.02)
+    traces = t.optimizers.tracing_count
+    t.optimizers.set_lr(0.02)
     t.train(1)
     large = [w - s for w, s in zip(weights(t), start)]
-    assert t.tracing_count == traces == 1
-    assert float(t.optimizer.learning_rate) == pytest.approx(0.02)
+    assert t.optimizers.tracing_count == traces == 1
+    assert float(t.optimizers.optimizer.learning_rate) == pytest.approx(0.02)
     kernels = [i for i, s in enumerate(small) if s.ndim > 1]
     for i in kernels:  # plain gradient descent: twice the rate, twice the step
         np.testing.assert_allclose(large[i], 2 * small[i], rtol=1e-3, atol=1e-7)
@@ -101,14 +107,14 @@ def test_restore_keeps_the_configured_rate_and_changes_slots_only_with_the_same_
     donor.save(tmp_path / "donor")
     same = trainer(bundled, optimizer="adam", lr=5e-4)
     same.restore(tmp_path / "donor")
-    assert float(same.optimizer.learning_rate) == pytest.approx(5e-4)  # not the donor's 1e-3
-    assert int(same.optimizer.iterations) == 20
+    assert float(same.optimizers.optimizer.learning_rate) == pytest.approx(5e-4)  # not the donor's 1e-3
+    assert int(same.optimizers.optimizer.iterations) == 20
     assert same.state_digests() == donor.state_digests()  # the slots' digest leaves the rate out
     other = trainer(bundled, optimizer="momentum", lr=0.05)
     other.restore(tmp_path / "donor")
     assert other.state_digests()[0] == donor.state_digests()[0]
-    assert other.optimizer_steps == 0  # fresh slots for a different optimizer
-    assert all(not v.numpy().any() for v in other.optimizer.variables if "momentum" in v.path)
+    assert other.optimizers.steps == 0  # fresh slots for a different optimizer
+    assert all(not v.numpy().any() for v in other.optimizers.optimizer.variables if "momentum" in v.path)
 
 
 def test_state_digests_tell_one_changed_weight_step_or_slot(bundled, tmp_path):
@@ -122,29 +128,31 @@ def test_state_digests_tell_one_changed_weight_step_or_slot(bundled, tmp_path):
     copy.model.variables[0].assign_add(np.full(copy.model.variables[0].shape, 1e-6, np.float32))
     assert copy.state_digests()[0] != state
     copy.restore(tmp_path / "saved")
-    copy.optimizer.variables[-1].assign_add(np.ones(copy.optimizer.variables[-1].shape, np.float32))
+    copy.optimizers.optimizer.variables[-1].assign_add(
+        np.ones(copy.optimizers.optimizer.variables[-1].shape, np.float32)
+    )
     assert copy.state_digests() == (state, copy.state_digests()[1]) and copy.state_digests()[1] != slots
     copy.restore(tmp_path / "saved")
-    copy.step += 1
+    copy.progress.step += 1
     assert copy.state_digests()[0] != state
 
 
 def test_switching_optimizers_reuses_traced_calls(bundled):
     t = trainer(bundled, optimizer="adam", lr=1e-3)
     t.check()
-    t.set_optimizer("gd", 0.1)
+    t.optimizers.switch("gd", 0.1)
     t.check()
-    t.set_optimizer("adam", 1e-3)
-    assert int(t.optimizer.iterations) == 0  # fresh slots on switching
+    t.optimizers.switch("adam", 1e-3)
+    assert int(t.optimizers.optimizer.iterations) == 0  # fresh slots on switching
     t.check()
-    assert t.tracing_count == 2 and t.optimizer_name == "adam" and t.step == 60
+    assert t.optimizers.tracing_count == 2 and t.optimizers.name == "adam" and t.progress.step == 60
 
 
 def test_corrupt_checkpoint_is_a_clear_error(bundled, tmp_path):
     t = trainer(bundled)
     t.save(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "trainer.npz").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="checkpoint .*ckpt is missing or corrupt"):
+    with pytest.raises(ValueError, match=r"checkpoint .*ckpt is missing or corrupt"):
         t.restore(tmp_path / "ckpt")
 
 
@@ -175,9 +183,26 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
 
 def test_cli_prints_progress_then_json(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "pbt_lab.train", "--optimizer", "adam", "--lr", "1e-3", "--scale", "0.25",
-         "--data", "bundled", "--max-steps", "100", "--json"],
-        capture_output=True, text=True, check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pbt_lab.train",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-3",
+            "--scale",
+            "0.25",
+            "--data",
+            "bundled",
+            "--max-steps",
+            "100",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     ).stdout.splitlines()
     result = json.loads(out[-1])
     assert result["status"] in ("reached", "capped") and result["steps"] <= 100
@@ -193,7 +218,10 @@ def test_reset_trains_exactly_like_a_new_trainer(bundled):
     reused.check()
     fresh = trainer(bundled, optimizer="adam", lr=1e-3, seed=2)
     fresh.check()
-    assert reused.step == fresh.step == 20 and reused.train_seconds < fresh.train_seconds + 5
+    assert (
+        reused.progress.step == fresh.progress.step == 20
+        and reused.progress.train_seconds < fresh.progress.train_seconds + 5
+    )
     for a, b in zip(weights(reused), weights(fresh)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not reused.reset(TrainConfig(batch_size=50))  # baked into the traced call: needs a new Trainer

@@ -1,6 +1,6 @@
 """The lab's population-based training: Ray Tune's PBT with the semantics DESIGN §7 promises.
 
-    scheduler = LabPBT(ExplorePolicy.of(pbt_config), seed=0, ...)
+    scheduler = LabPBT(ExplorePolicy.of(pbt_config), seed=0, ...)   # ExplorePolicy: tuning.explore
     tune.Tuner(..., tune_config=TuneConfig(scheduler=scheduler),
                run_config=RunConfig(callbacks=[KeepPBTState(scheduler)]))
 
@@ -27,109 +27,34 @@ What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ray import tune
 from ray.train._internal.session import _FutureTrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
-from pbt_lab.config import quantile_size
 from pbt_lab.names import (
-    DIVERGED_FLAG, EXPLOIT, EXPLOITED, KEPT, LR, NO_CHECKPOINT, OPTIMIZER, PBT_STATE_FILE, SAVED, STATE_ID,
-    STEPS_TO_TARGET,
+    DIVERGED,
+    DIVERGED_FLAG,
+    EXPLOIT,
+    EXPLOITED,
+    KEPT,
+    LR,
+    NO_CHECKPOINT,
+    OPTIMIZER,
+    PBT_STATE_FILE,
+    SAVED,
+    SCORE,
+    STATE_ID,
 )
-
-
-
-# --- explore: pure, seeded -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExplorePolicy:
-    """How an exploit's new hyperparameters are drawn from its donor's."""
-
-    optimizers: tuple[str, ...]
-    lr_ranges: dict  # optimizer -> (low, high)
-    perturbation_factors: tuple[float, ...] = (0.8, 1.2)
-    resample_probability: float = 0.25
-    switch_probability: float = 0.0
-
-    @classmethod
-    def of(cls, pbt) -> ExplorePolicy:
-        """The policy of a ``PBTConfig``."""
-        return cls(tuple(pbt.optimizers), {o: tuple(pbt.lr_ranges[o]) for o in pbt.optimizers},
-                   tuple(pbt.perturbation_factors), pbt.resample_probability, pbt.optimizer_switch_probability)
-
-
-def _place(lr: float, low: float, high: float) -> float:
-    """Where ``lr`` sits in [low, high] on a log scale: 0 at low, 1 at high (clamped)."""
-    return min(max((math.log(lr) - math.log(low)) / (math.log(high) - math.log(low)), 0.0), 1.0)
-
-
-def explore(optimizer: str, lr: float, policy: ExplorePolicy, rng: np.random.Generator) -> dict:
-    """New hyperparameters from a donor's: ``{optimizer, lr, operation}``.
-
-    With ``switch_probability`` another optimizer (any of the others: names have no neighbours),
-    at the same relative place in its range. Then, with ``resample_probability``, a rate drawn
-    log-uniform from that optimizer's own range; otherwise the rate × f for an f of the factors,
-    reflected at the range's bound (× 1/f) when × f would leave it. A perturbed rate therefore
-    never equals the donor's and never leaves its range.
-    """
-    new = optimizer
-    others = [o for o in policy.optimizers if o != optimizer]
-    if others and rng.random() < policy.switch_probability:
-        new = others[rng.integers(len(others))]
-    low, high = policy.lr_ranges[new]
-    if new == optimizer:
-        base = min(max(lr, low), high)
-    else:
-        place = _place(lr, *policy.lr_ranges[optimizer])
-        base = math.exp(math.log(low) + place * (math.log(high) - math.log(low)))
-    switch = f"switch {optimizer}->{new}, " if new != optimizer else ""
-    if rng.random() < policy.resample_probability:
-        return {OPTIMIZER: new, LR: float(math.exp(rng.uniform(math.log(low), math.log(high)))),
-                "operation": f"{switch}resample"}
-    factor = policy.perturbation_factors[rng.integers(len(policy.perturbation_factors))]
-    if low <= base * factor <= high:
-        return {OPTIMIZER: new, LR: base * factor, "operation": f"{switch}* {factor:g}"}
-    # Reflected: the config check (ranges span max(f, 1/f)²) keeps base / factor inside.
-    return {OPTIMIZER: new, LR: base / factor, "operation": f"{switch}* {1 / factor:g} (reflected)"}
-
-
-def ranked_members(scores: dict, diverged: set) -> list:
-    """The members a decision ranks: those with a score, and every diverged one."""
-    return [m for m, s in scores.items() if m in diverged or (s is not None and not math.isnan(s))]
-
-
-def truncate(scores: dict, diverged: set, fraction: float, rng: np.random.Generator,
-             not_donors: set = frozenset(), name=str) -> tuple[list, list]:
-    """(lower, upper): who is replaced and who may donate, from ``scores`` (member -> score, higher
-    better; ``None`` or NaN: not ranked).
-
-    ``n = max(1, floor(fraction × ranked))``. Diverged members rank last and are all replaced, even
-    when there are more than ``n``; the top ``n`` healthy members donate (``not_donors`` are ranked
-    but never donate). Ties break in an order
-    drawn from ``rng`` over the members sorted by ``name`` (not by how they happen to be listed).
-    Empty lists when fewer than two are ranked or no healthy member is left to copy.
-    """
-    ranked = sorted(ranked_members(scores, diverged), key=name)
-    if len(ranked) < 2:
-        return [], []
-    n = quantile_size(fraction, len(ranked))
-    order = [ranked[i] for i in rng.permutation(len(ranked))]
-    order.sort(key=lambda m: (m not in diverged, scores[m] if m not in diverged else 0.0))  # stable: ties stay shuffled
-    lower = order[: max(n, sum(m in diverged for m in order))]
-    upper = [m for m in order if m not in diverged and m not in not_donors and m not in lower][-n:]
-    return (lower, upper) if upper else ([], [])
-
+from pbt_lab.tuning.explore import ExplorePolicy, explore, ranked_members, truncate
 
 # --- the scheduler -------------------------------------------------------------------------
 
@@ -138,16 +63,36 @@ class LabPBT(PopulationBasedTraining):
     """Ray's PBT with the lab's truncation, explore, seeding, record, resume and disk bound
     (module docstring). Time is ``training_iteration``: one check."""
 
-    def __init__(self, policy: ExplorePolicy, *, seed: int, metric: str, perturbation_interval: int,
-                 burn_in_period: int = 0, quantile_fraction: float = 0.2, mode: str = "max", synch: bool = False):
+    def __init__(
+        self,
+        policy: ExplorePolicy,
+        *,
+        seed: int,
+        metric: str,
+        perturbation_interval: int,
+        burn_in_period: int = 0,
+        quantile_fraction: float = 0.2,
+        mode: str = "max",
+        synch: bool = False,
+    ):
         super().__init__(
-            time_attr="training_iteration", metric=metric, mode=mode, perturbation_interval=perturbation_interval,
-            burn_in_period=burn_in_period, quantile_fraction=quantile_fraction,
+            time_attr="training_iteration",
+            metric=metric,
+            mode=mode,
+            perturbation_interval=perturbation_interval,
+            burn_in_period=burn_in_period,
+            quantile_fraction=quantile_fraction,
             # Named for Ray's console lines and trial tags only: ``explore`` draws the new values.
-            hyperparam_mutations={OPTIMIZER: list(policy.optimizers), LR: [min(r[0] for r in policy.lr_ranges.values()),
-                                                                          max(r[1] for r in policy.lr_ranges.values())]},
+            hyperparam_mutations={
+                OPTIMIZER: list(policy.optimizers),
+                LR: [
+                    min(r[0] for r in policy.lr_ranges.values()),
+                    max(r[1] for r in policy.lr_ranges.values()),
+                ],
+            },
             log_config=False,  # pbt_state.json records every decision, and survives a resume
-            synch=synch)
+            synch=synch,
+        )
         self._policy = policy
         self._rng = np.random.default_rng(seed)
         self._diverged: set[str] = set()  # members whose last result was diverged
@@ -190,11 +135,22 @@ class LabPBT(PopulationBasedTraining):
         self.prune(tune_controller.get_trials())
 
     def choose_trial_to_run(self, tune_controller):
-        waiting = [t for t in tune_controller.get_trials() if t.status in (Trial.PENDING, Trial.PAUSED)
-                   # Ray's sync rule: in synchronous mode nobody runs past the next sync point
-                   and (not self._synch or self._trial_state[t].last_train_time < self._next_perturbation_sync)]
-        return min(waiting, default=None, key=lambda t: (self._trial_state[t].last_train_time,
-                                                         self._last_report.get(t.trial_id, 0), t.trial_id))
+        waiting = [
+            t
+            for t in tune_controller.get_trials()
+            if t.status in (Trial.PENDING, Trial.PAUSED)
+            # Ray's sync rule: in synchronous mode nobody runs past the next sync point
+            and (not self._synch or self._trial_state[t].last_train_time < self._next_perturbation_sync)
+        ]
+        return min(
+            waiting,
+            default=None,
+            key=lambda t: (
+                self._trial_state[t].last_train_time,
+                self._last_report.get(t.trial_id, 0),
+                t.trial_id,
+            ),
+        )
 
     # --- decisions --------------------------------------------------------------------------
 
@@ -206,26 +162,44 @@ class LabPBT(PopulationBasedTraining):
         # bottom: half of all decisions became exploits, not a fifth); it is nobody's donor until it
         # has reported, as its checkpoint is still its donor's.
         pending = {t for t in scores if t.trial_id in self._pending}
-        lower, upper = truncate(scores, diverged, self._quantile_fraction, self._rng, not_donors=pending,
-                                name=lambda t: t.trial_id)
-        self._quantile_sizes = {"ranked": len(ranked_members(scores, diverged)), "lower": len(lower),
-                                "upper": len(upper), "diverged_ranked": len(diverged)}
+        lower, upper = truncate(
+            scores,
+            diverged,
+            self._quantile_fraction,
+            self._rng,
+            not_donors=pending,
+            name=lambda t: t.trial_id,
+        )
+        self._quantile_sizes = {
+            "ranked": len(ranked_members(scores, diverged)),
+            "lower": len(lower),
+            "upper": len(upper),
+            "diverged_ranked": len(diverged),
+        }
         return lower, upper
 
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
         state = self._trial_state[trial]
-        record = {"decision": len(self.decisions), "iteration": state.last_train_time, "member": trial.trial_id,
-                  "score": _plain(state.last_score * self._metric_op) if state.last_score is not None else None,
-                  "diverged": trial.trial_id in self._diverged, **self._quantile_sizes,
-                  "action": SAVED if trial in upper_quantile else KEPT}
+        record = {
+            "decision": len(self.decisions),
+            "iteration": state.last_train_time,
+            "member": trial.trial_id,
+            SCORE: _plain(state.last_score * self._metric_op) if state.last_score is not None else None,
+            DIVERGED: trial.trial_id in self._diverged,
+            **self._quantile_sizes,
+            "action": SAVED if trial in upper_quantile else KEPT,
+        }
         self._exploiting = None
         if trial in lower_quantile and upper_quantile:
             donor = upper_quantile[self._rng.integers(len(upper_quantile))]
             self._checkpoint_of_ranked_state(donor)
-            record.update(action=NO_CHECKPOINT, donor=donor.trial_id,
-                          donor_score=_plain(self._trial_state[donor].last_score * self._metric_op),
-                          old={OPTIMIZER: trial.config[OPTIMIZER], LR: trial.config[LR]},
-                          donor_config={OPTIMIZER: donor.config[OPTIMIZER], LR: donor.config[LR]})
+            record.update(
+                action=NO_CHECKPOINT,
+                donor=donor.trial_id,
+                donor_score=_plain(self._trial_state[donor].last_score * self._metric_op),
+                old={OPTIMIZER: trial.config[OPTIMIZER], LR: trial.config[LR]},
+                donor_config={OPTIMIZER: donor.config[OPTIMIZER], LR: donor.config[LR]},
+            )
             self._exploiting = record
             upper_quantile = [donor]  # Ray draws its donor from this list with the unseeded `random`
         self.decisions.append(record)
@@ -245,8 +219,12 @@ class LabPBT(PopulationBasedTraining):
         donor = trial_to_clone.config
         new = explore(donor[OPTIMIZER], donor[LR], self._policy, self._rng)
         record = self._exploiting
-        record.update(action=EXPLOITED, new={OPTIMIZER: new[OPTIMIZER], LR: new[LR]}, operation=new["operation"],
-                      donor_state_id=(self._trial_state[trial_to_clone].last_result or {}).get(STATE_ID))
+        record.update(
+            action=EXPLOITED,
+            new={OPTIMIZER: new[OPTIMIZER], LR: new[LR]},
+            operation=new["operation"],
+            donor_state_id=(self._trial_state[trial_to_clone].last_result or {}).get(STATE_ID),
+        )
         config = {**donor, OPTIMIZER: new[OPTIMIZER], LR: new[LR], EXPLOIT: record["decision"]}
         return config, {OPTIMIZER: new["operation"], LR: new["operation"]}
 
@@ -274,7 +252,9 @@ class LabPBT(PopulationBasedTraining):
                 saved = checkpoint.resolve(block=False)  # not saved yet: then it is registered nowhere either
                 checkpoint, result = (saved.checkpoint, saved.metrics) if saved else (None, None)
             latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
-            same = latest and (result or {}).get(STATE_ID) and latest.metrics.get(STATE_ID) == result[STATE_ID]
+            same = (
+                latest and (result or {}).get(STATE_ID) and latest.metrics.get(STATE_ID) == result[STATE_ID]
+            )
             if checkpoint is not None and same:
                 # Ray saved the same state twice (its PBT save, then a pause or periodic save): copy
                 # from the latest, so the other can go.
@@ -285,10 +265,8 @@ class LabPBT(PopulationBasedTraining):
             # With num_to_keep=None this is the checkpoint manager's own list, which Ray never prunes.
             registered = trial.run_metadata.checkpoint_manager.best_checkpoint_results
             for result in [r for r in registered if r.checkpoint.path not in needed]:
-                try:
+                with contextlib.suppress(OSError):  # already gone: forget it all the same
                     result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
-                except OSError:
-                    pass  # already gone: forget it all the same
                 registered.remove(result)
 
     # --- state across a resume --------------------------------------------------------------
@@ -298,24 +276,40 @@ class LabPBT(PopulationBasedTraining):
         members = {}
         for trial, s in self._trial_state.items():
             members[trial.trial_id] = {
-                "last_score": _plain(s.last_score), "last_perturbation_time": s.last_perturbation_time,
-                "last_train_time": s.last_train_time, "has_checkpoint": s.last_checkpoint is not None,
-                "diverged": trial.trial_id in self._diverged, "pending": trial.trial_id in self._pending,
-                "last_report": self._last_report.get(trial.trial_id, 0)}
+                "last_score": _plain(s.last_score),
+                "last_perturbation_time": s.last_perturbation_time,
+                "last_train_time": s.last_train_time,
+                "has_checkpoint": s.last_checkpoint is not None,
+                DIVERGED: trial.trial_id in self._diverged,
+                "pending": trial.trial_id in self._pending,
+                "last_report": self._last_report.get(trial.trial_id, 0),
+            }
         # "snapshot" first: prune() reads the stored file's first bytes only.
-        return {"snapshot": self._snapshot_count, "format": 1, "rng": self._rng.bit_generator.state,
-                "reports": self._reports,
-                "next_perturbation_sync": self._next_perturbation_sync, "members": members,
-                "decisions": self.decisions}
+        return {
+            "snapshot": self._snapshot_count,
+            "format": 1,
+            "rng": self._rng.bit_generator.state,
+            "reports": self._reports,
+            "next_perturbation_sync": self._next_perturbation_sync,
+            "members": members,
+            "decisions": self.decisions,
+        }
 
     def snapshot_taken(self) -> None:
         """Ray is writing an experiment snapshot: a resume restores each member from the latest
         checkpoint it names, so those stay until storage holds a later snapshot (Ray uploads in the
         background, and skips an upload while the one before is still going)."""
         self._snapshot_count += 1
-        self._snapshots.append((self._snapshot_count, {
-            r.checkpoint.path for t in self._trial_state
-            if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)}))
+        self._snapshots.append(
+            (
+                self._snapshot_count,
+                {
+                    r.checkpoint.path
+                    for t in self._trial_state
+                    if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)
+                },
+            )
+        )
 
     def _stored_snapshot(self) -> int | None:
         """The number of the snapshot storage holds, from its ``pbt_state.json`` (None: none yet)."""
@@ -323,7 +317,9 @@ class LabPBT(PopulationBasedTraining):
             return None
         storage = next(iter(self._trial_state)).storage
         try:
-            with storage.storage_filesystem.open_input_stream(f"{storage.experiment_fs_path}/{PBT_STATE_FILE}") as f:
+            with storage.storage_filesystem.open_input_stream(
+                f"{storage.experiment_fs_path}/{PBT_STATE_FILE}"
+            ) as f:
                 head = f.read(64).decode()
         except OSError:
             return None
@@ -341,14 +337,17 @@ class LabPBT(PopulationBasedTraining):
     def _apply_member_state(self, trial: Trial, member: dict) -> None:
         s = self._trial_state[trial]
         s.last_score = member["last_score"]
-        s.last_perturbation_time, s.last_train_time = member["last_perturbation_time"], member["last_train_time"]
+        s.last_perturbation_time, s.last_train_time = (
+            member["last_perturbation_time"],
+            member["last_train_time"],
+        )
         latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
         if latest:
             # It resumes from its latest checkpoint: the state of its last decision, reported then.
             s.last_result = latest.metrics
             if member["has_checkpoint"]:
                 s.last_checkpoint = latest.checkpoint
-        if member["diverged"]:
+        if member[DIVERGED]:
             self._diverged.add(trial.trial_id)
         if member["pending"]:
             self._pending.add(trial.trial_id)
@@ -358,44 +357,6 @@ class LabPBT(PopulationBasedTraining):
         """``pbt_state.json`` beside Ray's experiment state (synced with it): what the tables read."""
         if self._run_dir:
             _write_json_atomically(Path(self._run_dir) / PBT_STATE_FILE, state)
-
-
-class KeepPBTState(tune.Callback):
-    """Saves LabPBT's state with every experiment snapshot, restores it on resume.
-
-    Ray saves callback states in the same snapshot as the trials' (``callback-states-*.pkl``), so
-    a resumed scheduler matches the trials it resumes. It is handed the same scheduler object: Ray
-    pickles TuneConfig and RunConfig together in ``tuner.pkl``.
-    """
-
-    def __init__(self, scheduler: LabPBT):
-        self.scheduler = scheduler
-
-    def get_state(self) -> dict:
-        self.scheduler.snapshot_taken()
-        state = self.scheduler.state_dict()
-        self.scheduler.write_state(state)
-        return state
-
-    def set_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
-
-    def on_trial_save(self, iteration, trials, trial, **info):
-        self.scheduler.prune(trials)  # the new checkpoint may replace one (Ray saves a state twice)
-
-
-class PopulationStop(tune.Stopper):
-    """Stops every member once any member has reached the target (``pbt.stop_at_target``)."""
-
-    def __init__(self):
-        self.reached = False
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        self.reached = self.reached or result.get(STEPS_TO_TARGET) is not None
-        return False
-
-    def stop_all(self) -> bool:
-        return self.reached
 
 
 def _plain(value):

@@ -21,6 +21,7 @@ def build_cnn(
     The dense layer stays at ``dense_units`` by default, as in the code behind the study's figures,
     so the weight count grows about linearly with scale. Returns logits.
     """
+
     def width(n: int) -> int:
         return max(1, round(n * scale))
 

@@ -49,3 +49,58 @@ def make_optimizer(name: str, learning_rate: float, **overrides) -> keras.optimi
     """A fresh Keras optimizer for ``name`` with the study's TF1 defaults and ``overrides``."""
     cls, defaults = OPTIMIZERS[canonical_name(name)]
     return cls(learning_rate=float(learning_rate), **{**defaults, **overrides})
+
+
+class OptimizerBank:
+    """The optimizers a Trainer has used, each built and traced once, and the live one.
+
+    Switching back and forth (as PBT does) costs a variable reset, not a retrace: each optimizer
+    keeps its fresh variable values and the training call traced for it (``trace(optimizer)``).
+    """
+
+    def __init__(self, variables: list, trace):
+        self._variables, self._trace = variables, trace
+        self._built: dict[str, tuple[keras.optimizers.Optimizer, list, object]] = {}
+        self._key, self.name, self.lr = "", "", 0.0
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        return self._built[self._key][0]
+
+    @property
+    def train_fn(self):
+        """The traced training call of the live optimizer."""
+        return self._built[self._key][2]
+
+    def switch(self, name: str, lr: float, **overrides) -> None:
+        """Make ``name`` live with fresh slots and rate ``lr``."""
+        name = canonical_name(name)
+        key = f"{name} {sorted(overrides.items())}"
+        if key not in self._built:
+            optimizer = make_optimizer(name, lr, **overrides)
+            optimizer.build(self._variables)
+            self._built[key] = (optimizer, [v.numpy() for v in optimizer.variables], self._trace(optimizer))
+        optimizer, fresh, _ = self._built[key]
+        for variable, value in zip(optimizer.variables, fresh):
+            variable.assign(value)
+        self.name, self._key = name, key
+        self.set_lr(lr)
+
+    def set_lr(self, lr: float) -> None:
+        """Assign the live optimizer's learning-rate variable: the traced call reads it, no retrace."""
+        self.optimizer.learning_rate.assign(lr)
+        self.lr = float(lr)
+
+    @property
+    def steps(self) -> int:
+        """Updates the live optimizer's slots have seen (0: fresh slots)."""
+        return int(self.optimizer.iterations.numpy())
+
+    @property
+    def built(self) -> bool:
+        return bool(self._built)
+
+    @property
+    def tracing_count(self) -> int:
+        """How many times the training calls were traced (a retrace costs seconds)."""
+        return sum(fn.experimental_get_tracing_count() for _, _, fn in self._built.values())

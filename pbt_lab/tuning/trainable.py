@@ -32,19 +32,49 @@ from ray import tune
 
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
-    ANCESTRY, SAVED_BY, DIVERGED, DIVERGED_FLAG, EXPLOIT, LR, OPTIMIZER, OPTIMIZER_STEPS, RESTORED_ID, RESTORED_LR, RESTORED_OPTIMIZER,
-    RESTORED_OPTIMIZER_STEPS, RESTORED_SHA256, RESTORED_SLOTS_SHA256, SCORE, SEED, SEGMENT_FROM, SEGMENT_STEP,
-    SLOTS_SHA256, STATE_ID, STATE_SHA256, STEP, TEST_ACC,
+    ANCESTRY,
+    DIVERGED,
+    DIVERGED_FLAG,
+    EXPLOIT,
+    LR,
+    OPTIMIZER,
+    OPTIMIZER_STEPS,
+    RESTORED_ID,
+    RESTORED_LR,
+    RESTORED_OPTIMIZER,
+    RESTORED_OPTIMIZER_STEPS,
+    RESTORED_SHA256,
+    RESTORED_SLOTS_SHA256,
+    SAVED_BY,
+    SCORE,
+    SEED,
+    SEGMENT_FROM,
+    SEGMENT_STEP,
+    SLOTS_SHA256,
+    STATE_ID,
+    STATE_SHA256,
+    STEP,
+    TEST_ACC,
 )
 
 SEARCHED = (OPTIMIZER, LR, SEED)
 STATE_KEYS = (STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS)
-RESTORE_KEYS = (SEGMENT_FROM, SEGMENT_STEP, RESTORED_ID, RESTORED_SHA256, RESTORED_SLOTS_SHA256,
-                RESTORED_OPTIMIZER_STEPS, RESTORED_OPTIMIZER, RESTORED_LR, EXPLOIT)
+RESTORE_KEYS = (
+    SEGMENT_FROM,
+    SEGMENT_STEP,
+    RESTORED_ID,
+    RESTORED_SHA256,
+    RESTORED_SLOTS_SHA256,
+    RESTORED_OPTIMIZER_STEPS,
+    RESTORED_OPTIMIZER,
+    RESTORED_LR,
+    EXPLOIT,
+)
 
 
-def trial_space(train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None,
-                **searched) -> dict:
+def trial_space(
+    train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None, **searched
+) -> dict:
     """A Tune ``param_space``: the searched keys (values or Tune domains) and the fixed rest
     (``Launch.fit`` adds ``checkpoint_every``)."""
     fixed = {k: v for k, v in asdict(train).items() if k not in SEARCHED}
@@ -65,42 +95,53 @@ class LabTrainable(tune.Trainable):
     """Ray Tune's view of a Trainer: setup, step (one check), checkpoints, reset for reuse."""
 
     def setup(self, config: dict, data=None):
-        from pbt_lab import train  # TensorFlow loads here, on the worker: once per process
+        from pbt_lab.training import trainer  # TensorFlow loads here, on the worker: once per process
 
         self.threads = int(config["threads"])
-        train.configure_tensorflow(self.threads)
+        trainer.configure_tensorflow(self.threads)
         self.data = data  # kept: a reused actor may need a Trainer of another shape
-        self.trainer = train.Trainer(data, train_config(config), ModelConfig(**config["model"]))
+        self.trainer = trainer.Trainer(data, train_config(config), ModelConfig(**config["model"]))
         self._start()
 
     def _start(self) -> None:
         """A fresh trial on this actor: its ancestry starts here, at step 0."""
-        t = self.trainer
-        self._ancestry = [segment(0, t.optimizer_name, t.lr, t.data_seed, self.trial_id)]
+        self._ancestry = [self._segment_here()]
         self._live = None  # the live state's id and digests, once computed (None: changed since)
         # What the next report says about where its state came from: a fresh start here, or a restore.
         self._restore_report = {SEGMENT_FROM: self.trial_id, SEGMENT_STEP: 0}
         self._score, self._waited = None, 0
 
+    def _segment_here(self) -> dict:
+        """A segment of this trial's ancestry starting where its trainer stands now."""
+        t = self.trainer
+        return segment(t.progress.step, t.optimizers.name, t.optimizers.lr, t.order.seed, self.trial_id)
+
     def step(self) -> dict:
         population = self.config.get("population")
-        if population and self.trainer.status == DIVERGED:
+        if population and self.trainer.progress.status == DIVERGED:
             return self._report(self._wait_for_donor(population))
         started_at = time.time()
         self._follow_schedule()
-        before = self.trainer.train_seconds
+        before = self.trainer.progress.train_seconds
         row = self.trainer.check()
         self._live = None
-        diverged = self.trainer.status == DIVERGED
+        diverged = self.trainer.progress.status == DIVERGED
         # Wall-clock bounds of the check (Ray's timestamp is whole seconds): the gaps between one
         # report and the next check on a worker are what the benchmark charges to Tune.
-        result = {**row, "check_seconds": self.trainer.train_seconds - before, "started_at": started_at,
-                  "reported_at": time.time(), DIVERGED_FLAG: diverged,
-                  # Under PBT a diverged member keeps its slot until it exploits a better one.
-                  "done": self.trainer.done and not (population and diverged)}
+        result = {
+            **row,
+            "check_seconds": self.trainer.progress.train_seconds - before,
+            "started_at": started_at,
+            "reported_at": time.time(),
+            DIVERGED_FLAG: diverged,
+            # Under PBT a diverged member keeps its slot until it exploits a better one.
+            "done": self.trainer.done and not (population and diverged),
+        }
         if population:
             result[SCORE] = self._rank_score(population["metric"], row)
-        result["node_id"] = ray.get_runtime_context().get_node_id()  # Ray's node: node_ip is shared by nodes on one host
+        result["node_id"] = (
+            ray.get_runtime_context().get_node_id()
+        )  # Ray's node: node_ip is shared by nodes on one host
         self._waited = 0
         return self._report(result)
 
@@ -119,8 +160,12 @@ class LabTrainable(tune.Trainable):
     def _live_state(self) -> dict:
         if self._live is None:
             state, slots = self.trainer.state_digests()
-            self._live = {STATE_ID: uuid.uuid4().hex, STATE_SHA256: state, SLOTS_SHA256: slots,
-                           OPTIMIZER_STEPS: self.trainer.optimizer_steps}
+            self._live = {
+                STATE_ID: uuid.uuid4().hex,
+                STATE_SHA256: state,
+                SLOTS_SHA256: slots,
+                OPTIMIZER_STEPS: self.trainer.optimizers.steps,
+            }
         return self._live
 
     def _wait_for_donor(self, population: dict) -> dict:
@@ -128,23 +173,28 @@ class LabTrainable(tune.Trainable):
         copies a donor into it (a restore), or ends once PBT had its chance and did not (no
         healthy member was left to copy)."""
         self._waited += 1
-        return {**self.trainer.last, "check_seconds": 0.0, SCORE: self._score, DIVERGED_FLAG: True,
-                "done": self._waited > population["rescue_checks"]}
+        return {
+            **self.trainer.progress.last,
+            "check_seconds": 0.0,
+            SCORE: self._score,
+            DIVERGED_FLAG: True,
+            "done": self._waited > population["rescue_checks"],
+        }
 
     def _follow_schedule(self) -> None:
         """A replay's trial carries ``schedule`` [[step, optimizer, lr], …]: switch when a step is reached."""
         schedule = self.config.get("schedule")
         if not schedule:
             return
-        _, optimizer, lr = [c for c in schedule if c[0] <= self.trainer.step][-1]
-        if optimizer != self.trainer.optimizer_name:
-            self.trainer.set_optimizer(optimizer, lr)  # fresh slots, as when an exploit switches
-        elif lr != self.trainer.lr:
-            self.trainer.set_lr(lr)
+        bank = self.trainer.optimizers
+        _, optimizer, lr = [c for c in schedule if c[0] <= self.trainer.progress.step][-1]
+        if optimizer != bank.name:
+            bank.switch(optimizer, lr)  # fresh slots, as when an exploit switches
+        elif lr != bank.lr:
+            bank.set_lr(lr)
         else:
             return
-        t = self.trainer
-        self._ancestry.append(segment(t.step, t.optimizer_name, t.lr, t.data_seed, self.trial_id))
+        self._ancestry.append(self._segment_here())
 
     def _rank_score(self, metric: str, row: dict) -> float:
         """PBT's score, on every report (Ray requires it): the last validation carries forward until the
@@ -159,8 +209,9 @@ class LabTrainable(tune.Trainable):
         # The id the last report gave this state; a state no report described gets one of its own
         # (its exploits then count as unverifiable: the saver never reported its digests).
         state_id = self._live[STATE_ID] if self._live else uuid.uuid4().hex
-        self.trainer.save(checkpoint_dir, extra={SAVED_BY: self.trial_id, STATE_ID: state_id,
-                                                 ANCESTRY: self._ancestry})
+        self.trainer.save(
+            checkpoint_dir, extra={SAVED_BY: self.trial_id, STATE_ID: state_id, ANCESTRY: self._ancestry}
+        )
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         t = self.trainer
@@ -168,17 +219,29 @@ class LabTrainable(tune.Trainable):
         state, slots = t.state_digests()
         saver = meta.get(SAVED_BY)
         # Reported, not raised: the driver's audit compares these with what the saver reported.
-        self._restore_report = {SEGMENT_FROM: saver, SEGMENT_STEP: meta[STEP], RESTORED_ID: meta.get(STATE_ID),
-                          RESTORED_SHA256: state, RESTORED_SLOTS_SHA256: slots,
-                          RESTORED_OPTIMIZER_STEPS: t.optimizer_steps, RESTORED_OPTIMIZER: meta[OPTIMIZER],
-                          RESTORED_LR: float(t.optimizer.learning_rate.numpy()),
-                          EXPLOIT: self.config.get(EXPLOIT) if saver != self.trial_id else None}
-        self._live = {STATE_ID: meta.get(STATE_ID), STATE_SHA256: state, SLOTS_SHA256: slots,
-                       OPTIMIZER_STEPS: t.optimizer_steps}
-        self._ancestry = list(meta.get(ANCESTRY) or [segment(0, meta[OPTIMIZER], meta[LR], t.data_seed, saver)])
+        self._restore_report = {
+            SEGMENT_FROM: saver,
+            SEGMENT_STEP: meta[STEP],
+            RESTORED_ID: meta.get(STATE_ID),
+            RESTORED_SHA256: state,
+            RESTORED_SLOTS_SHA256: slots,
+            RESTORED_OPTIMIZER_STEPS: t.optimizers.steps,
+            RESTORED_OPTIMIZER: meta[OPTIMIZER],
+            RESTORED_LR: float(t.optimizers.optimizer.learning_rate.numpy()),
+            EXPLOIT: self.config.get(EXPLOIT) if saver != self.trial_id else None,
+        }
+        self._live = {
+            STATE_ID: meta.get(STATE_ID),
+            STATE_SHA256: state,
+            SLOTS_SHA256: slots,
+            OPTIMIZER_STEPS: t.optimizers.steps,
+        }
+        self._ancestry = list(
+            meta.get(ANCESTRY) or [segment(0, meta[OPTIMIZER], meta[LR], t.order.seed, saver)]
+        )
         last = self._ancestry[-1]
-        if saver != self.trial_id or (last[OPTIMIZER], last[LR]) != (t.optimizer_name, t.lr):
-            self._ancestry.append(segment(t.step, t.optimizer_name, t.lr, t.data_seed, self.trial_id))
+        if saver != self.trial_id or (last[OPTIMIZER], last[LR]) != (t.optimizers.name, t.optimizers.lr):
+            self._ancestry.append(self._segment_here())
         population = self.config.get("population")
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
         self._waited = 0
@@ -190,8 +253,8 @@ class LabTrainable(tune.Trainable):
         if model != self.trainer.model_cfg or not self.trainer.reset(train_cfg):
             # Another width (the scaling study) or traced setting: a new Trainer in this worker.
             # Ray 2.60 fails the trial if a reused actor answers False here; it does not start a fresh one.
-            from pbt_lab import train
+            from pbt_lab.training.trainer import Trainer
 
-            self.trainer = train.Trainer(self.data, train_cfg, model)
+            self.trainer = Trainer(self.data, train_cfg, model)
         self._start()
         return True

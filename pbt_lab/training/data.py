@@ -1,6 +1,6 @@
 """MNIST for the lab: load, validate and split it; make the bundled offline subset.
 
-    python -m pbt_lab.data make-subset ../shared/data/mnist.npz   # rebuilds pbt_lab/assets/
+    python -m pbt_lab.training.data make-subset ../shared/data/mnist.npz   # rebuilds pbt_lab/assets/
 
 Sources, in this order (DESIGN §6): an explicit ``.npz`` path, ``$PBT_LAB_DATA``, Keras's cache
 (downloaded by Keras when online). ``"bundled"`` is the small stratified subset shipped in the
@@ -23,7 +23,7 @@ import numpy as np
 from pbt_lab import UserError
 
 BUNDLED = "bundled"
-BUNDLED_PATH = Path(__file__).parent / "assets" / "mnist_subset.npz"
+BUNDLED_PATH = Path(__file__).parents[1] / "assets" / "mnist_subset.npz"
 ENV_VAR = "PBT_LAB_DATA"
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 # The study's split: the last 1/12 of the training images (5,000 of 60,000) validate.
@@ -112,9 +112,13 @@ def _validate(path: Path, a: dict[str, np.ndarray], fix: str) -> None:
     for part in ("train", "test"):
         x, y = a[f"x_{part}"], a[f"y_{part}"]
         if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
-            raise UserError(f"data file {path}: x_{part} is {x.dtype}{list(x.shape)}, expected uint8[N, 28, 28]: {fix}")
+            raise UserError(
+                f"data file {path}: x_{part} is {x.dtype}{list(x.shape)}, expected uint8[N, 28, 28]: {fix}"
+            )
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise UserError(f"data file {path}: y_{part} is {y.dtype}{list(y.shape)}, expected integers[{len(x)}]: {fix}")
+            raise UserError(
+                f"data file {path}: y_{part} is {y.dtype}{list(y.shape)}, expected integers[{len(x)}]: {fix}"
+            )
         if len(y) and (y.min() < 0 or y.max() > 9):
             raise UserError(f"data file {path}: y_{part} has labels outside 0..9: {fix}")
     if len(a["x_train"]) < VAL_FRACTION or len(a["x_test"]) == 0:
@@ -175,7 +179,9 @@ def make_subset(full: dict[str, np.ndarray], seed: int = SUBSET_SEED) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pbt_lab.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pbt_lab.training.data", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make-subset", help="rebuild the bundled subset from the full mnist.npz")
     make.add_argument("full", type=Path, help="the full Keras-layout mnist.npz")

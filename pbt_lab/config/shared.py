@@ -1,0 +1,159 @@
+"""The configs every experiment shares: model, training, data, resources, Tune's run settings.
+
+Defaults live here once, each field with a one-line docstring; every dataclass validates itself
+on construction (and on ``dataclasses.replace``), so a bad value fails with one clear line before
+any work starts. ``cli.load_config`` layers a YAML file (listing only what differs) and ``--set
+key=value`` overrides on top of the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pbt_lab.config.checks import TARGET_METRICS, canonical_name, positive, require
+from pbt_lab.names import OPTIMIZER, TRAIN_ACC
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The study's CNN (DESIGN §1)."""
+
+    scale: float = 1.0
+    """Width factor: multiplies the conv filters (32, 64)."""
+    scale_dense: bool = False
+    """Also multiply the dense layer by ``scale`` (the study's code kept it at 1024)."""
+    dense_units: int = 1024
+    """Units of the hidden dense layer at scale 1."""
+    dropout: float = 0.4
+    """Dropout rate before the output layer."""
+
+    def __post_init__(self):
+        positive("model.scale", self.scale)
+        positive("model.dense_units", self.dense_units, int)
+        require(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: optimizer, rate, target and budgets (the study's defaults)."""
+
+    optimizer: str = "adam"
+    """One of gd, momentum, adam, adagrad, adadelta, rmsprop (case-insensitive)."""
+    lr: float = 1e-3
+    """Learning rate."""
+    optimizer_args: dict = field(default_factory=dict)
+    """Keras arguments that override the optimizer's TF1 defaults, e.g. {epsilon: 1e-7}."""
+    batch_size: int = 100
+    """Images per training step."""
+    steps_per_check: int = 50
+    """Training steps fused into one call; metrics, target and budgets are checked between calls."""
+    target: float = 0.97
+    """Accuracy that counts as trained."""
+    target_metric: str = TRAIN_ACC
+    """train_acc (the study: accuracy over the last check's batches) or val_acc."""
+    stop_at_target: bool = True
+    """End the run when the target is reached (the study's criterion)."""
+    max_steps: int | None = None
+    """Step budget; None for no step cap."""
+    max_seconds: float | None = 120.0
+    """Budget in pure training seconds (the study's 120 s cap); None for no cap."""
+    divergence_loss: float | None = 1e3
+    """A training loss above this (chance is ln 10 ≈ 2.3), or a non-finite one, ends the run as diverged."""
+    stop_on_divergence: bool = True
+    """End a diverging run at once; false lets it run on to its budget (the benchmark's baseline)."""
+    val_every: int = 10
+    """Checks between validation passes (the last check always validates)."""
+    seed: int = 3141592
+    """Seeds weights, dropout and data order (the study's seed)."""
+    jit_compile: bool = False
+    """Compile the fused training call with XLA."""
+
+    def __post_init__(self):
+        object.__setattr__(self, OPTIMIZER, canonical_name(self.optimizer))
+        positive("train.lr", self.lr)
+        require(isinstance(self.optimizer_args, dict), "train.optimizer_args must be a mapping")
+        positive("train.batch_size", self.batch_size, int)
+        positive("train.steps_per_check", self.steps_per_check, int)
+        require(
+            isinstance(self.target, (int, float)) and 0 < self.target <= 1,
+            f"train.target must be in (0, 1], got {self.target!r}",
+        )
+        require(
+            self.target_metric in TARGET_METRICS,
+            f"train.target_metric must be one of {', '.join(TARGET_METRICS)}, got {self.target_metric!r}",
+        )
+        positive("train.max_steps", self.max_steps, int, allow_none=True)
+        positive("train.max_seconds", self.max_seconds, allow_none=True)
+        positive("train.divergence_loss", self.divergence_loss, allow_none=True)
+        positive("train.val_every", self.val_every, int)
+        require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            f"train.seed must be a non-negative integer, got {self.seed!r}",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where MNIST comes from (DESIGN §6)."""
+
+    source: str | None = None
+    """A Keras-layout mnist.npz path, 'bundled' (the offline subset), or null: $PBT_LAB_DATA, then Keras."""
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each trial holds while it runs."""
+
+    cpu: float = 1.0
+    """CPUs per trial; TensorFlow's thread pools are sized to match."""
+    gpu: float = 0.0
+    """GPUs per trial; a fraction (e.g. 0.25) shares one card between trials."""
+    max_concurrent: int | None = None
+    """Most trials at once; null: as many as the cluster's free resources allow."""
+
+    @property
+    def threads(self) -> int:
+        """TensorFlow threads per trial: its whole CPUs, at least one."""
+        return max(1, int(self.cpu))
+
+    def __post_init__(self):
+        positive("resources.cpu", self.cpu)
+        require(
+            isinstance(self.gpu, (int, float)) and self.gpu >= 0,
+            f"resources.gpu must be ≥ 0, got {self.gpu!r}",
+        )
+        positive("resources.max_concurrent", self.max_concurrent, int, allow_none=True)
+
+
+@dataclass(frozen=True)
+class TuneRunConfig:
+    """How Ray Tune runs and keeps the trials."""
+
+    checkpoint_every: int = 0
+    """Checks between checkpoints (0: none; an interrupted trial then restarts from scratch)."""
+    keep_checkpoints: int | None = 4
+    """Checkpoints kept per trial (null: all); PBT ignores it and keeps what exploits can still need."""
+    max_failures: int = 0
+    """Times a trial whose worker died is restarted from its last checkpoint."""
+
+    def __post_init__(self):
+        require(
+            isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+            f"run.checkpoint_every must be a non-negative integer, got {self.checkpoint_every!r}",
+        )
+        positive("run.keep_checkpoints", self.keep_checkpoints, int, allow_none=True)
+        require(
+            isinstance(self.max_failures, int) and self.max_failures >= -1,
+            f"run.max_failures must be an integer ≥ -1 (-1: forever), got {self.max_failures!r}",
+        )
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What every experiment has: data, model, training, per-trial resources, Tune's run settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: TuneRunConfig = field(default_factory=TuneRunConfig)

@@ -1,0 +1,33 @@
+"""The exhaustive baseline: every optimizer × learning rate trained to the target or its budget.
+
+    python -m pbt_lab.grid --config configs/grid-quick.yaml
+
+Reproduces the study's 6 × 48 grid (configs/grid.yaml) and maps its valley: time to target
+against learning rate, per optimizer. Writes the tables and figures of DESIGN §3 into the run
+directory and prints a per-optimizer table.
+"""
+
+from __future__ import annotations
+
+from ray import tune
+
+from pbt_lab import cli
+from pbt_lab.config import GridExperiment
+from pbt_lab.tuning.launch import fit
+from pbt_lab.tuning.trainable import trial_space
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = cli.parse("grid", GridExperiment, __doc__, argv)
+    cfg = run.cfg
+    space = trial_space(
+        cfg.train,
+        cfg.model,
+        threads=cfg.resources.threads,
+        optimizer=tune.grid_search(cfg.grid.optimizers),
+        lr=tune.grid_search(cfg.grid.lrs),
+        seed=tune.grid_search(cfg.grid.seeds),
+    )
+    with cli.one_line_errors(run):
+        fit(run, space)
+    return cli.finish(run)

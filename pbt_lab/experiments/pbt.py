@@ -1,0 +1,132 @@
+"""Population-based training on Ray Tune: a population of trainers that copy and mutate the best.
+
+    python -m pbt_lab.pbt --config configs/pbt-quick.yaml
+    python -m pbt_lab.pbt --replay RUN_DIR --set model.scale=1     # retrain the winner's schedule (replay.py)
+
+Every ``perturbation_interval`` checks a member is ranked: if it is in the bottom
+``max(1, floor(quantile_fraction × N))`` it copies a top member's checkpoint (weights, step, and the
+optimizer slots when the optimizer stays the same) and explores new hyperparameters inside its
+optimizer's range (``tuning/scheduler.py``: Ray Tune's PopulationBasedTraining with the lab's semantics).
+Every exploit is audited from both sides and lands in ``lineage.parquet``; the winner is chosen on
+validation and reported on the test split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, replace
+
+import numpy as np
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
+
+from pbt_lab import UserError, cli
+from pbt_lab.config import PBTConfig, PBTExperiment
+from pbt_lab.experiments.replay import replay_schedule, run_replay, source_config
+from pbt_lab.names import LR, OPTIMIZER, SCORE, SEED, STOPPED
+from pbt_lab.results.analysis import weight_count
+from pbt_lab.storage import free_bytes
+from pbt_lab.tuning.callbacks import KeepPBTState, PopulationStop
+from pbt_lab.tuning.explore import ExplorePolicy
+from pbt_lab.tuning.launch import fit
+from pbt_lab.tuning.scheduler import LabPBT
+from pbt_lab.tuning.trainable import trial_space
+
+CHECKPOINTS_PER_MEMBER = 3  # what the scheduler keeps at most, about (README, "What PBT does here")
+
+
+def seeds(p: PBTConfig) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """Independent streams from ``pbt.seed``: the initial population's, and the scheduler's."""
+    population, scheduler = np.random.SeedSequence(p.seed).spawn(2)
+    return population, scheduler
+
+
+def initial_population(p: PBTConfig, seed: int) -> list[dict]:
+    """Members' starting points: optimizer and log-uniform rate in its range, from ``pbt.seed``."""
+    rng = np.random.default_rng(seeds(p)[0])
+    members = []
+    for i in range(p.population):
+        optimizer = p.optimizers[rng.integers(len(p.optimizers))]
+        low, high = p.lr_ranges[optimizer]
+        members.append(
+            {OPTIMIZER: optimizer, LR: float(np.exp(rng.uniform(np.log(low), np.log(high)))), SEED: seed + i}
+        )
+    return members
+
+
+def validate(run: cli.Run) -> None:
+    """Before anything runs: a replay's member must have its ancestry, and a population's
+    checkpoints must fit the storage."""
+    if run.args.member and not run.args.replay:
+        raise UserError("--member names a member to replay: use it with --replay RUN_DIR")
+    if run.args.replay:
+        replay_schedule(run.args.replay, run.args.member)
+        return
+    p = run.cfg.pbt
+    # Weights and up to two slots per weight (Adam, Adadelta), 4 bytes each.
+    need = p.population * CHECKPOINTS_PER_MEMBER * 12 * weight_count(asdict(run.cfg.model))
+    free = free_bytes(run.storage_path)
+    if free is not None and need > free:
+        raise UserError(
+            f"pbt.population={p.population}: its checkpoints need about {need / 1e9:.3g} GB and "
+            f"{run.storage_path} has {free / 1e9:.3g} GB free"
+        )
+
+
+def run_population(run: cli.Run) -> int:
+    p = run.cfg.pbt
+    # A member ends at the target only when the population does; every member validates at each
+    # perturbation, where it is ranked. The summary records this effective configuration.
+    train = replace(
+        run.cfg.train,
+        stop_at_target=p.stop_at_target,
+        val_every=math.gcd(run.cfg.train.val_every, p.perturbation_interval),
+    )
+    run.cfg = replace(run.cfg, train=train)
+    members = initial_population(p, train.seed)
+    # A diverged member waits for PBT to copy a donor into it: past burn-in, PBT decides at least
+    # once per interval, and a donor may lack a checkpoint at the first decision.
+    population = {"metric": p.metric, "rescue_checks": p.burn_in_period + 2 * p.perturbation_interval}
+    # The searched keys must be in the space; points_to_evaluate gives each member its values.
+    space = trial_space(
+        train,
+        run.cfg.model,
+        threads=run.cfg.resources.threads,
+        population=population,
+        optimizer=tune.choice(p.optimizers),
+        lr=members[0][LR],
+        seed=train.seed,
+    )
+    scheduler = LabPBT(
+        ExplorePolicy.of(p),
+        seed=seeds(p)[1],
+        metric=SCORE,
+        perturbation_interval=p.perturbation_interval,
+        burn_in_period=p.burn_in_period,
+        quantile_fraction=p.quantile_fraction,
+        synch=p.synch,
+    )
+    with cli.one_line_errors(run):
+        fit(
+            run,
+            space,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(points_to_evaluate=members, random_state=p.seed),
+            num_samples=p.population,
+            stop=PopulationStop() if p.stop_at_target else None,
+            callbacks=[KeepPBTState(scheduler)],
+            checkpoint_every=p.perturbation_interval,
+            keep_all_checkpoints=True,
+        )  # the scheduler deletes what no exploit or resume can need
+    return cli.finish(run, stopped_as=STOPPED if p.stop_at_target else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def add_arguments(parser):
+        parser.add_argument(
+            "--replay", metavar="RUN_DIR", help="retrain the winner of this PBT run on a fresh model"
+        )
+        parser.add_argument("--member", metavar="TRIAL_ID", help="with --replay: retrain this member instead")
+
+    run = cli.parse("pbt", PBTExperiment, __doc__, argv, add_arguments, source_config, validate)
+    return run_replay(run) if run.args.replay else run_population(run)

@@ -1,0 +1,38 @@
+"""Ray's run directories → the tidy tables of DESIGN §3 → what they answer. Never imports Ray or
+TensorFlow: plots, the report and the notebooks read only what is here.
+
+    from pbt_lab.results import read_tables, write_tables
+    write_tables("~/ray_results/grid-quick")      # (re)builds the tables, summary.json and figures
+    trials, history, summary = read_tables("~/ray_results/grid-quick")
+
+- ``ray_files``: Ray's files read as JSON (no pickle);
+- ``tables``: trials, history, summary (and the PBT parts from ``lineage``), written and read;
+- ``lineage``: PBT's record read back: lineage table, exploit audit, quantile sizes, winner;
+- ``analysis``: width-study fits, compute curves;
+- ``console``: what a finished run prints and its exit code.
+"""
+
+from pbt_lab.results.analysis import compute_curve, compute_until, linear_fit, scaling_summary, weight_count
+from pbt_lab.results.console import console_summary, exit_status
+from pbt_lab.results.lineage import member_schedule, schedule_changes
+from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta
+from pbt_lab.results.tables import best_trial, per_optimizer, read_lineage_table, read_tables, write_tables
+
+__all__ = [
+    "best_trial",
+    "compute_curve",
+    "compute_until",
+    "console_summary",
+    "exit_status",
+    "linear_fit",
+    "member_schedule",
+    "per_optimizer",
+    "ray_trial_states",
+    "read_checkpoint_meta",
+    "read_lineage_table",
+    "read_tables",
+    "scaling_summary",
+    "schedule_changes",
+    "weight_count",
+    "write_tables",
+]

@@ -1,0 +1,34 @@
+"""Rebuild a run directory's tables and figures from Ray's files.
+
+python -m pbt_lab.results RUN_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pbt_lab import UserError
+from pbt_lab.results.console import console_summary
+from pbt_lab.results.tables import write_tables
+from pbt_lab.storage import is_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pbt_lab.config import OneLineParser
+
+    parser = OneLineParser(
+        prog="python -m pbt_lab.results", description="Rebuild a run directory's tables and figures."
+    )
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    try:
+        tables = write_tables(args.run_dir)
+    except UserError as e:
+        parser.error(str(e))
+    print(console_summary(tables, args.run_dir if is_uri(args.run_dir) else Path(args.run_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

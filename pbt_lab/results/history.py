@@ -1,0 +1,155 @@
+"""History rows from the trials' reports: one row per reported check, a restart's repeats
+replaced, and every state a trial described as one a checkpoint may be taken of."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pbt_lab.names import (
+    DIVERGED_FLAG,
+    EXPLOIT,
+    LR,
+    OPTIMIZER,
+    OPTIMIZER_STEPS,
+    RESTORED_ID,
+    RESTORED_LR,
+    RESTORED_OPTIMIZER,
+    RESTORED_OPTIMIZER_STEPS,
+    RESTORED_SHA256,
+    RESTORED_SLOTS_SHA256,
+    SCORE,
+    SECONDS_TO_TARGET,
+    SEGMENT_FROM,
+    SEGMENT_STEP,
+    SLOTS_SHA256,
+    STATE_ID,
+    STATE_SHA256,
+    STATUS,
+    STEP,
+    STEPS_TO_TARGET,
+    TEST_ACC,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    VAL_ACC,
+    VAL_LOSS,
+)
+
+HISTORY_COLUMNS = [
+    "trial_id",
+    "iteration",
+    STEP,
+    TRAIN_SECONDS,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+    TEST_ACC,
+    OPTIMIZER,
+    LR,
+    STATUS,
+    STEPS_TO_TARGET,
+    SECONDS_TO_TARGET,
+    "check_seconds",
+    SCORE,
+    DIVERGED_FLAG,
+    SEGMENT_FROM,
+    SEGMENT_STEP,
+    EXPLOIT,
+    RESTORED_ID,
+    RESTORED_SHA256,
+    RESTORED_SLOTS_SHA256,
+    RESTORED_OPTIMIZER_STEPS,
+    RESTORED_OPTIMIZER,
+    RESTORED_LR,
+    STATE_ID,
+    STATE_SHA256,
+    SLOTS_SHA256,
+    OPTIMIZER_STEPS,
+    "trial_seconds",
+    "timestamp",
+    "started_at",
+    "reported_at",
+    "node_ip",
+    "node_id",
+    "pid",
+]
+SAVED_STATE_COLUMNS = ["trial_id", STEP, OPTIMIZER, STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS]
+PER_TRIAL = [
+    "trial_dir",
+    "compute_train_seconds",
+    "compute_trial_seconds",
+]  # carried to the trials table only
+
+
+def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
+    """One row per reported check of every trial, in the order reported.
+
+    Rows that a trial re-ran after restarting from its own checkpoint (a resume, a worker
+    restart: what followed the report of the restored state) replace the ones they repeat, and
+    so does an exploit carried out again (a resumed
+    recipient restarting from the donor's checkpoint: same decision); an exploit starts a new
+    segment from the donor's state and keeps the recipient's earlier rows. ``check_seconds``
+    counts every row reported, repeats included: it is the compute really spent.
+    """
+    frames = []
+    for trial_dir, trial_reports in reports.items():
+        # Compute really spent, repeats included (older runs lack check_seconds: their last train_seconds).
+        spent = {
+            "compute_train_seconds": sum(r.get("check_seconds") or 0.0 for r in trial_reports)
+            or (trial_reports[-1].get(TRAIN_SECONDS) or 0.0),
+            "compute_trial_seconds": sum(r.get("time_this_iter_s") or 0.0 for r in trial_reports),
+        }
+        kept: list[dict] = []
+        for r in trial_reports:
+            row = {
+                **{k: r.get(k) for k in HISTORY_COLUMNS},
+                "iteration": r["training_iteration"],
+                "trial_seconds": r.get("time_total_s"),
+                "trial_dir": trial_dir,
+                **spent,
+            }
+            if row[SEGMENT_FROM] == row["trial_id"] and row[SEGMENT_STEP] is not None:
+                # A restart from its own checkpoint repeats what came after the report of the state
+                # it restored (an exploit can move a trial's step back, so steps alone can mislead).
+                at = next(
+                    (
+                        i
+                        for i in range(len(kept) - 1, -1, -1)
+                        if row[RESTORED_ID] and kept[i][STATE_ID] == row[RESTORED_ID]
+                    ),
+                    None,
+                )
+                kept = kept[: at + 1] if at is not None else [k for k in kept if k[STEP] <= row[SEGMENT_STEP]]
+            elif row[EXPLOIT] is not None:
+                again = next((i for i, k in enumerate(kept) if k[EXPLOIT] == row[EXPLOIT]), None)
+                kept = kept if again is None else kept[:again]
+            kept.append(row)
+        frames.append(pd.DataFrame(kept))
+    history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    history = history.reindex(columns=[*HISTORY_COLUMNS, *PER_TRIAL])
+    return history.astype(
+        {
+            VAL_ACC: float,
+            VAL_LOSS: float,
+            TRAIN_ACC: float,
+            TRAIN_LOSS: float,
+            TEST_ACC: float,
+            SCORE: float,
+            RESTORED_LR: float,
+            SEGMENT_STEP: "Int64",
+            EXPLOIT: "Int64",
+        }
+    ).reset_index(drop=True)
+
+
+def read_saved_states(reports: dict[str, list[dict]]) -> pd.DataFrame:
+    """Every state a trial described as one a checkpoint might be taken of (its digests), from all
+    its reports: a row a later restart re-ran still describes a checkpoint someone may have copied."""
+    rows = [
+        {k: r.get(k) for k in SAVED_STATE_COLUMNS}
+        for trial_reports in reports.values()
+        for r in trial_reports
+        if r.get(STATE_ID)
+    ]
+    return pd.DataFrame(rows, columns=SAVED_STATE_COLUMNS)

@@ -1,0 +1,116 @@
+"""Ray's files in a run directory, read as JSON only (no pickle): the trials' reports
+(``result.json``), their configs (``params.json``), Ray's experiment state, errors, checkpoints'
+metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pbt_lab import UserError
+from pbt_lab.names import PBT_STATE_FILE, SUMMARY
+from pbt_lab.storage import is_uri, staged
+
+
+def trial_dirs(run_dir: Path) -> list[Path]:
+    """The trial directories of a run: those holding Ray's ``params.json``."""
+    return sorted(p.parent for p in Path(run_dir).glob("*/params.json"))
+
+
+def read_reports(run_dir: Path, ray_states: dict) -> dict[str, list[dict]]:
+    """Trial dir name → every report the trial made, in order (Ray's ``result.json``), read once."""
+    found = {}
+    for trial_dir in trial_dirs(run_dir):
+        result_file = trial_dir / "result.json"
+        reports = _json_lines(result_file) if result_file.is_file() else []
+        if not reports and ray_states.get(trial_dir.name, {}).get("last_result"):
+            # A driver killed while copying the trial's files left them empty, but Ray's experiment
+            # state kept the trial's last report: its outcome survives, its earlier rows do not.
+            reports = [ray_states[trial_dir.name]["last_result"]]
+        if reports:
+            found[trial_dir.name] = reports
+    return found
+
+
+def _json_lines(path: Path) -> list[dict]:
+    """A JSON-lines file; a last line cut short (its writer was killed mid-write) is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    reports = []
+    for i, line in enumerate(lines):
+        try:
+            reports.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path} line {i + 1} is not JSON: the file is corrupt") from None
+    return reports
+
+
+def ray_trial_states(run_dir: Path) -> dict[str, dict]:
+    """Trial dir → Ray's view of the trial (status, failures so far, config, last report), from its
+    latest experiment state (JSON)."""
+    states = sorted(Path(run_dir).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    if not states:
+        return {}
+    found = {}
+    for state, run_metadata in json.loads(states[-1].read_text())["trial_data"]:
+        state, run_metadata = json.loads(state), json.loads(run_metadata)
+        found[state["relative_logdir"]] = {  # Ray's own keys and statuses (RUNNING, TERMINATED, ERROR…)
+            "status": state["status"],
+            "failures": int(run_metadata.get("num_failures") or 0),
+            "config": state["config"],
+            "last_result": run_metadata.get("last_result"),
+        }
+    return found
+
+
+def trial_params(trial_dir: Path, ray_config: dict | None) -> dict:
+    """A trial's config: its ``params.json``, else (cut short by a killed driver) Ray's experiment state."""
+    try:
+        return json.loads((trial_dir / "params.json").read_text())
+    except ValueError:
+        if ray_config is None:
+            raise UserError(
+                f"{trial_dir / 'params.json'} is corrupt and Ray's experiment state lacks the trial"
+            ) from None
+        return ray_config
+
+
+def last_error(trial_dir: Path) -> str:
+    """The exception line Ray wrote last into a failed trial's ``error.txt``."""
+    error = trial_dir / "error.txt"
+    lines = (
+        [line.strip() for line in error.read_text().splitlines() if line.strip()] if error.is_file() else []
+    )
+    return lines[-1] if lines else "no result was reported"
+
+
+def last_checkpoint(run_dir: Path, trial_dir: Path) -> str | None:
+    """A trial's newest checkpoint, relative to the run directory (a finished PBT member's: its state
+    at the end, ancestry included)."""
+    found = sorted(trial_dir.glob("checkpoint_*/trainer.json"))
+    return str(found[-1].parent.relative_to(run_dir)) if found else None
+
+
+def read_checkpoint_meta(run_dir: str | Path, checkpoint: str) -> dict:
+    """The metadata (``trainer.json``) of a run's checkpoint, named by its path in the run directory."""
+    if is_uri(run_dir):
+        with staged(str(run_dir), lambda relative: relative == f"{checkpoint}/trainer.json") as (local, _):
+            return read_checkpoint_meta(local, checkpoint)
+    path = Path(run_dir).expanduser() / checkpoint / "trainer.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: was the run's checkpoint deleted?")
+    return json.loads(path.read_text())
+
+
+def tables_inputs(relative: str) -> bool:
+    """What the tables are built from: Ray's files at the run's top level and in each trial directory."""
+    parts = relative.split("/")
+    return (
+        (
+            len(parts) == 1
+            and (parts[0] in (PBT_STATE_FILE, SUMMARY) or parts[0].startswith("experiment_state-"))
+        )
+        or (len(parts) == 2 and parts[1] in ("params.json", "result.json", "error.txt"))
+        or (len(parts) == 3 and parts[1].startswith("checkpoint_") and parts[2] == "trainer.json")
+    )  # ancestry

@@ -1,0 +1,339 @@
+"""Tidy tables from a Ray Tune run directory: the output contract of DESIGN §3.
+
+    from pbt_lab.results import write_tables, read_tables
+    write_tables("~/ray_results/grid-quick")      # (re)builds trials/history parquet + summary.json
+    trials, history, summary = read_tables("~/ray_results/grid-quick")
+
+Reads only what Ray and the trainable write as JSON (``params.json``, ``result.json``): no pickle.
+Everything downstream (plots, report, notebooks) reads these tables and never imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from pbt_lab import UserError
+from pbt_lab.names import (
+    CAPPED,
+    DIVERGED,
+    ERROR,
+    FIGURES,
+    HISTORY,
+    LINEAGE,
+    LR,
+    OPTIMIZER,
+    REACHED,
+    RUNNING,
+    SECONDS_TO_TARGET,
+    SEED,
+    STATUS,
+    STEP,
+    STEPS_TO_TARGET,
+    SUMMARY,
+    TEST_ACC,
+    TRAIN_ACC,
+    TRAIN_SECONDS,
+    TRIALS,
+    VAL_ACC,
+)
+from pbt_lab.results.analysis import scaling_summary, weight_count
+from pbt_lab.results.history import PER_TRIAL, read_history, read_saved_states
+from pbt_lab.results.lineage import member_schedule, pbt_summary
+from pbt_lab.results.lineage import plain as _plain
+from pbt_lab.results.ray_files import (
+    last_checkpoint,
+    last_error,
+    ray_trial_states,
+    read_reports,
+    tables_inputs,
+    trial_dirs,
+    trial_params,
+)
+from pbt_lab.storage import is_uri, staged
+
+
+def read_trials(
+    run_dir: Path, history: pd.DataFrame, stopped_as: str | None = None, ray_states: dict | None = None
+) -> pd.DataFrame:
+    """One row per trial: its configuration, outcome and compute. ``stopped_as`` names the status of
+    trials still running when the experiment stopped them (e.g. PBT's population stop)."""
+    rows = []
+    by_dir = dict(tuple(history.groupby("trial_dir")))
+    ray_states = ray_trial_states(run_dir) if ray_states is None else ray_states
+    for trial_dir in trial_dirs(run_dir):
+        ray_state = ray_states.get(trial_dir.name, {})
+        ray_status, failures = ray_state.get(STATUS), ray_state.get("failures", 0)
+        params = trial_params(trial_dir, ray_state.get("config"))
+        h = by_dir.get(trial_dir.name, history.iloc[:0])
+        last = h.iloc[-1] if len(h) else pd.Series(dtype=object)
+        val = h[VAL_ACC].dropna()
+        # Ray's own final status: a trial that failed and was restarted from a checkpoint recovered.
+        errored = (
+            not len(h)
+            or ray_status == "ERROR"
+            or (ray_status is None and (trial_dir / "error.txt").is_file())
+        )
+        rows.append(
+            {
+                # Final optimizer and rate (PBT changes them; a grid trial keeps its initial ones).
+                "trial_id": last.get("trial_id", trial_dir.name),
+                OPTIMIZER: last.get(OPTIMIZER, params[OPTIMIZER]),
+                LR: last.get(LR, params[LR]),
+                "initial_optimizer": params[OPTIMIZER],
+                "initial_lr": params[LR],
+                "scale": params["model"]["scale"],
+                "weights": weight_count(params["model"]),
+                SEED: params[SEED],
+                STATUS: ERROR
+                if errored
+                else (stopped_as or RUNNING)
+                if last[STATUS] == RUNNING
+                else last[STATUS],
+                STEPS_TO_TARGET: last.get(STEPS_TO_TARGET),
+                SECONDS_TO_TARGET: last.get(SECONDS_TO_TARGET),
+                "steps": last.get(STEP, 0),
+                TRAIN_SECONDS: last.get(TRAIN_SECONDS, 0.0),
+                "trial_seconds": last.get("trial_seconds", 0.0),
+                "compute_train_seconds": last.get("compute_train_seconds", 0.0),
+                "compute_trial_seconds": last.get("compute_trial_seconds", 0.0),
+                "final_train_acc": last.get(TRAIN_ACC),
+                "final_val_acc": val.iloc[-1] if len(val) else None,
+                "best_val_acc": val.max() if len(val) else None,
+                # Evaluated once, on the final state of a trial that ended on its own; never used to choose.
+                TEST_ACC: last.get(TEST_ACC),
+                ERROR: last_error(trial_dir) if errored else None,
+                "failures": failures,
+                "iterations": len(h),
+                "node_ip": last.get("node_ip"),
+                "node_id": last.get("node_id"),
+                "trial_dir": trial_dir.name,
+                "checkpoint": last_checkpoint(run_dir, trial_dir),
+            }
+        )
+    trials = pd.DataFrame(rows)
+    return trials.astype(
+        {
+            STEPS_TO_TARGET: "Int64",
+            SECONDS_TO_TARGET: float,
+            "final_val_acc": float,
+            "best_val_acc": float,
+            "final_train_acc": float,
+            TEST_ACC: float,
+        }
+    ).sort_values([OPTIMIZER, LR, SEED])
+
+
+def per_optimizer(trials: pd.DataFrame) -> dict:
+    """Per optimizer: best rate (fastest to target), its steps and seconds, the band of rates that reached."""
+    out = {}
+    for name, t in trials.groupby(OPTIMIZER):
+        reached = t[t[STATUS] == REACHED].sort_values([SECONDS_TO_TARGET, STEPS_TO_TARGET])
+        best = reached.iloc[0] if len(reached) else None
+        out[name] = {
+            "best_lr": float(best[LR]) if best is not None else None,
+            STEPS_TO_TARGET: int(best[STEPS_TO_TARGET]) if best is not None else None,
+            SECONDS_TO_TARGET: float(best[SECONDS_TO_TARGET]) if best is not None else None,
+            "band": [float(reached[LR].min()), float(reached[LR].max())] if len(reached) else None,
+            "reached_lrs": sorted(float(x) for x in reached[LR].unique()),
+            "trials": len(t),
+            REACHED: len(reached),
+            DIVERGED: int((t[STATUS] == DIVERGED).sum()),
+            CAPPED: int((t[STATUS] == CAPPED).sum()),
+            "errors": int((t[STATUS] == ERROR).sum()),
+        }
+    return out
+
+
+def best_trial(trials: pd.DataFrame) -> dict | None:
+    """The fastest trial to the target; if none reached it, the best validation accuracy."""
+    reached = trials[trials[STATUS] == REACHED].sort_values([SECONDS_TO_TARGET, STEPS_TO_TARGET])
+    pool = reached if len(reached) else trials.sort_values("best_val_acc", ascending=False)
+    if not len(pool):
+        return None
+    row = pool.iloc[0]
+    return {
+        k: _plain(row[k])
+        for k in (
+            "trial_id",
+            OPTIMIZER,
+            LR,
+            SEED,
+            "scale",
+            STATUS,
+            STEPS_TO_TARGET,
+            SECONDS_TO_TARGET,
+            "best_val_acc",
+            "final_val_acc",
+            TEST_ACC,
+            "trial_dir",
+        )
+    }
+
+
+def compute_totals(trials: pd.DataFrame, wall_seconds: float | None) -> dict:
+    """Compute spent, and what stopping divergent trials early saved (estimated: each diverged trial
+    would otherwise have run as long as the median trial that ran to its budget)."""
+    diverged = trials[trials[STATUS] == DIVERGED]
+    capped = trials[trials[STATUS] == CAPPED]
+    full_run = float(capped[TRAIN_SECONDS].median()) if len(capped) else None
+    return {
+        "trials": len(trials),
+        "steps": int(trials["steps"].sum()),
+        TRAIN_SECONDS: float(trials["compute_train_seconds"].sum()),
+        "trial_seconds": float(trials["compute_trial_seconds"].sum()),
+        "wall_seconds": wall_seconds,
+        "diverged_trials": len(diverged),
+        "diverged_train_seconds": float(diverged[TRAIN_SECONDS].sum()),
+        "divergence_saved_train_seconds_estimate": float(
+            (full_run - diverged[TRAIN_SECONDS]).clip(lower=0).sum()
+        )
+        if full_run
+        else 0.0,
+    }
+
+
+def versions() -> dict:
+    names = ("pbt_lab", "ray", "tensorflow", "keras", "numpy", "pandas", "pyarrow")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), **found}
+
+
+def write_tables(
+    run_dir: str | Path,
+    *,
+    kind: str | None = None,
+    config: dict | None = None,
+    data: dict | None = None,
+    wall_seconds: float | None = None,
+    figures: bool = True,
+    stopped_as: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Write trials.parquet, history.parquet, summary.json and figures/ into ``run_dir``.
+
+    Rebuildable: called on an existing run directory alone, it keeps what the last summary
+    recorded (kind, config, data, wall time) and refreshes the tables from Ray's files.
+    A URI run directory (``s3://…``) is read and written through pyarrow.fs.
+    """
+    if is_uri(run_dir):
+        outputs = (TRIALS, HISTORY, LINEAGE, SUMMARY, FIGURES)
+        with staged(str(run_dir), tables_inputs, upload=outputs) as (local, sizes):
+            try:
+                tables = write_tables(
+                    local,
+                    kind=kind,
+                    config=config,
+                    data=data,
+                    wall_seconds=wall_seconds,
+                    figures=figures,
+                    stopped_as=stopped_as,
+                    extra=extra,
+                )
+            except UserError as e:
+                raise UserError(str(e).replace(str(local), str(run_dir))) from None
+            summary = tables["summary"]
+            summary["run_dir"] = str(run_dir)
+            kept = sum(size for relative, size in sizes.items() if relative.split("/")[0] not in outputs)
+            summary["disk_bytes"] = kept + sum(
+                f.stat().st_size
+                for name in outputs
+                for f in [local / name, *(local / name).rglob("*")]
+                if f.is_file()
+            )
+            if "checkpoints" in summary:  # only their metadata came down: count the bytes where they are
+                summary["checkpoints"]["bytes"] = sum(
+                    size for relative, size in sizes.items() if "/checkpoint_" in f"/{relative}"
+                )
+            (local / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+        return tables
+    run_dir = Path(run_dir).expanduser()
+    if not trial_dirs(run_dir):
+        raise UserError(f"{run_dir} holds no Ray Tune trials")
+    previous = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+    stopped_as = stopped_as or previous.get("stopped_as")  # a rebuild keeps what the run said
+    ray_states = ray_trial_states(run_dir)  # Ray's experiment state, parsed once for both tables
+    reports = read_reports(run_dir, ray_states)
+    history = read_history(reports)
+    trials = read_trials(run_dir, history, stopped_as, ray_states)
+    history.drop(columns=PER_TRIAL).to_parquet(run_dir / HISTORY, index=False)
+    trials.to_parquet(run_dir / TRIALS, index=False)
+    kind = kind or previous.get("kind")
+    summary = {
+        "kind": kind,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(run_dir),
+        "config": config if config is not None else previous.get("config"),
+        "versions": versions(),
+        "data": data if data is not None else previous.get("data"),
+        "stopped_as": stopped_as,
+        "best": best_trial(trials),
+        "optimizers": per_optimizer(trials),
+        "compute": compute_totals(
+            trials,
+            wall_seconds if wall_seconds is not None else previous.get("compute", {}).get("wall_seconds"),
+        ),
+        **{k: previous[k] for k in ("replay_of", "trace_of") if k in previous},
+        **(extra or {}),
+    }
+    tables = {"trials": trials, "history": history, "summary": summary}
+    if kind == "scaling":
+        summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
+    if kind == "pbt":
+        pbt, tables["lineage"] = pbt_summary(
+            run_dir, summary["config"], trials, history, read_saved_states(reports)
+        )
+        tables["lineage"].to_parquet(run_dir / LINEAGE, index=False)
+        summary.update(pbt)
+        if pbt["winner"]["trial_id"]:
+            summary["best"] = {
+                **best_trial(trials[trials["trial_id"] == pbt["winner"]["trial_id"]]),
+                "schedule": pbt["winner"].get("schedule", []),
+            }
+    if kind in ("pbt", "replay") and summary["best"]:
+        tables["winner_rows"] = member_schedule(history, summary["best"]["trial_id"])  # for the figure
+    if figures:
+        from pbt_lab import plots
+
+        made = plots.run_figures(kind, tables, run_dir / FIGURES)
+        summary["figures"] = [str(p.relative_to(run_dir)) for p in made]
+    summary["disk_bytes"] = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+    return tables
+
+
+def read_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(trials, history, summary) of a run directory written by ``write_tables`` (a path or URI)."""
+    if is_uri(run_dir):
+        with staged(str(run_dir), lambda relative: relative in (TRIALS, HISTORY, SUMMARY)) as (local, _):
+            try:
+                return read_tables(local)
+            except UserError as e:
+                raise UserError(str(e).replace(str(local), str(run_dir))) from None
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / SUMMARY).is_file():
+        raise UserError(f"{run_dir} has no {SUMMARY}: run python -m pbt_lab.results {run_dir} to build it")
+    return (
+        pd.read_parquet(run_dir / TRIALS),
+        pd.read_parquet(run_dir / HISTORY),
+        json.loads((run_dir / SUMMARY).read_text()),
+    )
+
+
+def read_lineage_table(run_dir: str | Path) -> pd.DataFrame:
+    """The exploits of a PBT run directory written by ``write_tables`` (``lineage.parquet``)."""
+    path = Path(run_dir).expanduser() / LINEAGE
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {LINEAGE}: is it a PBT run?")
+    return pd.read_parquet(path)

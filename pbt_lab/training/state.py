@@ -1,0 +1,90 @@
+"""A run's state beside its weights and optimizer: where it is (``Progress``) and which images come
+next (``DataOrder``). Both are a few numbers, so a checkpoint saves and restores them exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pbt_lab.names import RUNNING, SECONDS_TO_TARGET, STATUS, STEP, STEPS_TO_TARGET, TRAIN_SECONDS
+
+
+class DataOrder:
+    """The order training images are drawn in: a fresh permutation per epoch, keyed by (seed, epoch).
+
+    Its whole state is three integers (seed, epoch, position), so it saves and restores exactly.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, position: int = 0):
+        self.n, self.seed, self.epoch, self.position = n, seed, epoch, position
+        self._perm = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n).astype(np.int32)
+
+    def take(self, steps: int, batch_size: int) -> np.ndarray:
+        """Indices for the next ``steps`` batches, shape (steps, batch_size), crossing epochs."""
+        need, parts = steps * batch_size, []
+        while need:
+            chunk = self._perm[self.position : self.position + need]
+            parts.append(chunk)
+            need -= len(chunk)
+            self.position += len(chunk)
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._perm = self._permutation()
+        return np.concatenate(parts).reshape(steps, batch_size)
+
+    def state(self) -> list[int]:
+        return [self.seed, self.epoch, self.position]
+
+    def restore(self, state: list[int]) -> None:
+        self.seed, self.epoch, self.position = map(int, state)
+        self._perm = self._permutation()
+
+
+@dataclass
+class Progress:
+    """How far a run has got, and how it stands: what ``check()`` updates and a checkpoint keeps."""
+
+    step: int = 0
+    """Training steps taken."""
+    checks: int = 0
+    """Checks (fused calls of ``steps_per_check`` steps) done."""
+    train_seconds: float = 0.0
+    """Seconds inside training steps only."""
+    status: str = RUNNING
+    """running, then reached, capped or diverged."""
+    steps_to_target: int | None = None
+    seconds_to_target: float | None = None
+    last: dict = field(default_factory=dict)
+    """The last check's metrics row."""
+
+    def meta(self) -> dict:
+        """For a checkpoint's metadata (the metric names as keys)."""
+        return {
+            STEP: self.step,
+            "checks": self.checks,
+            TRAIN_SECONDS: self.train_seconds,
+            STATUS: self.status,
+            STEPS_TO_TARGET: self.steps_to_target,
+            SECONDS_TO_TARGET: self.seconds_to_target,
+            "last": self.last,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Progress:
+        return cls(
+            meta[STEP],
+            meta["checks"],
+            meta[TRAIN_SECONDS],
+            meta[STATUS],
+            meta[STEPS_TO_TARGET],
+            meta[SECONDS_TO_TARGET],
+            meta.get("last", {}),
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,275 @@
+"""A plain-TensorFlow trainer for the study's CNN: no Ray here.
+
+    python -m pbt_lab.train --optimizer adam --lr 0.00146 --data bundled --scale 0.25   # pbt_lab/train.py
+
+K training steps run fused in one ``tf.function`` call (a "check"); between checks the trainer
+records accuracy, tests the target and the budgets, and stops at once when the loss turns
+non-finite or explodes (diverged). Its whole state saves to and restores from a directory
+exactly (``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # keep TF's start-up INFO lines off the console
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pbt_lab.config import ModelConfig, TrainConfig
+from pbt_lab.names import (
+    CAPPED,
+    DIVERGED,
+    LR,
+    OPTIMIZER,
+    REACHED,
+    RUNNING,
+    SECONDS_TO_TARGET,
+    SEED,
+    STATUS,
+    STEP,
+    STEPS_TO_TARGET,
+    TEST_ACC,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    VAL_ACC,
+    VAL_LOSS,
+)
+from pbt_lab.training import checkpoint
+from pbt_lab.training.data import Mnist
+from pbt_lab.training.model import build_cnn
+from pbt_lab.training.optimizers import OptimizerBank
+from pbt_lab.training.state import DataOrder, Progress
+
+EVAL_BATCH = 1000
+TRACED = ("batch_size", "jit_compile", "divergence_loss", "stop_on_divergence")  # baked into the traced call
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras's global seed generator (weights, dropout)."""
+    keras.utils.set_random_seed(seed)
+
+
+def configure_tensorflow(threads: int | None = None) -> None:
+    """TF thread pools sized to this process's CPUs, and GPU memory growth.
+
+    Must run before TF touches a device: afterwards TF refuses the change (we then keep TF's own
+    setting). Memory growth lets fractional-GPU trials share one card instead of the first
+    trial grabbing all of its memory.
+    """
+    try:
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        pass  # TF already initialized in this process: its settings stand
+
+
+class Trainer:
+    """Trains the study's CNN on MNIST with one optimizer and learning rate; see the module doc.
+
+    ``check()`` runs one fused call of ``steps_per_check`` steps and returns its metrics;
+    ``run()`` checks until the target, a budget or divergence ends the run. The live optimizer
+    is ``optimizers`` (switch it, or its rate, between checks), the run's state ``progress`` and
+    ``order``; ``checkpoint.save`` / ``checkpoint.restore`` keep them.
+    """
+
+    def __init__(self, data: Mnist, train: TrainConfig | None = None, model: ModelConfig | None = None):
+        self.cfg, self.model_cfg = train or TrainConfig(), model or ModelConfig()
+        self.model = build_cnn(**asdict(self.model_cfg))
+        # Images stay uint8 on the device (4× less memory, and what the object store ships);
+        # each step gathers its batch and converts it inside the traced call.
+        self._train = (tf.constant(data.x_train), tf.constant(data.y_train.astype(np.int32)))
+        self._val = (tf.constant(data.x_val), tf.constant(data.y_val.astype(np.int32)))
+        self._test = (data.x_test, data.y_test)  # evaluated once, at the end (``evaluate_test``)
+        self._eval_fn = self._make_eval_fn()
+        self.optimizers = OptimizerBank(self.model.trainable_variables, self._make_train_fn)
+        self.reset(self.cfg)
+
+    def reset(self, train: TrainConfig) -> bool:
+        """Start a fresh run with ``train`` (new seed, optimizer, rate, budgets) on this trainer.
+
+        Weights are re-initialized exactly as a new Trainer would initialize them, and the traced
+        calls are reused (Ray Tune reuses actors this way). False, changing nothing, if ``train``
+        differs in a setting baked into the traced calls: then build a new Trainer.
+        """
+        if self.optimizers.built and any(getattr(train, k) != getattr(self.cfg, k) for k in TRACED):
+            return False
+        seed_everything(train.seed)
+        for variable, value in zip(self.model.variables, build_cnn(**asdict(self.model_cfg)).variables):
+            variable.assign(value)
+        self.cfg = train
+        self.order = DataOrder(len(self._train[1]), train.seed)
+        self.optimizers.switch(train.optimizer, train.lr, **train.optimizer_args)
+        self.progress = Progress()
+        return True
+
+    # --- the traced calls --------------------------------------------------------------------
+
+    def _make_train_fn(self, optimizer):
+        model, (x, y) = self.model, self._train
+        variables = model.trainable_variables
+        max_loss = self.cfg.divergence_loss or float("inf")
+        stop = self.cfg.stop_on_divergence
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, self.cfg.batch_size], tf.int32)],
+            jit_compile=self.cfg.jit_compile,
+        )
+        def train_steps(batches):
+            done, loss_sum, correct = tf.constant(0), tf.constant(0.0), tf.constant(0)
+            diverged = tf.constant(False)
+            for i in tf.range(tf.shape(batches)[0]):
+                xb = tf.cast(tf.gather(x, batches[i]), tf.float32)[..., None] / 255.0
+                yb = tf.gather(y, batches[i])
+                with tf.GradientTape() as tape:
+                    logits = model(xb, training=True)
+                    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
+                if not tf.math.is_finite(loss) or loss > max_loss:
+                    diverged = tf.constant(True)
+                    if stop:
+                        break  # before the update: the weights stay as they were
+                optimizer.apply(tape.gradient(loss, variables), variables)
+                done += 1
+                loss_sum += loss
+                correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1, output_type=tf.int32) == yb, tf.int32))
+            return done, loss_sum, correct, diverged
+
+        return train_steps
+
+    def _make_eval_fn(self):
+        model = self.model
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8), tf.TensorSpec([None], tf.int32)]
+        )
+        def evaluate(x, y):
+            n = tf.shape(y)[0]
+            loss_sum, correct = tf.constant(0.0), tf.constant(0)
+            for start in tf.range(0, n, EVAL_BATCH):
+                xb = tf.cast(x[start : start + EVAL_BATCH], tf.float32)[..., None] / 255.0
+                yb = y[start : start + EVAL_BATCH]
+                logits = model(xb, training=False)
+                loss_sum += tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
+                correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1, output_type=tf.int32) == yb, tf.int32))
+            n_float = tf.cast(n, tf.float32)
+            return tf.cast(correct, tf.float32) / n_float, loss_sum / n_float
+
+        return evaluate
+
+    # --- training ----------------------------------------------------------------------------
+
+    def train(self, steps: int) -> dict:
+        """Run ``steps`` training steps in one call (fewer if the loss diverges)."""
+        batches = self.order.take(steps, self.cfg.batch_size)
+        start = time.perf_counter()
+        done, loss_sum, correct, diverged = self.optimizers.train_fn(batches)
+        done = int(done)  # note: a device-to-host sync point, so the time below is the real one
+        self.progress.train_seconds += time.perf_counter() - start
+        self.progress.step += done
+        return {
+            TRAIN_ACC: float(correct) / (done * self.cfg.batch_size) if done else float("nan"),
+            TRAIN_LOSS: float(loss_sum) / done if done else float("nan"),
+            DIVERGED: bool(diverged),
+        }
+
+    def evaluate(self, x=None, y=None) -> tuple[float, float]:
+        """(accuracy, mean loss) on the validation split, or on ``x``/``y`` if given."""
+        if x is None:
+            x, y = self._val
+        acc, loss = self._eval_fn(x, tf.cast(y, tf.int32))
+        return float(acc), float(loss)
+
+    def evaluate_test(self) -> float:
+        """Accuracy on the held-out test split: call it once, when the run has ended and nothing is
+        chosen any more (winners are chosen on validation)."""
+        return self.evaluate(*self._test)[0]
+
+    def check(self) -> dict:
+        """Train one check (K steps), then update target, budgets and status; returns the metrics row."""
+        cfg, p = self.cfg, self.progress
+        steps = min(cfg.steps_per_check, cfg.max_steps - p.step) if cfg.max_steps else cfg.steps_per_check
+        result = self.train(steps)
+        p.checks += 1
+        row = {
+            STEP: p.step,
+            TRAIN_SECONDS: p.train_seconds,
+            TRAIN_ACC: result[TRAIN_ACC],
+            TRAIN_LOSS: result[TRAIN_LOSS],
+            VAL_ACC: None,
+            VAL_LOSS: None,
+            OPTIMIZER: self.optimizers.name,
+            LR: self.optimizers.lr,
+        }
+        if result[DIVERGED] and cfg.stop_on_divergence:
+            p.status = DIVERGED
+        elif cfg.target_metric == VAL_ACC or p.checks % cfg.val_every == 0:
+            row[VAL_ACC], row[VAL_LOSS] = self.evaluate()
+        if p.status != DIVERGED:
+            if p.steps_to_target is None and (row[cfg.target_metric] or 0.0) >= cfg.target:
+                p.steps_to_target, p.seconds_to_target = p.step, p.train_seconds
+            out_of_budget = (cfg.max_steps and p.step >= cfg.max_steps) or (
+                cfg.max_seconds and p.train_seconds >= cfg.max_seconds
+            )
+            if p.steps_to_target is not None and (cfg.stop_at_target or out_of_budget):
+                p.status = REACHED
+            elif out_of_budget:
+                p.status = CAPPED
+        if self.done and row[VAL_ACC] is None:
+            row[VAL_ACC], row[VAL_LOSS] = self.evaluate()  # every run ends with a validation
+        row.update(
+            {STATUS: p.status, STEPS_TO_TARGET: p.steps_to_target, SECONDS_TO_TARGET: p.seconds_to_target}
+        )
+        p.last = row
+        return row
+
+    @property
+    def done(self) -> bool:
+        return self.progress.status != RUNNING
+
+    def run(self, on_check=None) -> dict:
+        """Check until the run ends, then evaluate on the test split once; ``on_check(row)`` sees every
+        row. Returns ``summary()``."""
+        while not self.done:
+            row = self.check()
+            if on_check:
+                on_check(row)
+        self.progress.last[TEST_ACC] = self.evaluate_test()
+        return self.summary()
+
+    def summary(self) -> dict:
+        """The run's outcome: status, steps/seconds to target, budgets used, final accuracies."""
+        p = self.progress
+        return {
+            STATUS: p.status,
+            OPTIMIZER: self.optimizers.name,
+            LR: self.optimizers.lr,
+            "scale": self.model_cfg.scale,
+            SEED: self.cfg.seed,
+            "steps": p.step,
+            STEPS_TO_TARGET: p.steps_to_target,
+            SECONDS_TO_TARGET: p.seconds_to_target,
+            TRAIN_SECONDS: p.train_seconds,
+            "final_train_acc": p.last.get(TRAIN_ACC),
+            "final_val_acc": p.last.get(VAL_ACC),
+            TEST_ACC: p.last.get(TEST_ACC),
+        }
+
+    # --- state (checkpoint.py does the files) ------------------------------------------------
+
+    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+        return checkpoint.save(self, directory, extra)
+
+    def restore(self, directory: str | os.PathLike) -> dict:
+        return checkpoint.restore(self, directory)
+
+    def state_digests(self) -> tuple[str, str]:
+        return checkpoint.digests(self)

@@ -1,0 +1,140 @@
+"""Runs a validated command (``cli.Run``) on Ray Tune with the lab's trainable: starts a local Ray
+or joins a cluster, checks that one trial fits, builds (or restores) the Tuner, and keeps every
+report Ray's loggers would lose.
+
+    run = cli.parse("grid", GridExperiment, __doc__, argv)
+    with cli.one_line_errors(run):
+        fit(run, param_space)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+from pbt_lab import UserError
+from pbt_lab.tuning.trainable import LabTrainable
+
+TRIAL_SLOT = "pbt_lab_trial_slot"  # a local Ray's custom resource: resources.max_concurrent of them
+
+
+class _KeepLocalLog:
+    """Ray's trial loggers minus a loss of results (Ray 2.60, seen here).
+
+    Ray copies a trial's ``result.json`` and ``progress.csv`` back from storage whenever the
+    trial restarts from a checkpoint, as PBT's members do after every pause: storage lags the
+    driver's own copy by up to an experiment snapshot (≥ 10 s), so the reports in between were
+    overwritten. These fetch the file only when this driver has none (a resumed run).
+    """
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)
+
+
+class JsonLog(_KeepLocalLog, JsonLoggerCallback):
+    """``result.json``, every report kept."""
+
+
+class CSVLog(_KeepLocalLog, CSVLoggerCallback):
+    """``progress.csv``, every report kept."""
+
+
+def start_ray(run, search_alg) -> dict:
+    """Start a local Ray (or join ``--address`` / ``RAY_ADDRESS``) and check that one trial fits;
+    returns the extra resources each trial holds (a local Ray's trial slots)."""
+    res = run.cfg.resources
+    # A cluster (--address, or RAY_ADDRESS as set for a Ray Job's driver) may still grow nodes
+    # through its autoscaler; a local Ray never does, so a trial it cannot hold would wait forever.
+    address = run.address or os.environ.get("RAY_ADDRESS")
+    started = not ray.is_initialized()
+    # Ray ignores max_concurrent_trials beside a search algorithm (PBT's): a local Ray started
+    # here gets that many trial slots instead, a resource every search honours.
+    slots = {TRIAL_SLOT: res.max_concurrent} if res.max_concurrent and started and not address else {}
+    if res.max_concurrent and search_alg is not None and not slots:
+        raise UserError(
+            f"resources.max_concurrent={res.max_concurrent}: with PBT it only applies to a local "
+            f"Ray this run starts; size the cluster or resources.cpu instead"
+        )
+    if started:
+        try:
+            # Without an address start a local Ray even if `ray start` left a cluster running here:
+            # Ray itself would join that one.
+            ray.init(address=address or "local", logging_level="WARNING", resources=slots or None)
+        except ConnectionError as e:  # no cluster there, or it refused us (auth token)
+            raise UserError(
+                f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
+            ) from None
+    have = ray.cluster_resources()
+    missing = [
+        f"resources.{name}={value:g} but this machine has {have.get(key, 0):g} {unit}"
+        for name, key, unit, value in (("cpu", "CPU", "CPUs", res.cpu), ("gpu", "GPU", "GPUs", res.gpu))
+        if value > have.get(key, 0)
+    ]
+    if missing and not address:
+        if started:
+            ray.shutdown()
+        raise UserError(f"{missing[0]}: one trial would never start (lower it with --set)")
+    return dict.fromkeys(slots, 1)
+
+
+def fit(
+    run,
+    param_space: dict,
+    *,
+    scheduler=None,
+    search_alg=None,
+    num_samples: int = 1,
+    stop=None,
+    callbacks=(),
+    checkpoint_every: int | None = None,
+    keep_all_checkpoints: bool = False,
+):
+    """Run (or resume) ``run`` on Ray Tune with the lab's trainable; returns the ResultGrid.
+
+    ``keep_all_checkpoints``: Ray deletes none (PBT's scheduler prunes them itself)."""
+    res, tune_run = run.cfg.resources, run.cfg.run
+    slot = start_ray(run, search_alg)
+    trainable = tune.with_resources(
+        tune.with_parameters(LabTrainable, data=run.data), {"cpu": res.cpu, "gpu": res.gpu, **slot}
+    )
+    every = tune_run.checkpoint_every if checkpoint_every is None else checkpoint_every
+    start = time.perf_counter()
+    if run.resume:
+        tuner = tune.Tuner.restore(str(run.run_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            # The trainable reports its state's digests at the checks after which a checkpoint is due.
+            param_space={**param_space, "checkpoint_every": every},
+            tune_config=tune.TuneConfig(
+                scheduler=scheduler,
+                search_alg=search_alg,
+                num_samples=num_samples,
+                reuse_actors=True,
+                max_concurrent_trials=res.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=run.name,
+                storage_path=run.storage_path,
+                stop=stop,
+                callbacks=[JsonLog(), CSVLog(), *callbacks],
+                # No checkpoint at the end unless asked: a finished grid trial never resumes, and
+                # 288 final checkpoints of the full model would take 11 GB.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=None if keep_all_checkpoints else tune_run.keep_checkpoints,
+                    checkpoint_frequency=every,
+                    checkpoint_at_end=every > 0,
+                ),
+                failure_config=tune.FailureConfig(max_failures=tune_run.max_failures),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    run.wall_seconds += time.perf_counter() - start
+    return grid

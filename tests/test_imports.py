@@ -1,0 +1,153 @@
+"""The package's rooms import one way (README, "How it is built"), read from the source itself: a
+room imports only the rooms below it, Ray stays in ``tuning`` and the commands, TensorFlow stays in
+``training`` (and what runs it), and no module imports itself back through others."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pbt_lab"
+COMMANDS = {"grid", "pbt", "scaling", "trace", "train"}  # python -m pbt_lab.<command>
+
+# Which rooms each room may import (the package root, pbt_lab/__init__.py, is everybody's).
+ALLOWED = {
+    "names": set(),
+    "config": {"names"},
+    "storage": set(),
+    "plots": {"names", "config"},
+    "training": {"names", "config"},
+    "results": {"names", "config", "storage", "plots"},
+    "cli": {"names", "config", "storage", "training", "results"},
+    "tuning": {"names", "config", "training"},
+    "experiments": {"names", "config", "storage", "cli", "training", "tuning", "results"},
+    "commands": {"names", "config", "cli", "training", "experiments"},
+    "report": {"names", "cli", "results", "plots"},
+    "bench": {"names", "config", "cli", "training", "results", "tuning", "experiments"},
+}
+# What each room must never import from outside the package.
+NEVER = {
+    "names": {"ray", "tensorflow", "keras", "pandas", "numpy"},
+    "config": {"ray", "tensorflow", "keras"},
+    "storage": {"ray", "tensorflow", "keras"},
+    "plots": {"ray", "tensorflow", "keras"},
+    "training": {"ray"},
+    "results": {"ray", "tensorflow", "keras"},
+    "cli": {"ray", "tensorflow", "keras"},
+    "report": {"ray", "tensorflow", "keras"},
+}
+
+
+def room(module: str) -> str:
+    """``pbt_lab.results.tables`` → results; ``pbt_lab.grid`` → commands; ``pbt_lab`` → root."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "root"
+    return "commands" if parts[0] in COMMANDS else parts[0]
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Everything ``path`` imports, anywhere in it (imports inside functions count): modules of the
+    package by full name, others by their top-level name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            # `from pbt_lab import results` imports the module pbt_lab.results
+            found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known}
+    return {name if name.startswith("pbt_lab") else name.split(".")[0] for name in found}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, set(known)) for name, path in known.items()}
+
+
+def violations(edges: dict[str, set[str]]) -> list[str]:
+    """Imports that climb against ALLOWED, and outside packages a room must never import."""
+    found = []
+    for module, targets in edges.items():
+        source = room(module)
+        for target in targets:
+            if target.startswith("pbt_lab"):
+                other = room(target)
+                if other not in ("root", source) and other not in ALLOWED[source]:
+                    found.append(f"{module} imports {target} ({source} → {other})")
+            elif target in NEVER.get(source, ()):
+                found.append(f"{module} imports {target}")
+    return found
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A chain of imports that comes back to where it started, if there is one."""
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return None
+        path.append(node)
+        for target in sorted(edges.get(node, ())):
+            if target in edges and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    return next((c for node in sorted(edges) if (c := visit(node))), None)
+
+
+def package_edges() -> dict[str, set[str]]:
+    """Module → package modules it imports, leaving out the package root (UserError) and a package's
+    own ``__init__`` re-exports (``pbt_lab.results`` lists what its modules define)."""
+    edges = graph()
+    return {
+        m: {t for t in ts if t in edges and t != "pbt_lab" and not m.startswith(t + ".")}
+        for m, ts in edges.items()
+        if m != "pbt_lab"
+    }
+
+
+def test_every_room_imports_only_the_rooms_below_it():
+    assert violations(graph()) == []
+
+
+def test_no_module_imports_itself_back():
+    edges = package_edges()
+    assert len(edges) > 20 and find_cycle(edges) is None
+
+
+def test_the_rooms_themselves_form_no_circle():
+    assert find_cycle({r: allowed for r, allowed in ALLOWED.items()}) is None
+
+
+def test_the_checks_fail_on_a_made_up_package():
+    # results reaching into tuning, training importing Ray, and a circle through three modules
+    made_up = {
+        "pbt_lab.results.tables": {"pbt_lab.tuning.launch"},
+        "pbt_lab.training.trainer": {"ray"},
+        "pbt_lab.tuning.launch": set(),
+    }
+    assert violations(made_up) == [
+        "pbt_lab.results.tables imports pbt_lab.tuning.launch (results → tuning)",
+        "pbt_lab.training.trainer imports ray",
+    ]
+    circle = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(circle) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_is_over_400_lines(path):
+    assert len(path.read_text().splitlines()) <= 400
