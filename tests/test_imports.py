@@ -151,3 +151,41 @@ def test_the_checks_fail_on_a_made_up_package():
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_is_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= 400
+
+
+def own_attributes(cls: ast.ClassDef) -> set[str]:
+    """The instance attributes a class's own methods assign (``self.x = …``), dataclass fields included."""
+    found = {t.target.id for t in cls.body if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)}
+    for node in ast.walk(cls):
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
+        for target in targets:
+            for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    found.add(t.attr)
+    return found
+
+
+def test_no_class_carries_more_than_about_a_dozen_attributes():
+    # (the configs are settings, one field each, not state: they are left out)
+    heavy = {
+        f"{path.relative_to(PACKAGE)}:{cls.name}": len(own_attributes(cls))
+        for path in PACKAGE.rglob("*.py")
+        if path.parent.name != "config"
+        for cls in ast.walk(ast.parse(path.read_text()))
+        if isinstance(cls, ast.ClassDef)
+    }
+    assert heavy["training/trainer.py:Trainer"] <= 10
+    assert {name: n for name, n in heavy.items() if n > 13} == {}
+
+
+def test_attributes_are_counted_from_every_assignment_to_self():
+    made_up = ast.parse(
+        "class A:\n    x: int = 0\n    def f(self):\n        self.a = 1\n        self.b, self.c = 2, 3\n"
+    )
+    assert own_attributes(made_up.body[0]) == {"x", "a", "b", "c"}

@@ -17,7 +17,7 @@ from ray import tune
 
 from pbt_lab import cli
 from pbt_lab.config import ScalingExperiment
-from pbt_lab.names import LR, OPTIMIZER
+from pbt_lab.names import LR, OPTIMIZER, SECONDS_TO_TARGET, STEPS_TO_TARGET
 from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.trainable import trial_space
 
@@ -51,8 +51,8 @@ def scaling_table(scaling: dict) -> str:
     for optimizer, rows in scaling["best_rates"].items():
         for r in rows:
             best = "–" if r["best_lr"] is None else f"{r['best_lr']:.3g}"
-            steps = "–" if r["steps_to_target"] is None else str(r["steps_to_target"])
-            seconds = "–" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.2f}"
+            steps = "–" if r[STEPS_TO_TARGET] is None else str(r[STEPS_TO_TARGET])
+            seconds = "–" if r[SECONDS_TO_TARGET] is None else f"{r[SECONDS_TO_TARGET]:.2f}"
             lines.append(
                 f"{optimizer:10} {r['width']:>5g}× {r['weights']:>10,} {best:>10} {steps:>6} {seconds:>8}  "
                 + ", ".join(f"{lr:.3g}" for lr in r["tied_lrs"])

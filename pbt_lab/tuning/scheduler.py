@@ -105,14 +105,12 @@ class LabPBT(PopulationBasedTraining):
         self._snapshots: list[tuple[int, set[str]]] = []
         self._snapshot_count = 0
         self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
-        self._run_dir: str | None = None
         self.decisions: list[dict] = []
 
     # --- bookkeeping on every result -------------------------------------------------------
 
     def on_trial_add(self, tune_controller, trial: Trial):
         super().on_trial_add(tune_controller, trial)
-        self._run_dir = trial.local_experiment_path
         if trial.trial_id in self._restored:
             self._apply_member_state(trial, self._restored.pop(trial.trial_id))
 
@@ -355,8 +353,9 @@ class LabPBT(PopulationBasedTraining):
 
     def write_state(self, state: dict) -> None:
         """``pbt_state.json`` beside Ray's experiment state (synced with it): what the tables read."""
-        if self._run_dir:
-            _write_json_atomically(Path(self._run_dir) / PBT_STATE_FILE, state)
+        if self._trial_state:  # the driver's copy of the run directory, which Ray syncs to storage
+            run_dir = next(iter(self._trial_state)).local_experiment_path
+            _write_json_atomically(Path(run_dir) / PBT_STATE_FILE, state)
 
 
 def _plain(value):
