@@ -3,8 +3,27 @@
 See README.md for the quick start and DESIGN.md (shared) for the architecture.
 """
 
+import argparse
+
 __version__ = "0.1.0"
 
 
 class UserError(ValueError):
     """Bad input from the user: entry points print it as one line and exit with code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def __getattr__(name: str):
+    """The Python API (``pbt_lab.run_pbt``, ``pbt_lab.run_grid``), imported on first use: Ray and the
+    experiments load only when asked for."""
+    if name in ("run_pbt", "run_grid", "RunResult"):
+        from pbt_lab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pbt_lab' has no attribute {name!r}")

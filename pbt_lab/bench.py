@@ -33,11 +33,10 @@ import keras
 import numpy as np
 import pandas as pd
 
-from pbt_lab import UserError, results
-from pbt_lab.cli import OneLineParser
+from pbt_lab import OneLineParser, UserError, results
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import LR, OPTIMIZER, REACHED, SEED, STATUS, STEPS_TO_TARGET, TRAIN_SECONDS, VAL_ACC
-from pbt_lab.training.data import Mnist, load_mnist
+from pbt_lab.training.data import Dataset, load_dataset
 from pbt_lab.training.model import build_cnn
 from pbt_lab.training.optimizers import make_optimizer
 from pbt_lab.training.trainer import Trainer, configure_tensorflow
@@ -55,19 +54,19 @@ class Throughput:
         return self.trainer / self.fit
 
 
-def trainer_vs_fit(data: Mnist, scale: float, steps: int, rounds: int) -> Throughput:
+def trainer_vs_fit(data: Dataset, scale: float, steps: int, rounds: int) -> Throughput:
     """Time ``steps`` Adam steps of batch 100 per round, alternating the Trainer and ``model.fit``."""
     batch = TrainConfig.batch_size
     steps = min(steps, len(data.y_train) // batch)
     trainer = Trainer(data, TrainConfig(optimizer="adam", steps_per_check=steps), ModelConfig(scale=scale))
-    model = build_cnn(scale)
+    model = build_cnn(data.input_shape, data.num_classes, scale)
     model.compile(
         make_optimizer("adam", TrainConfig.lr),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    # What a Keras user feeds fit: float images in [0, 1] with a channel axis.
-    x = (data.x_train[: steps * batch].astype(np.float32) / 255.0)[..., None]
+    # What a Keras user feeds fit: float images in [0, 1].
+    x = data.x_train[: steps * batch].astype(np.float32) / 255.0
     y = data.y_train[: steps * batch].astype(np.int32)
 
     def run_trainer() -> float:
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args(argv)
     try:
-        data = load_mnist(args.data or ("bundled" if args.quick else None)) if args.only != "tune" else None
+        data = load_dataset(args.data or ("bundled" if args.quick else None)) if args.only != "tune" else None
     except UserError as e:
         parser.error(str(e))
     rounds = args.rounds or (3 if args.quick else 5)

@@ -16,24 +16,22 @@ syncs trial dirs to the head), and ``--address`` connects the driver to the runn
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import secrets
 import socket
-import typing
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
-from pbt_lab import UserError, results
-from pbt_lab.config import coerce, require
+from pbt_lab import OneLineParser, UserError, results
+from pbt_lab.config import STUDY_CNN, load_config
 from pbt_lab.storage import check_storage, is_uri, uri_exists
-from pbt_lab.training.data import Mnist, load_mnist
+from pbt_lab.training.data import Dataset, load_dataset
 
 STORAGE_ENV = "PBT_LAB_STORAGE"
 DEFAULT_STORAGE = "~/ray_results"  # Ray's own default
@@ -43,108 +41,23 @@ ADDRESS = re.compile(
 CONNECT_TIMEOUT = 3.0  # seconds to wait for a Ray head to answer before saying so
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (no usage block) and exit code 2."""
+class RaisingParser(OneLineParser):
+    """The Python API's parser: a bad argument or config raises UserError instead of exiting."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise UserError(message)
 
 
-def load_config(
-    cls: type, path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
-):
-    """``cls`` built from its defaults, then ``base`` (e.g. a run's recorded config), then the YAML
-    file at ``path``, then ``key=value`` overrides."""
-    values: dict = _merge(base or {}, read_yaml(path) if path else {})
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        require(bool(sep and key), f"--set expects key=value, got {item!r}")
-        node = values
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            require(isinstance(node, dict), f"--set {key}: {part} is not a section")
-        try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            node[leaf] = raw
-    return build(cls, values)
+@dataclass
+class Call:
+    """A Python API call (``pbt_lab.api``): what it passes in beside the arguments, and the run it
+    gets back (``parse`` fills ``run``; ``finish`` its tables)."""
 
-
-def _merge(low: dict, high: dict) -> dict:
-    out = dict(low)
-    for key, value in high.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is written twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    try:
-        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where else ""
-        raise UserError(f"config file {path} is not valid YAML{line}: {getattr(e, 'problem', e)}") from e
-    require(
-        isinstance(values, dict),
-        f"config file {path} must hold a mapping of sections, got {type(values).__name__}",
-    )
-    return values
-
-
-def build(cls: type, values: dict, prefix: str = ""):
-    """``cls(**values)`` with nested sections built, types checked and unknown keys named."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for name, value in values.items():
-        kind = hints[name]
-        if is_dataclass(kind):
-            require(isinstance(value, dict), f"{prefix}{name} must be a section of keys, got {value!r}")
-            kwargs[name] = build(kind, {**_experiment_defaults(cls, name), **value}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = coerce(value, kind, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _experiment_defaults(cls: type, name: str) -> dict:
-    """Where an experiment's default section differs from the section's class defaults (the width
-    study's 96 % target): those values, so a YAML or --set section that omits them keeps them."""
-    f = next(f for f in fields(cls) if f.name == name)
-    if f.default_factory is MISSING:
-        return {}
-    default = f.default_factory()
-    plain = type(default)()
-    return {
-        k.name: getattr(default, k.name)
-        for k in fields(default)
-        if getattr(default, k.name) != getattr(plain, k.name)
-    }
+    builder: Callable | None = None
+    """A model builder function, in place of ``model.builder``."""
+    settings: dict | None = None
+    """Config sections laid over the YAML file, e.g. {"train": {"target": 0.9}}."""
+    run: Run | None = None
 
 
 # --- a run, validated before anything starts ------------------------------------------------
@@ -156,14 +69,17 @@ class Run:
 
     kind: str
     cfg: object
-    data: Mnist | None
+    data: Dataset | None
     name: str
     storage_path: str
     address: str | None
     resume: bool
     parser: OneLineParser
     args: argparse.Namespace
+    builder: Callable | None = None
+    weights: int | None = None
     wall_seconds: float = 0.0
+    tables: dict | None = None
 
     @property
     def run_dir(self) -> Path | str:
@@ -220,6 +136,64 @@ def check_address(address: str) -> None:
         raise UserError(f"--address {address}: no Ray head answers there ({e.strerror or e})") from None
 
 
+def check_batch(data: Dataset, batch_size: int) -> None:
+    if len(data.y_train) < batch_size:
+        raise UserError(
+            f"data {data.source}: its training part has {len(data.y_train)} images, fewer than "
+            f"train.batch_size={batch_size} (lower it with --set train.batch_size=N)"
+        )
+
+
+@contextmanager
+def native_stderr_held() -> Iterator[None]:
+    """TensorFlow's C++ start-up lines (absl, CUDA probes; TF 2.21 prints them whatever
+    TF_CPP_MIN_LOG_LEVEL says) held back from stderr, where they would bury a one-line error;
+    printed after all if something other than a UserError goes wrong."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except UserError:
+            raise
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def check_model(run: Run) -> None:
+    """Build the model once for this data (the builder imports, returns a keras.Model with one logit per
+    class), record a builder function's name in the config, and count the weights."""
+    from pbt_lab.training.model import build_model, builder_name  # Keras loads here: only once checked
+
+    model_cfg = run.cfg.model
+    where, _, name = model_cfg.builder.rpartition(":")
+    if where.endswith(".py"):  # workers run in their trial's directory: name the file absolutely
+        model_cfg = replace(model_cfg, builder=f"{Path(where).expanduser().resolve()}:{name}")
+        run.cfg = replace(run.cfg, model=model_cfg)
+    if run.builder is not None:
+        if model_cfg.builder not in (STUDY_CNN, builder_name(run.builder)):  # a replay records the name
+            raise UserError(
+                f"a builder function and model.builder={model_cfg.builder!r} were both given: give one"
+            )
+        model_cfg = replace(model_cfg, builder=builder_name(run.builder))
+        run.cfg = replace(run.cfg, model=model_cfg)
+    model = build_model(
+        run.builder or model_cfg.builder,
+        run.data.input_shape,
+        run.data.num_classes,
+        model_cfg.scale,
+        model_cfg.options,
+    )
+    run.weights = model.count_params()
+
+
 def parse(
     kind: str,
     config_cls: type,
@@ -228,15 +202,18 @@ def parse(
     add_arguments: Callable | None = None,
     base_config: Callable | None = None,
     validate: Callable | None = None,
+    call: Call | None = None,
 ) -> Run:
-    """Parse the common flags; check config, storage, run directory, data and address; one line and
-    exit 2 if anything is wrong, before anything is written.
+    """Parse the common flags; check config, storage, run directory, data, model and address; one
+    line and exit 2 if anything is wrong, before anything is written (under the Python API's
+    ``call``: UserError raised).
 
     ``add_arguments(parser)`` adds a command's own flags; ``base_config(args)`` returns a recorded
     config (a dict) that the YAML and ``--set`` then override; ``validate(run)`` raises UserError
     for what the command itself cannot run.
     """
-    parser = OneLineParser(prog=f"python -m pbt_lab.{kind}", description=doc.splitlines()[0])
+    parser_cls = RaisingParser if call else OneLineParser
+    parser = parser_cls(prog=f"python -m pbt_lab.{kind}", description=doc.splitlines()[0])
     parser.add_argument("--config", help="YAML file listing what differs from the defaults (see configs/)")
     parser.add_argument(
         "--set",
@@ -257,7 +234,13 @@ def parse(
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(config_cls, args.config, args.set, base=base_config(args) if base_config else None)
+        cfg = load_config(
+            config_cls,
+            args.config,
+            args.set,
+            base=base_config(args) if base_config else None,
+            settings=call.settings if call else None,
+        )
         storage = args.storage_path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
         if not is_uri(storage):
             storage = str(Path(storage).expanduser().resolve())
@@ -278,7 +261,13 @@ def parse(
             args=args,
         )
         run.check_run_dir()
-        run.data = load_mnist(cfg.data.source)
+        if call:
+            call.run = run
+            run.builder = call.builder
+        with native_stderr_held():  # Keras's data sets and the model check load TensorFlow
+            run.data = load_dataset(cfg.data.source, cfg.data.num_classes)
+            check_batch(run.data, cfg.train.batch_size)
+            check_model(run)
         if validate:
             validate(run)
         if args.address is not None:
@@ -317,6 +306,7 @@ def finish(
         stopped_as=stopped_as,
         extra=extra,
     )
+    run.tables = tables
     print(results.console_summary(tables, run.run_dir))
     if describe:
         print(describe(tables))

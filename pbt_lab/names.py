@@ -17,6 +17,8 @@ STATUS = "status"
 STEPS_TO_TARGET = "steps_to_target"
 SECONDS_TO_TARGET = "seconds_to_target"
 SEED = "seed"
+WEIGHTS = "weights"  # the built model's parameter count
+BUILDER = "builder"  # the model builder, as 'module:function'
 
 # --- statuses: a trial is RUNNING until it ends as one of the others -------------------------
 RUNNING = "running"

@@ -14,8 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pbt_lab import UserError, plots, results
-from pbt_lab.cli import OneLineParser
+from pbt_lab import OneLineParser, UserError, plots, results
 from pbt_lab.names import (
     FIGURES,
     LR,

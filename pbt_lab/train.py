@@ -1,4 +1,4 @@
-"""``python -m pbt_lab.train``: the study's single training run, on its own (no Ray).
+"""``python -m pbt_lab.train``: one training run, on its own (no Ray): the study's, or your model's.
 
 python -m pbt_lab.train --optimizer adam --lr 0.00146 --data bundled --scale 0.25 --json
 """
@@ -9,8 +9,7 @@ import json
 import math
 import sys
 
-from pbt_lab import UserError
-from pbt_lab.cli import OneLineParser
+from pbt_lab import OneLineParser, UserError
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
     SECONDS_TO_TARGET,
@@ -23,7 +22,7 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     VAL_ACC,
 )
-from pbt_lab.training.data import load_mnist
+from pbt_lab.training.data import load_dataset
 from pbt_lab.training.trainer import Trainer, configure_tensorflow
 
 
@@ -36,13 +35,20 @@ def _progress(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m pbt_lab.train", description="The study's single training run.")
+    parser = OneLineParser(
+        prog="python -m pbt_lab.train", description="One training run, on its own (no Ray)."
+    )
     parser.add_argument(
         "--optimizer", default=TrainConfig.optimizer, help="gd, momentum, adam, adagrad, adadelta, rmsprop"
     )
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate")
     parser.add_argument(
-        "--scale", type=float, default=ModelConfig.scale, help="width factor of the conv layers"
+        "--scale", type=float, default=ModelConfig.scale, help="width factor passed to the builder"
+    )
+    parser.add_argument(
+        "--builder",
+        default=ModelConfig.builder,
+        help="the model: 'module:function' or 'file.py:function' (default: the study's CNN)",
     )
     parser.add_argument("--target", type=float, default=TrainConfig.target, help="training accuracy to reach")
     parser.add_argument("--max-steps", type=int, default=None, help="step budget")
@@ -53,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data",
         default=None,
-        help="mnist.npz path, or 'bundled' (default: $PBT_LAB_DATA, then Keras's cache)",
+        help="a Keras-layout .npz path, mnist, fashion_mnist, cifar10 or bundled "
+        "(default: $PBT_LAB_DATA, then Keras's MNIST)",
     )
     parser.add_argument("--threads", type=int, default=None, help="TF threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object, last")
@@ -67,15 +74,20 @@ def main(argv: list[str] | None = None) -> int:
             max_seconds=args.max_seconds,
             seed=args.seed,
         )
-        model = ModelConfig(scale=args.scale)
-        data = load_mnist(args.data)
+        model = ModelConfig(builder=args.builder, scale=args.scale)
+        data = load_dataset(args.data)
     except UserError as e:
         parser.error(str(e))
     configure_tensorflow(args.threads)
-    trainer = Trainer(data, train, model)
+    try:
+        trainer = Trainer(data, train, model)  # builds the model: a bad builder is one line too
+    except UserError as e:
+        parser.error(str(e))
     print(
-        f"{train.optimizer} lr={train.lr:g} scale={model.scale:g} on {data.source} "
-        f"({len(data.y_train)} train / {len(data.y_val)} val images), "
+        f"{model.builder} ({trainer.model.count_params():,} weights), {train.optimizer} lr={train.lr:g} "
+        f"scale={model.scale:g} on {data.source} "
+        f"({len(data.y_train)} train / {len(data.y_val)} val images {data.input_shape}, "
+        f"{data.num_classes} classes), "
         f"target {train.target_metric} ≥ {train.target}"
     )
     summary = trainer.run(on_check=lambda row: print(_progress(row), flush=True))

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pbt_lab.training.data import load_mnist
+from pbt_lab.training.data import load_dataset
 
 FULL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
 
 @pytest.fixture(scope="session")
 def bundled():
-    return load_mnist("bundled")
+    return load_dataset("bundled")
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,7 @@
 import pytest
 
 from pbt_lab import UserError
-from pbt_lab.cli import load_config
-from pbt_lab.config import GridExperiment, PBTExperiment, study_learning_rates
+from pbt_lab.config import GridExperiment, PBTExperiment, load_config, study_learning_rates
 
 
 def test_defaults_are_the_study():

@@ -19,11 +19,11 @@ from pbt_lab.training.optimizers import OPTIMIZERS, TF1RMSprop, make_optimizer
     ],
 )
 def test_weight_counts(scale, scale_dense, weights):
-    assert build_cnn(scale, scale_dense=scale_dense).count_params() == weights
+    assert build_cnn(scale=scale, scale_dense=scale_dense).count_params() == weights
 
 
 def test_layers_follow_the_study():
-    model = build_cnn(1)
+    model = build_cnn(scale=1)
     conv1, _, conv2, _, _, dense, dropout, logits = model.layers
     assert (conv1.filters, conv1.kernel_size, conv1.padding) == (32, (5, 5), "same")
     assert (conv2.filters, dense.units, dropout.rate, logits.units) == (64, 1024, 0.4, 10)
@@ -49,7 +49,7 @@ def test_tf1_defaults_and_overrides():
 
 
 def test_rmsprop_mean_square_starts_at_one_like_tf1():
-    model = build_cnn(0.25)
+    model = build_cnn(scale=0.25)
     rms = make_optimizer("rmsprop", 0.1)
     rms.build(model.trainable_variables)
     assert all(np.all(v.numpy() == 1.0) for v in rms._velocities)

@@ -8,29 +8,13 @@ import pandas as pd
 import pytest
 
 from pbt_lab import UserError, report, scaling, trace
-from pbt_lab.cli import load_config
-from pbt_lab.config import ScalingExperiment, TraceExperiment
-from pbt_lab.results import compute_curve, linear_fit, read_tables, scaling_summary, weight_count
+from pbt_lab.config import ScalingExperiment, TraceExperiment, load_config
+from pbt_lab.results import compute_curve, linear_fit, read_tables, scaling_summary
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 # --- width study: pure functions ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "model",
-    [
-        {"scale": 0.25, "dense_units": 1024},
-        {"scale": 1.0, "dense_units": 1024},
-        {"scale": 2.5, "dense_units": 1024},
-        {"scale": 0.5, "dense_units": 512, "scale_dense": True},
-    ],
-)
-def test_weight_count_is_keras_count(model):
-    from pbt_lab.training.model import build_cnn
-
-    assert weight_count(model) == build_cnn(**model).count_params()
 
 
 def test_linear_fit_recovers_a_line_and_withholds_r2_below_three_points():
@@ -53,7 +37,7 @@ def _trials(rows):
                 "optimizer": "adam",
                 "lr": lr,
                 "scale": scale,
-                "weights": weight_count({"scale": scale, "dense_units": 1024}),
+                "weights": round(3_274_634 * scale),  # about the study CNN's, linear in scale
                 "status": "reached" if steps else "capped",
                 "steps_to_target": steps,
                 "seconds_to_target": steps / 10 * scale if steps else None,

@@ -5,7 +5,7 @@ every dataclass validates itself, so a bad value fails with one clear line befor
 - ``shared``: what every experiment has (model, training, data, resources, Tune's run settings);
 - ``experiments``: the grid, PBT, the width study and the trace.
 
-(Loading a YAML file and ``--set`` overrides into them: ``cli.load_config``.)
+- ``loading``: a YAML file, the Python API's sections and ``--set`` overrides, built into them.
 """
 
 from pbt_lab.config.checks import OPTIMIZER_NAMES, TARGET_METRICS, canonical_name, coerce, require
@@ -25,7 +25,9 @@ from pbt_lab.config.experiments import (
     study_learning_rates,
     study_rates_between,
 )
+from pbt_lab.config.loading import load_config, merge, read_yaml
 from pbt_lab.config.shared import (
+    STUDY_CNN,
     DataConfig,
     Experiment,
     ModelConfig,
@@ -39,6 +41,7 @@ __all__ = [
     "GRID_CPU_BEST_LRS",
     "OPTIMIZER_NAMES",
     "SCALING_MODES",
+    "STUDY_CNN",
     "TARGET_METRICS",
     "DataConfig",
     "Experiment",
@@ -56,7 +59,10 @@ __all__ = [
     "TuneRunConfig",
     "canonical_name",
     "coerce",
+    "load_config",
+    "merge",
     "quantile_size",
+    "read_yaml",
     "require",
     "study_learning_rates",
     "study_rates_between",

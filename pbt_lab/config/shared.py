@@ -2,7 +2,7 @@
 
 Defaults live here once, each field with a one-line docstring; every dataclass validates itself
 on construction (and on ``dataclasses.replace``), so a bad value fails with one clear line before
-any work starts. ``cli.load_config`` layers a YAML file (listing only what differs) and ``--set
+any work starts. ``loading.load_config`` layers a YAML file (listing only what differs) and ``--set
 key=value`` overrides on top of the defaults.
 """
 
@@ -13,24 +13,29 @@ from dataclasses import dataclass, field
 from pbt_lab.config.checks import TARGET_METRICS, canonical_name, positive, require
 from pbt_lab.names import OPTIMIZER, TRAIN_ACC
 
+STUDY_CNN = "pbt_lab.training.model:build_cnn"  # the default builder (config never imports Keras)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The study's CNN (DESIGN §1)."""
+    """The network: a builder function and its settings (pbt_lab/training/model.py)."""
 
+    builder: str = STUDY_CNN
+    """'package.module:function' or 'path/to/file.py:function' taking (input_shape, num_classes, scale,
+    **options) and returning an uncompiled keras.Model with one logit per class (default: the study's CNN)."""
     scale: float = 1.0
-    """Width factor: multiplies the conv filters (32, 64)."""
-    scale_dense: bool = False
-    """Also multiply the dense layer by ``scale`` (the study's code kept it at 1024)."""
-    dense_units: int = 1024
-    """Units of the hidden dense layer at scale 1."""
-    dropout: float = 0.4
-    """Dropout rate before the output layer."""
+    """Width factor passed to the builder (the study's CNN multiplies its conv filters, 32 and 64)."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments for the builder, e.g. the study CNN's {dense_units: 512, scale_dense: true}."""
 
     def __post_init__(self):
+        where, _, name = str(self.builder).rpartition(":")
+        require(
+            isinstance(self.builder, str) and bool(where) and bool(name),
+            f"model.builder must be 'module:function' or 'path/to/file.py:function', got {self.builder!r}",
+        )
         positive("model.scale", self.scale)
-        positive("model.dense_units", self.dense_units, int)
-        require(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        require(isinstance(self.options, dict), f"model.options must be a mapping, got {self.options!r}")
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class TrainConfig:
     steps_per_check: int = 50
     """Training steps fused into one call; metrics, target and budgets are checked between calls."""
     target: float = 0.97
-    """Accuracy that counts as trained."""
+    """Accuracy that counts as trained (the study's 97 % is MNIST's: set your own data's)."""
     target_metric: str = TRAIN_ACC
     """train_acc (the study: accuracy over the last check's batches) or val_acc."""
     stop_at_target: bool = True
@@ -58,7 +63,7 @@ class TrainConfig:
     max_seconds: float | None = 120.0
     """Budget in pure training seconds (the study's 120 s cap); None for no cap."""
     divergence_loss: float | None = 1e3
-    """A training loss above this (chance is ln 10 ≈ 2.3), or a non-finite one, ends the run as diverged."""
+    """A training loss above this (chance is ln K: 2.3 for 10 classes), or a non-finite one: diverged."""
     stop_on_divergence: bool = True
     """End a diverging run at once; false lets it run on to its budget (the benchmark's baseline)."""
     val_every: int = 10
@@ -94,10 +99,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where MNIST comes from (DESIGN §6)."""
+    """The image set (DESIGN §6, pbt_lab/training/data.py)."""
 
     source: str | None = None
-    """A Keras-layout mnist.npz path, 'bundled' (the offline subset), or null: $PBT_LAB_DATA, then Keras."""
+    """A Keras-layout .npz path; mnist, fashion_mnist or cifar10 (Keras's downloaders); 'bundled' (the
+    offline MNIST subset); or null: $PBT_LAB_DATA, then Keras's MNIST."""
+    num_classes: int | None = None
+    """Classes K: labels must lie in 0..K−1 (null: the largest label + 1)."""
+
+    def __post_init__(self):
+        positive("data.num_classes", self.num_classes, int, allow_none=True)
 
 
 @dataclass(frozen=True)

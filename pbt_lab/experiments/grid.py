@@ -17,8 +17,8 @@ from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.trainable import trial_space
 
 
-def main(argv: list[str] | None = None) -> int:
-    run = cli.parse("grid", GridExperiment, __doc__, argv)
+def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
+    run = cli.parse("grid", GridExperiment, __doc__, argv, call=call)
     cfg = run.cfg
     space = trial_space(
         cfg.train,

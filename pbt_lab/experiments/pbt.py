@@ -14,7 +14,7 @@ validation and reported on the test split.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 from ray import tune
@@ -24,7 +24,6 @@ from pbt_lab import UserError, cli
 from pbt_lab.config import PBTConfig, PBTExperiment
 from pbt_lab.experiments.replay import replay_schedule, run_replay, source_config
 from pbt_lab.names import LR, OPTIMIZER, SCORE, SEED, STOPPED
-from pbt_lab.results.analysis import weight_count
 from pbt_lab.storage import free_bytes
 from pbt_lab.tuning.callbacks import KeepPBTState, PopulationStop
 from pbt_lab.tuning.explore import ExplorePolicy
@@ -64,7 +63,7 @@ def validate(run: cli.Run) -> None:
         return
     p = run.cfg.pbt
     # Weights and up to two slots per weight (Adam, Adadelta), 4 bytes each.
-    need = p.population * CHECKPOINTS_PER_MEMBER * 12 * weight_count(asdict(run.cfg.model))
+    need = p.population * CHECKPOINTS_PER_MEMBER * 12 * run.weights
     free = free_bytes(run.storage_path)
     if free is not None and need > free:
         raise UserError(
@@ -121,12 +120,12 @@ def run_population(run: cli.Run) -> int:
     return cli.finish(run, stopped_as=STOPPED if p.stop_at_target else None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
     def add_arguments(parser):
         parser.add_argument(
             "--replay", metavar="RUN_DIR", help="retrain the winner of this PBT run on a fresh model"
         )
         parser.add_argument("--member", metavar="TRIAL_ID", help="with --replay: retrain this member instead")
 
-    run = cli.parse("pbt", PBTExperiment, __doc__, argv, add_arguments, source_config, validate)
+    run = cli.parse("pbt", PBTExperiment, __doc__, argv, add_arguments, source_config, validate, call)
     return run_replay(run) if run.args.replay else run_population(run)

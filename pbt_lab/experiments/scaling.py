@@ -22,8 +22,8 @@ from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.trainable import trial_space
 
 
-def main(argv: list[str] | None = None) -> int:
-    run = cli.parse("scaling", ScalingExperiment, __doc__, argv)
+def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
+    run = cli.parse("scaling", ScalingExperiment, __doc__, argv, call=call)
     cfg = run.cfg
     pairs = [(optimizer, lr) for optimizer, lrs in cfg.scaling.rates().items() for lr in lrs]
     # Rates differ per optimizer, so the grid runs over (optimizer, rate) pairs by index.

@@ -37,13 +37,13 @@ def _grid_config(args) -> dict | None:
     return {"trace": {"lrs": grid_best_rates(args.grid)}} if args.grid else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
     def add_arguments(parser):
         parser.add_argument(
             "--grid", metavar="RUN_DIR", help="take each optimizer's best rate from this grid run"
         )
 
-    run = cli.parse("trace", TraceExperiment, __doc__, argv, add_arguments, _grid_config)
+    run = cli.parse("trace", TraceExperiment, __doc__, argv, add_arguments, _grid_config, call=call)
     cfg = run.cfg
     rates = cfg.trace.lrs
     space = trial_space(

@@ -12,7 +12,7 @@ TensorFlow: plots, the report and the notebooks read only what is here.
 - ``console``: what a finished run prints and its exit code.
 """
 
-from pbt_lab.results.analysis import compute_curve, compute_until, linear_fit, scaling_summary, weight_count
+from pbt_lab.results.analysis import compute_curve, compute_until, linear_fit, scaling_summary
 from pbt_lab.results.console import console_summary, exit_status
 from pbt_lab.results.lineage import member_schedule, schedule_changes
 from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta
@@ -33,6 +33,5 @@ __all__ = [
     "read_tables",
     "scaling_summary",
     "schedule_changes",
-    "weight_count",
     "write_tables",
 ]

@@ -8,15 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pbt_lab import UserError
+from pbt_lab import OneLineParser, UserError
 from pbt_lab.results.console import console_summary
 from pbt_lab.results.tables import write_tables
 from pbt_lab.storage import is_uri
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pbt_lab.config import OneLineParser
-
     parser = OneLineParser(
         prog="python -m pbt_lab.results", description="Rebuild a run directory's tables and figures."
     )

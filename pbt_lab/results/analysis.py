@@ -1,4 +1,4 @@
-"""What the tables answer: weights of the study's CNN, the width study's fits and best rates, and
+"""What the tables answer: the width study's fits and best rates, and
 compute curves for comparing runs at equal compute. Pure pandas and NumPy.
 """
 
@@ -18,18 +18,6 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     VAL_ACC,
 )
-
-
-def weight_count(model: dict) -> int:
-    """Trainable weights of the study's CNN for a model config (as ``build_cnn(...).count_params()``,
-    without TensorFlow): conv 5×5 → conv 5×5 → dense on the 7×7 map → dense 10."""
-
-    def width(n: int) -> int:
-        return max(1, round(n * model["scale"]))
-
-    c1, c2 = width(32), width(64)
-    dense = width(model["dense_units"]) if model.get("scale_dense") else model["dense_units"]
-    return (25 * c1 + c1) + (25 * c1 * c2 + c2) + (49 * c2 * dense + dense) + (dense * 10 + 10)
 
 
 def linear_fit(x, y) -> dict | None:

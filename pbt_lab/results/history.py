@@ -33,6 +33,7 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     VAL_ACC,
     VAL_LOSS,
+    WEIGHTS,
 )
 
 HISTORY_COLUMNS = [
@@ -79,6 +80,7 @@ PER_TRIAL = [
     "trial_dir",
     "compute_train_seconds",
     "compute_trial_seconds",
+    WEIGHTS,
 ]  # carried to the trials table only
 
 
@@ -99,6 +101,7 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
             "compute_train_seconds": sum(r.get("check_seconds") or 0.0 for r in trial_reports)
             or (trial_reports[-1].get(TRAIN_SECONDS) or 0.0),
             "compute_trial_seconds": sum(r.get("time_this_iter_s") or 0.0 for r in trial_reports),
+            WEIGHTS: trial_reports[-1].get(WEIGHTS),
         }
         kept: list[dict] = []
         for r in trial_reports:

@@ -20,7 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from pbt_lab import UserError
+from pbt_lab.config import STUDY_CNN
 from pbt_lab.names import (
+    BUILDER,
     CAPPED,
     DIVERGED,
     ERROR,
@@ -42,8 +44,9 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     TRIALS,
     VAL_ACC,
+    WEIGHTS,
 )
-from pbt_lab.results.analysis import scaling_summary, weight_count
+from pbt_lab.results.analysis import scaling_summary
 from pbt_lab.results.history import PER_TRIAL, read_history, read_saved_states
 from pbt_lab.results.lineage import member_schedule, pbt_summary
 from pbt_lab.results.lineage import plain as _plain
@@ -88,8 +91,9 @@ def read_trials(
                 LR: last.get(LR, params[LR]),
                 "initial_optimizer": params[OPTIMIZER],
                 "initial_lr": params[LR],
+                BUILDER: params["model"].get(BUILDER, STUDY_CNN),
                 "scale": params["model"]["scale"],
-                "weights": weight_count(params["model"]),
+                WEIGHTS: last.get(WEIGHTS),  # as the trainable counted its built model
                 SEED: params[SEED],
                 STATUS: ERROR
                 if errored
@@ -121,6 +125,7 @@ def read_trials(
     return trials.astype(
         {
             STEPS_TO_TARGET: "Int64",
+            WEIGHTS: "Int64",
             SECONDS_TO_TARGET: float,
             "final_val_acc": float,
             "best_val_acc": float,
@@ -165,7 +170,9 @@ def best_trial(trials: pd.DataFrame) -> dict | None:
             OPTIMIZER,
             LR,
             SEED,
+            BUILDER,
             "scale",
+            WEIGHTS,
             STATUS,
             STEPS_TO_TARGET,
             SECONDS_TO_TARGET,

@@ -1,4 +1,4 @@
-"""A plain-TensorFlow trainer for the study's CNN: no Ray here.
+"""A plain-TensorFlow trainer for one network on one image set: no Ray here.
 
     python -m pbt_lab.train --optimizer adam --lr 0.00146 --data bundled --scale 0.25   # pbt_lab/train.py
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # keep TF's start-up INFO lines off the console
@@ -23,6 +24,7 @@ import tensorflow as tf
 
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
+    BUILDER,
     CAPPED,
     DIVERGED,
     LR,
@@ -40,10 +42,11 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     VAL_ACC,
     VAL_LOSS,
+    WEIGHTS,
 )
 from pbt_lab.training import checkpoint
-from pbt_lab.training.data import Mnist
-from pbt_lab.training.model import build_cnn
+from pbt_lab.training.data import Dataset
+from pbt_lab.training.model import build_model, builder_name, resolve_builder
 from pbt_lab.training.optimizers import OptimizerBank
 from pbt_lab.training.state import DataOrder, Progress
 
@@ -73,8 +76,13 @@ def configure_tensorflow(threads: int | None = None) -> None:
         pass  # TF already initialized in this process: its settings stand
 
 
+def model_inputs(images: tf.Tensor) -> tf.Tensor:
+    """What the model sees: uint8 images scaled to [0, 1]; float32 images as the user gave them."""
+    return tf.cast(images, tf.float32) / 255.0 if images.dtype == tf.uint8 else images
+
+
 class Trainer:
-    """Trains the study's CNN on MNIST with one optimizer and learning rate; see the module doc.
+    """Trains ``model.builder``'s network on ``data`` with one optimizer and rate; see the module doc.
 
     ``check()`` runs one fused call of ``steps_per_check`` steps and returns its metrics;
     ``run()`` checks until the target, a budget or divergence ends the run. The live optimizer
@@ -82,10 +90,27 @@ class Trainer:
     ``order``; ``checkpoint.save`` / ``checkpoint.restore`` keep them.
     """
 
-    def __init__(self, data: Mnist, train: TrainConfig | None = None, model: ModelConfig | None = None):
+    def __init__(
+        self,
+        data: Dataset,
+        train: TrainConfig | None = None,
+        model: ModelConfig | None = None,
+        builder: Callable | None = None,
+    ):
+        """``builder``: a builder function that replaces ``model.builder`` (the Python API's)."""
         self.cfg, self.model_cfg = train or TrainConfig(), model or ModelConfig()
-        self.model = build_cnn(**asdict(self.model_cfg))
-        # Images stay uint8 on the device (4× less memory, and what the object store ships);
+        if builder:  # recorded by name, as the Python API records it in the config
+            self.model_cfg = replace(self.model_cfg, builder=builder_name(builder))
+        make = builder or resolve_builder(self.model_cfg.builder)
+        self._build = lambda: build_model(
+            make,
+            data.input_shape,
+            data.num_classes,
+            self.model_cfg.scale,
+            self.model_cfg.options,
+        )
+        self.model = self._build()
+        # uint8 images stay uint8 on the device (4× less memory, and what the object store ships);
         # each step gathers its batch and converts it inside the traced call.
         self._train = (tf.constant(data.x_train), tf.constant(data.y_train.astype(np.int32)))
         self._val = (tf.constant(data.x_val), tf.constant(data.y_val.astype(np.int32)))
@@ -104,7 +129,7 @@ class Trainer:
         if self.optimizers.built and any(getattr(train, k) != getattr(self.cfg, k) for k in TRACED):
             return False
         seed_everything(train.seed)
-        for variable, value in zip(self.model.variables, build_cnn(**asdict(self.model_cfg)).variables):
+        for variable, value in zip(self.model.variables, self._build().variables):
             variable.assign(value)
         self.cfg = train
         self.order = DataOrder(len(self._train[1]), train.seed)
@@ -128,7 +153,7 @@ class Trainer:
             done, loss_sum, correct = tf.constant(0), tf.constant(0.0), tf.constant(0)
             diverged = tf.constant(False)
             for i in tf.range(tf.shape(batches)[0]):
-                xb = tf.cast(tf.gather(x, batches[i]), tf.float32)[..., None] / 255.0
+                xb = model_inputs(tf.gather(x, batches[i]))
                 yb = tf.gather(y, batches[i])
                 with tf.GradientTape() as tape:
                     logits = model(xb, training=True)
@@ -146,16 +171,19 @@ class Trainer:
         return train_steps
 
     def _make_eval_fn(self):
-        model = self.model
+        model, images = self.model, self._train[0]
 
         @tf.function(
-            input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8), tf.TensorSpec([None], tf.int32)]
+            input_signature=[
+                tf.TensorSpec([None, *images.shape[1:]], images.dtype),
+                tf.TensorSpec([None], tf.int32),
+            ]
         )
         def evaluate(x, y):
             n = tf.shape(y)[0]
             loss_sum, correct = tf.constant(0.0), tf.constant(0)
             for start in tf.range(0, n, EVAL_BATCH):
-                xb = tf.cast(x[start : start + EVAL_BATCH], tf.float32)[..., None] / 255.0
+                xb = model_inputs(x[start : start + EVAL_BATCH])
                 yb = y[start : start + EVAL_BATCH]
                 logits = model(xb, training=False)
                 loss_sum += tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
@@ -252,7 +280,9 @@ class Trainer:
             STATUS: p.status,
             OPTIMIZER: self.optimizers.name,
             LR: self.optimizers.lr,
+            BUILDER: self.model_cfg.builder,
             "scale": self.model_cfg.scale,
+            WEIGHTS: self.model.count_params(),
             SEED: self.cfg.seed,
             "steps": p.step,
             STEPS_TO_TARGET: p.steps_to_target,

@@ -101,7 +101,8 @@ def fit(
     res, tune_run = run.cfg.resources, run.cfg.run
     slot = start_ray(run, search_alg)
     trainable = tune.with_resources(
-        tune.with_parameters(LabTrainable, data=run.data), {"cpu": res.cpu, "gpu": res.gpu, **slot}
+        tune.with_parameters(LabTrainable, data=run.data, builder=run.builder),
+        {"cpu": res.cpu, "gpu": res.gpu, **slot},
     )
     every = tune_run.checkpoint_every if checkpoint_every is None else checkpoint_every
     start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 One ``step`` is one check (``steps_per_check`` fused training steps). Actors are reused across
 trials (``reset_config``), so a worker imports TensorFlow and traces its training call once,
-not once per trial. The data arrives through Ray's object store (``tune.with_parameters``).
+not once per trial. The data (and a builder function the Python API was given) arrive through
+Ray's object store (``tune.with_parameters``).
 
 A trial's config is flat where Tune searches or PBT mutates (``optimizer``, ``lr``, ``seed``)
 and carries the fixed rest of the experiment as plain dicts (``train``, ``model``), plus
@@ -55,6 +56,7 @@ from pbt_lab.names import (
     STATE_SHA256,
     STEP,
     TEST_ACC,
+    WEIGHTS,
 )
 
 SEARCHED = (OPTIMIZER, LR, SEED)
@@ -94,13 +96,13 @@ def segment(step: int, optimizer: str, lr: float, seed: int, trial: str) -> dict
 class LabTrainable(tune.Trainable):
     """Ray Tune's view of a Trainer: setup, step (one check), checkpoints, reset for reuse."""
 
-    def setup(self, config: dict, data=None):
+    def setup(self, config: dict, data=None, builder=None):
         from pbt_lab.training import trainer  # TensorFlow loads here, on the worker: once per process
 
         self.threads = int(config["threads"])
         trainer.configure_tensorflow(self.threads)
-        self.data = data  # kept: a reused actor may need a Trainer of another shape
-        self.trainer = trainer.Trainer(data, train_config(config), ModelConfig(**config["model"]))
+        self.data, self.builder = data, builder  # kept: a reused actor may need a Trainer of another shape
+        self.trainer = trainer.Trainer(data, train_config(config), ModelConfig(**config["model"]), builder)
         self._start()
 
     def _start(self) -> None:
@@ -139,6 +141,7 @@ class LabTrainable(tune.Trainable):
         }
         if population:
             result[SCORE] = self._rank_score(population["metric"], row)
+        result[WEIGHTS] = self.trainer.model.count_params()
         result["node_id"] = (
             ray.get_runtime_context().get_node_id()
         )  # Ray's node: node_ip is shared by nodes on one host
@@ -255,6 +258,6 @@ class LabTrainable(tune.Trainable):
             # Ray 2.60 fails the trial if a reused actor answers False here; it does not start a fresh one.
             from pbt_lab.training.trainer import Trainer
 
-            self.trainer = Trainer(self.data, train_cfg, model)
+            self.trainer = Trainer(self.data, train_cfg, model, self.builder)
         self._start()
         return True
