@@ -12,6 +12,7 @@ VAL_ACC = "val_acc"
 VAL_LOSS = "val_loss"
 TEST_ACC = "test_acc"  # evaluated once, when a trial ends; never used to choose anything
 LR = "lr"
+LR_PLACE = "lr_place"  # PB2's view of the rate: its place in the optimizer's range, 0..1 in log space
 OPTIMIZER = "optimizer"
 STATUS = "status"
 STEPS_TO_TARGET = "steps_to_target"

@@ -6,12 +6,14 @@ grid_figures(trials, run_dir / "figures")
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files, not windows: runs headless on clusters and in CI
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from pbt_lab.config import OPTIMIZER_NAMES
@@ -361,4 +363,32 @@ def plot_compute_curves(curves: dict, x: str, label: str, path: Path) -> Path:
         title=f"What each run had found for its compute ({label})",
     )
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# --- searchers compared -----------------------------------------------------------------------
+
+
+def compare_figure(curves: pd.DataFrame, summary: dict, path: Path) -> Path:
+    """Best validation accuracy so far against training steps spent, per method: the median over
+    seeds, with their range as a band; the budget dotted."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    steps = np.linspace(0, summary["budget_steps"], 200)
+    for i, (method, c) in enumerate(curves.groupby("method", sort=False)):
+        # Each seed's curve is a step function of the compute spent: its value at every point of ``steps``.
+        runs = [
+            np.interp(steps, s["cum_steps"], s["best_val_acc"].ffill().fillna(0), left=np.nan)
+            for _, s in c.groupby("seed")
+        ]
+        colour = plt.get_cmap("tab10")(i)
+        with warnings.catch_warnings():  # before a seed's first check it has no value: NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            middle, low, high = (f(runs, axis=0) for f in (np.nanmedian, np.nanmin, np.nanmax))
+        ax.plot(steps, middle, color=colour, label=f"{method} ({len(runs)} seeds)")
+        ax.fill_between(steps, low, high, color=colour, alpha=0.2)
+    ax.axvline(summary["budget_steps"], color="grey", ls=":", lw=1)
+    ax.set(xlabel="training steps spent (all trials)", ylabel="best validation accuracy so far")
+    ax.set_ylim(max(0.0, float(curves["best_val_acc"].quantile(0.05)) - 0.02), 1.0)
+    ax.legend(loc="lower right")
+    ax.set_title("Searchers at equal compute")
     return _save(fig, path)

@@ -136,3 +136,18 @@ def quick_scaling(ray_session, tmp_path_factory):
         == 0
     )
     return storage / "scaling-quick"
+
+
+# The comparison, small: all five methods × 3 seeds at a 3 × 2 grid of 100-step trials (600 steps).
+COMPARE_SMALL = ("--set", "train.max_steps=100", "--set", "grid.lrs=[1.0e-3, 1.0e-1]")
+
+
+@pytest.fixture(scope="session")
+def quick_compare(ray_session, tmp_path_factory):
+    """configs/compare-quick.yaml at a smaller budget, run once for the session's tests."""
+    from pbt_lab import compare
+
+    storage = tmp_path_factory.mktemp("runs")
+    argv = ["--config", str(CONFIGS / "compare-quick.yaml"), "--storage-path", str(storage)]
+    assert compare.main([*argv, "--name", "compare", *COMPARE_SMALL]) == 0
+    return storage / "compare"

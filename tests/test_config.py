@@ -1,5 +1,7 @@
 """Configs: defaults are the study's, YAML and --set layer on top, every bad value is one clear line."""
 
+from pathlib import Path
+
 import pytest
 
 from pbt_lab import UserError
@@ -78,3 +80,20 @@ def test_bad_values_are_one_line(tmp_path, cls, text, sets, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match=r"config file .*nope\.yaml does not exist"):
         load_config(GridExperiment, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_loads(path):
+    """Each file in configs/ is a valid config of the command its name begins with."""
+    from pbt_lab.config import CompareExperiment, ScalingExperiment, TraceExperiment
+
+    kinds = {
+        "grid": GridExperiment,
+        "pbt": PBTExperiment,
+        "scaling": ScalingExperiment,
+        "trace": TraceExperiment,
+        "compare": CompareExperiment,
+    }
+    load_config(kinds[path.stem.split("-")[0]], path)

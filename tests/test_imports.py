@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pbt_lab"
-COMMANDS = {"grid", "pbt", "scaling", "trace", "train"}  # python -m pbt_lab.<command>
+COMMANDS = {"compare", "grid", "pbt", "scaling", "trace", "train"}  # python -m pbt_lab.<command>
 
 # Which rooms each room may import (the package root, pbt_lab/__init__.py, is everybody's).
 ALLOWED = {

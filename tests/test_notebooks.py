@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["grid", "pbt", "scaling", "pbt_vs_grid"]
+NAMES = ["grid", "pbt", "scaling", "pbt_vs_grid", "compare"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -42,6 +42,7 @@ def test_notebook_executes_headless(name, request, tmp_path):
         "pbt": {"run_dir": "quick_pbt"},
         "scaling": {"run_dir": "quick_scaling"},
         "pbt_vs_grid": {"run_dir": "quick_grid", "pbt_run_dir": "quick_pbt"},
+        "compare": {"run_dir": "quick_compare"},
     }[name]
     parameters = {key: str(request.getfixturevalue(fixture)) for key, fixture in runs.items()}
     out = tmp_path / f"{name}.ipynb"

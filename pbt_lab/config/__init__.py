@@ -10,9 +10,12 @@ every dataclass validates itself, so a bad value fails with one clear line befor
 
 from pbt_lab.config.checks import OPTIMIZER_NAMES, TARGET_METRICS, canonical_name, coerce, require
 from pbt_lab.config.experiments import (
+    COMPARE_METHODS,
     DEFAULT_LR_RANGES,
     GRID_CPU_BEST_LRS,
     SCALING_MODES,
+    CompareConfig,
+    CompareExperiment,
     GridConfig,
     GridExperiment,
     PBTConfig,
@@ -37,12 +40,15 @@ from pbt_lab.config.shared import (
 )
 
 __all__ = [
+    "COMPARE_METHODS",
     "DEFAULT_LR_RANGES",
     "GRID_CPU_BEST_LRS",
     "OPTIMIZER_NAMES",
     "SCALING_MODES",
     "STUDY_CNN",
     "TARGET_METRICS",
+    "CompareConfig",
+    "CompareExperiment",
     "DataConfig",
     "Experiment",
     "GridConfig",

@@ -260,3 +260,64 @@ class TraceExperiment(Experiment):
     # Curves, not times to target: every trial trains its whole budget and validates at every check.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(stop_at_target=False, val_every=1))
     trace: TraceConfig = field(default_factory=TraceConfig)
+
+
+COMPARE_METHODS = ("grid", "random", "asha", "pbt", "pb2")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Searchers side by side at equal compute: the budget is the grid's (optimizers × rates ×
+    train.max_steps training steps), spent by every method at every seed."""
+
+    methods: list[str] = field(default_factory=lambda: list(COMPARE_METHODS))
+    """Which to run: grid, random (random optimizer, log-uniform rate in its pbt.lr_ranges), asha
+    (random configs under Ray's ASHAScheduler), pbt (the lab's), pb2 (Ray's PB2 over the rate)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Each seed sets the data order, initial weights and the searcher's choices."""
+    asha_grace_checks: int = 1
+    """ASHA: checks every trial gets before its first cut."""
+    asha_reduction_factor: int = 3
+    """ASHA: one in this many trials goes on at each rung."""
+    near_best: float = 0.002
+    """'Reached the grid's best' means within this much validation accuracy of it (0.2 pt)."""
+
+    def __post_init__(self):
+        require(bool(self.methods), "compare.methods must name at least one method")
+        for m in self.methods:
+            require(
+                m in COMPARE_METHODS, f"compare.methods: unknown {m!r} (one of {', '.join(COMPARE_METHODS)})"
+            )
+        require(len(set(self.methods)) == len(self.methods), "compare.methods must not repeat a method")
+        require(
+            bool(self.seeds) and all(isinstance(s, int) and s >= 0 for s in self.seeds),
+            f"compare.seeds must be non-negative integers, got {self.seeds!r}",
+        )
+        require(len(set(self.seeds)) == len(self.seeds), "compare.seeds must not repeat a seed")
+        positive("compare.asha_grace_checks", self.asha_grace_checks, int)
+        require(
+            isinstance(self.asha_reduction_factor, int) and self.asha_reduction_factor >= 2,
+            f"compare.asha_reduction_factor must be an integer ≥ 2, got {self.asha_reduction_factor!r}",
+        )
+        require(0 <= self.near_best < 1, f"compare.near_best must be in [0, 1), got {self.near_best!r}")
+
+
+@dataclass(frozen=True)
+class CompareExperiment(Experiment):
+    """``python -m pbt_lab.compare``: grid, random search, ASHA, PBT and PB2 at the grid's compute."""
+
+    # Equal compute: every trial trains its whole budget (no stop at the target, none at divergence:
+    # a diverged trial's steps count as spent) and validates at every check, for the curves.
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            stop_at_target=False, stop_on_divergence=False, max_steps=300, max_seconds=None, val_every=1
+        )
+    )
+    grid: GridConfig = field(default_factory=GridConfig)
+    pbt: PBTConfig = field(default_factory=PBTConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+    @property
+    def budget(self) -> int:
+        """Training steps every method spends: the grid's (checked by ``experiments.compare.validate``)."""
+        return len(self.grid.optimizers) * len(self.grid.lrs) * self.train.max_steps

@@ -40,17 +40,22 @@ def seeds(p: PBTConfig) -> tuple[np.random.SeedSequence, np.random.SeedSequence]
     return population, scheduler
 
 
-def initial_population(p: PBTConfig, seed: int) -> list[dict]:
-    """Members' starting points: optimizer and log-uniform rate in its range, from ``pbt.seed``."""
-    rng = np.random.default_rng(seeds(p)[0])
-    members = []
-    for i in range(p.population):
-        optimizer = p.optimizers[rng.integers(len(p.optimizers))]
-        low, high = p.lr_ranges[optimizer]
-        members.append(
+def random_configs(optimizers: list[str], lr_ranges: dict, n: int, rng, seed: int) -> list[dict]:
+    """``n`` starting points: a random optimizer and a log-uniform rate in its range each, seeds
+    ``seed``, ``seed + 1``, … (PBT's population; random search, ASHA and PB2 in the comparison)."""
+    configs = []
+    for i in range(n):
+        optimizer = optimizers[rng.integers(len(optimizers))]
+        low, high = lr_ranges[optimizer]
+        configs.append(
             {OPTIMIZER: optimizer, LR: float(np.exp(rng.uniform(np.log(low), np.log(high)))), SEED: seed + i}
         )
-    return members
+    return configs
+
+
+def initial_population(p: PBTConfig, seed: int) -> list[dict]:
+    """Members' starting points, drawn from ``pbt.seed``."""
+    return random_configs(p.optimizers, p.lr_ranges, p.population, np.random.default_rng(seeds(p)[0]), seed)
 
 
 def validate(run: cli.Run) -> None:
@@ -72,7 +77,9 @@ def validate(run: cli.Run) -> None:
         )
 
 
-def run_population(run: cli.Run) -> int:
+def population_setup(run: cli.Run) -> tuple[dict, dict]:
+    """The population's trial space and ``fit`` arguments (the comparison's pbt method too); records
+    the effective training config in ``run.cfg``."""
     p = run.cfg.pbt
     # A member ends at the target only when the population does; every member validates at each
     # perturbation, where it is ranked. The summary records this effective configuration.
@@ -105,19 +112,22 @@ def run_population(run: cli.Run) -> int:
         quantile_fraction=p.quantile_fraction,
         synch=p.synch,
     )
+    return space, {
+        "scheduler": scheduler,
+        "search_alg": BasicVariantGenerator(points_to_evaluate=members, random_state=p.seed),
+        "num_samples": p.population,
+        "stop": PopulationStop() if p.stop_at_target else None,
+        "callbacks": [KeepPBTState(scheduler)],
+        "checkpoint_every": p.perturbation_interval,
+        "keep_all_checkpoints": True,  # the scheduler deletes what no exploit or resume can need
+    }
+
+
+def run_population(run: cli.Run) -> int:
+    space, arguments = population_setup(run)
     with cli.one_line_errors(run):
-        fit(
-            run,
-            space,
-            scheduler=scheduler,
-            search_alg=BasicVariantGenerator(points_to_evaluate=members, random_state=p.seed),
-            num_samples=p.population,
-            stop=PopulationStop() if p.stop_at_target else None,
-            callbacks=[KeepPBTState(scheduler)],
-            checkpoint_every=p.perturbation_interval,
-            keep_all_checkpoints=True,
-        )  # the scheduler deletes what no exploit or resume can need
-    return cli.finish(run, stopped_as=STOPPED if p.stop_at_target else None)
+        fit(run, space, **arguments)
+    return cli.finish(run, stopped_as=STOPPED if run.cfg.pbt.stop_at_target else None)
 
 
 def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:

@@ -9,10 +9,18 @@ TensorFlow: plots, the report and the notebooks read only what is here.
 - ``tables``: trials, history, summary (and the PBT parts from ``lineage``), written and read;
 - ``lineage``: PBT's record read back: lineage table, exploit audit, quantile sizes, winner;
 - ``analysis``: width-study fits, compute curves;
-- ``console``: what a finished run prints and its exit code.
+- ``console``: what a finished run prints and its exit code;
+- ``compare``: the comparison of searchers at equal compute.
 """
 
 from pbt_lab.results.analysis import compute_curve, compute_until, linear_fit, scaling_summary
+from pbt_lab.results.compare import (
+    compare_line,
+    compare_markdown,
+    compare_row,
+    read_comparison,
+    write_comparison,
+)
 from pbt_lab.results.console import console_summary, exit_status
 from pbt_lab.results.lineage import member_schedule, schedule_changes
 from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta
@@ -20,6 +28,9 @@ from pbt_lab.results.tables import best_trial, per_optimizer, read_lineage_table
 
 __all__ = [
     "best_trial",
+    "compare_line",
+    "compare_markdown",
+    "compare_row",
     "compute_curve",
     "compute_until",
     "console_summary",
@@ -29,9 +40,11 @@ __all__ = [
     "per_optimizer",
     "ray_trial_states",
     "read_checkpoint_meta",
+    "read_comparison",
     "read_lineage_table",
     "read_tables",
     "scaling_summary",
     "schedule_changes",
+    "write_comparison",
     "write_tables",
 ]

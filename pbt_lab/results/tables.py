@@ -79,7 +79,7 @@ def read_trials(
         val = h[VAL_ACC].dropna()
         # Ray's own final status: a trial that failed and was restarted from a checkpoint recovered.
         errored = (
-            not len(h)
+            (not len(h) and ray_status != "TERMINATED")  # stopped before its first report: not an error
             or ray_status == "ERROR"
             or (ray_status is None and (trial_dir / "error.txt").is_file())
         )
@@ -98,7 +98,7 @@ def read_trials(
                 STATUS: ERROR
                 if errored
                 else (stopped_as or RUNNING)
-                if last[STATUS] == RUNNING
+                if last.get(STATUS, RUNNING) == RUNNING
                 else last[STATUS],
                 STEPS_TO_TARGET: last.get(STEPS_TO_TARGET),
                 SECONDS_TO_TARGET: last.get(SECONDS_TO_TARGET),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import tune
 
-from pbt_lab.names import STEPS_TO_TARGET
+from pbt_lab.names import SEGMENT_STEP, STEP, STEPS_TO_TARGET
 from pbt_lab.tuning.scheduler import LabPBT
 
 
@@ -44,3 +44,22 @@ class PopulationStop(tune.Stopper):
 
     def stop_all(self) -> bool:
         return self.reached
+
+
+class BudgetStop(tune.Stopper):
+    """Stops every trial once the training steps the trials took add up to ``budget``. Counted as the
+    tables count them: a check trains from the step before it, or from the step a restore (a PBT
+    exploit) put it at. Trials in flight finish their check: it overshoots by one check per running trial."""
+
+    def __init__(self, budget: int):
+        self.budget, self.spent, self.step = budget, 0, {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        start = result.get(SEGMENT_STEP)
+        start = self.step.get(trial_id, 0) if start is None else start
+        self.spent += max(0, result[STEP] - start)
+        self.step[trial_id] = result[STEP]
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.budget

@@ -45,7 +45,7 @@ class CSVLog(_KeepLocalLog, CSVLoggerCallback):
     """``progress.csv``, every report kept."""
 
 
-def start_ray(run, search_alg) -> dict:
+def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
     """Start a local Ray (or join ``--address`` / ``RAY_ADDRESS``) and check that one trial fits;
     returns the extra resources each trial holds (a local Ray's trial slots)."""
     res = run.cfg.resources
@@ -65,7 +65,12 @@ def start_ray(run, search_alg) -> dict:
         try:
             # Without an address start a local Ray even if `ray start` left a cluster running here:
             # Ray itself would join that one.
-            ray.init(address=address or "local", logging_level="WARNING", resources=slots or None)
+            ray.init(
+                address=address or "local",
+                logging_level="WARNING",
+                resources=slots or None,
+                log_to_driver=log_to_driver,  # off: workers' TensorFlow start-up lines stay in Ray's logs
+            )
         except ConnectionError as e:  # no cluster there, or it refused us (auth token)
             raise UserError(
                 f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
@@ -94,12 +99,14 @@ def fit(
     callbacks=(),
     checkpoint_every: int | None = None,
     keep_all_checkpoints: bool = False,
+    verbose: int = 1,
 ):
     """Run (or resume) ``run`` on Ray Tune with the lab's trainable; returns the ResultGrid.
 
-    ``keep_all_checkpoints``: Ray deletes none (PBT's scheduler prunes them itself)."""
+    ``keep_all_checkpoints``: Ray deletes none (PBT's scheduler prunes them itself); ``verbose=0``
+    keeps Ray's trial tables off the console."""
     res, tune_run = run.cfg.resources, run.cfg.run
-    slot = start_ray(run, search_alg)
+    slot = start_ray(run, search_alg, log_to_driver=verbose > 0)
     trainable = tune.with_resources(
         tune.with_parameters(LabTrainable, data=run.data, builder=run.builder),
         {"cpu": res.cpu, "gpu": res.gpu, **slot},
@@ -133,7 +140,7 @@ def fit(
                     checkpoint_at_end=every > 0,
                 ),
                 failure_config=tune.FailureConfig(max_failures=tune_run.max_failures),
-                verbose=1,
+                verbose=verbose,
             ),
         )
     grid = tuner.fit()

@@ -38,6 +38,7 @@ from pbt_lab.names import (
     DIVERGED_FLAG,
     EXPLOIT,
     LR,
+    LR_PLACE,
     OPTIMIZER,
     OPTIMIZER_STEPS,
     RESTORED_ID,
@@ -84,8 +85,13 @@ def trial_space(
 
 
 def train_config(config: dict) -> TrainConfig:
-    """The TrainConfig of one trial's config."""
-    return TrainConfig(**config["train"], **{k: config[k] for k in SEARCHED})
+    """The TrainConfig of one trial's config. Where it carries ``lr_place`` (PB2, which searches a
+    bounded number), the rate is that place in its optimizer's range, in log space."""
+    searched = {k: config[k] for k in SEARCHED}
+    if config.get(LR_PLACE) is not None:
+        low, high = config["lr_ranges"][config[OPTIMIZER]]
+        searched[LR] = low * (high / low) ** min(1.0, max(0.0, config[LR_PLACE]))
+    return TrainConfig(**config["train"], **searched)
 
 
 def segment(step: int, optimizer: str, lr: float, seed: int, trial: str) -> dict:
@@ -156,7 +162,9 @@ class LabTrainable(tune.Trainable):
         every = self.config.get("checkpoint_every") or 0
         if every and (result["done"] or (self.iteration + 1) % every == 0):
             result.update(self._live_state())
-        if result["done"]:
+        # Once, at the end; at every check where the run may be stopped from outside (the comparison's
+        # budget, ASHA's cuts), so that whichever state ends up chosen has its test accuracy.
+        if result["done"] or self.config.get("test_every_check"):
             result[TEST_ACC] = self.trainer.evaluate_test()
         return result
 
