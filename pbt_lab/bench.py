@@ -66,7 +66,7 @@ def trainer_vs_fit(data: Dataset, scale: float, steps: int, rounds: int) -> Thro
         metrics=["accuracy"],
     )
     # What a Keras user feeds fit: float images in [0, 1].
-    x = data.x_train[: steps * batch].astype(np.float32) / 255.0
+    x = data.x_train[: steps * batch].astype(np.float32) / (255.0 if data.x_train.dtype == np.uint8 else 1.0)
     y = data.y_train[: steps * batch].astype(np.int32)
 
     def run_trainer() -> float:

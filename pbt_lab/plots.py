@@ -28,6 +28,7 @@ from pbt_lab.names import (
     STEPS_TO_TARGET,
     TRAIN_SECONDS,
     VAL_ACC,
+    WEIGHTS,
 )
 
 COLOURS = dict(zip(OPTIMIZER_NAMES, plt.get_cmap("tab10").colors))
@@ -264,7 +265,7 @@ def plot_scaling(trials: pd.DataFrame, scaling: dict, column: str, label: str, p
     trials only), with each rate's fit c + k·n (n = weights) dashed."""
     t = trials[trials[STATUS] == REACHED].assign(width=trials["scale"] / scaling["base_scale"])
     fits = {(f[OPTIMIZER], f[LR]): f for f in scaling["fits"]}
-    widths = trials.assign(width=trials["scale"] / scaling["base_scale"]).groupby("width")["weights"].first()
+    widths = trials.assign(width=trials["scale"] / scaling["base_scale"]).groupby("width")[WEIGHTS].first()
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.get_cmap("viridis")
     rates = sorted(t.groupby([OPTIMIZER, LR]).groups)
@@ -369,17 +370,21 @@ def plot_compute_curves(curves: dict, x: str, label: str, path: Path) -> Path:
 # --- searchers compared -----------------------------------------------------------------------
 
 
+def step_values(x: pd.Series, y: pd.Series, at: np.ndarray) -> np.ndarray:
+    """``y`` as the step function of ``x`` it is (each value holds until the next), read at ``at``;
+    NaN before the first ``x``."""
+    i = np.searchsorted(x.to_numpy(float), at, side="right") - 1
+    values = y.ffill().to_numpy(float)
+    return np.where(i >= 0, values[np.clip(i, 0, None)], np.nan)
+
+
 def compare_figure(curves: pd.DataFrame, summary: dict, path: Path) -> Path:
     """Best validation accuracy so far against training steps spent, per method: the median over
     seeds, with their range as a band; the budget dotted."""
     fig, ax = plt.subplots(figsize=(8, 5))
     steps = np.linspace(0, summary["budget_steps"], 200)
     for i, (method, c) in enumerate(curves.groupby("method", sort=False)):
-        # Each seed's curve is a step function of the compute spent: its value at every point of ``steps``.
-        runs = [
-            np.interp(steps, s["cum_steps"], s["best_val_acc"].ffill().fillna(0), left=np.nan)
-            for _, s in c.groupby("seed")
-        ]
+        runs = [step_values(s["cum_steps"], s["best_val_acc"], steps) for _, s in c.groupby("seed")]
         colour = plt.get_cmap("tab10")(i)
         with warnings.catch_warnings():  # before a seed's first check it has no value: NaN, not a warning
             warnings.simplefilter("ignore", RuntimeWarning)

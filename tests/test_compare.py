@@ -48,10 +48,10 @@ def test_pb2s_place_maps_onto_the_optimizers_range_in_log_space():
 def made_up_runs() -> tuple[pd.DataFrame, pd.DataFrame]:
     frame = pd.DataFrame(
         [
-            {"method": "grid", "seed": 0, "steps": 600, "best_val_acc": 0.95, "test_acc": 0.94},
-            {"method": "grid", "seed": 1, "steps": 600, "best_val_acc": 0.96, "test_acc": 0.95},
-            {"method": "pbt", "seed": 0, "steps": 600, "best_val_acc": 0.97, "test_acc": 0.96},
-            {"method": "pbt", "seed": 1, "steps": 650, "best_val_acc": 0.93, "test_acc": 0.92},
+            {"method": "grid", "seed": 0, "steps": 600, "winner_val_acc": 0.95, "test_acc": 0.94},
+            {"method": "grid", "seed": 1, "steps": 600, "winner_val_acc": 0.96, "test_acc": 0.95},
+            {"method": "pbt", "seed": 0, "steps": 600, "winner_val_acc": 0.97, "test_acc": 0.96},
+            {"method": "pbt", "seed": 1, "steps": 650, "winner_val_acc": 0.93, "test_acc": 0.92},
         ]
     )
     curves = pd.DataFrame(
@@ -91,6 +91,9 @@ def test_markdown_shows_each_methods_median_and_range():
         (["compare.methods=[grid, hyperband]"], "compare.methods: unknown 'hyperband'"),
         (["pbt.population=7"], "must split into pbt.population=7 members of whole checks"),
         (["compare.seeds=[1, 1]"], "compare.seeds must not repeat a seed"),
+        (["train.stop_at_target=true"], "train.stop_at_target=True: a comparison needs False"),
+        (["train.max_seconds=60"], "train.max_seconds=60.0: a comparison needs None"),
+        (["compare.asha_grace_checks=5"], "compare.asha_grace_checks=5 exceeds a trial's 4 checks"),
     ],
 )
 def test_bad_comparisons_are_one_line(sets, message, tmp_path):
@@ -123,15 +126,23 @@ def test_every_method_and_seed_spent_the_budget(quick_compare):
     assert sorted(compare.groupby("method").size().items()) == sorted((m, 3) for m in COMPARE_METHODS)
     steps_per_check = summary["config"]["train"]["steps_per_check"]
     for row in compare.itertuples():
-        # Stopped once spent: over by at most one check per trial running at once (2 here).
-        assert budget <= row.steps <= budget + 2 * steps_per_check, row
-        assert row.errors == 0 and row.best_val_acc is not None and row.test_acc is not None
+        # Grid and random train exactly their trials' lengths; the others stop once the budget is
+        # spent, over by at most one check per trial running at once (2 here).
+        over = 0 if row.method in ("grid", "random") else 2 * steps_per_check
+        assert budget <= row.steps <= budget + over, row
+        assert row.errors == 0 and row.winner_val_acc is not None and row.test_acc is not None
 
 
 def test_the_counted_steps_agree_with_each_runs_own_tables(quick_compare):
     compare, _, _ = read_comparison(quick_compare)
     for row in compare.itertuples():
         trials, _, summary = read_tables(row.run_dir)
+        # Chosen on validation: the best final validation accuracy (PBT: its own winner), which the
+        # test accuracy never decides (where the two disagree, the test's best is not the winner).
+        ended = trials[trials["test_acc"].notna()]
+        chosen = ended.loc[ended["final_val_acc"].idxmax()]
+        if row.method != "pbt":
+            assert row.winner == chosen["trial_id"] and row.winner_val_acc == chosen["final_val_acc"]
         winner = trials.set_index("trial_id").loc[row.winner]
         assert (winner["test_acc"], winner["optimizer"]) == (row.test_acc, row.optimizer)
         if row.method in ("grid", "random"):  # every trial ran its 100 steps, none restored
@@ -147,11 +158,12 @@ def test_markdown_and_parquet_hold_the_same_numbers(quick_compare):
     for method, g in compare.groupby("method"):
         line = next(line for line in lines if line.startswith(f"| {method} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        val = g["best_val_acc"]
+        val = g["winner_val_acc"]
         assert cells[3] == f"{val.median():.4f} [{val.min():.4f} – {val.max():.4f}]"
         test = g["test_acc"]
         assert cells[4] == f"{test.median():.4f} [{test.min():.4f} – {test.max():.4f}]"
-        assert cells[2].startswith(f"{g['steps'].median():,.0f} [")
+        steps = g["steps"]
+        assert cells[2] == f"{steps.median():,.0f} [{steps.min():,.0f} – {steps.max():,.0f}]"
         assert cells[5].endswith(f"({g['steps_to_grid_best'].notna().sum()}/3)")
     assert (quick_compare / "figures" / "compare.png").stat().st_size > 10_000
     assert json.loads((quick_compare / "compare_summary.json").read_text())["kind"] == "compare"

@@ -312,3 +312,25 @@ def test_a_keras_data_set_out_of_reach_is_one_line(project, tmp_path):
         pytest.skip("this machine reached Keras's servers and loaded cifar10")
     assert "cifar10 is not in Keras's cache and could not be downloaded" in done.stderr
     assert not (project / "runs" / "cifar").exists()
+
+
+def test_a_replay_on_other_data_is_refused(tmp_path, bundled):
+    """A replay trains on its run's data: the content hash recorded in its summary must match."""
+    import pandas as pd
+
+    from pbt_lab.experiments.replay import check_same_data
+
+    run = tmp_path / "pbt-run"
+    run.mkdir()
+    pd.DataFrame({"trial_id": ["a"]}).to_parquet(run / "trials.parquet")
+    pd.DataFrame({"trial_id": ["a"]}).to_parquet(run / "history.parquet")
+
+    def recorded(sha256: str) -> None:
+        identity = {**bundled.identity(), "sha256": sha256}
+        (run / "summary.json").write_text(json.dumps({"kind": "pbt", "data": identity}))
+
+    recorded(bundled.sha256)
+    check_same_data(run, bundled)  # the same data: no complaint
+    recorded("0" * 64)
+    with pytest.raises(UserError, match=r"set data\.source to the run's data"):
+        check_same_data(run, bundled)

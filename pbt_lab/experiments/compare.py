@@ -39,7 +39,7 @@ from ray.tune.search import BasicVariantGenerator
 from pbt_lab import UserError, cli, results
 from pbt_lab.config import CompareExperiment
 from pbt_lab.experiments.pbt import population_setup, random_configs
-from pbt_lab.names import LR, LR_PLACE, OPTIMIZER, SCORE, STOPPED, VAL_ACC
+from pbt_lab.names import LR, LR_PLACE, LR_RANGES, OPTIMIZER, SCORE, STOPPED, TEST_EVERY_CHECK, VAL_ACC
 from pbt_lab.storage import is_uri
 from pbt_lab.tuning.callbacks import BudgetStop
 from pbt_lab.tuning.launch import fit
@@ -81,8 +81,9 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
         steps = budget // population.population
         run.cfg = replace(cfg, pbt=population, train=replace(cfg.train, max_steps=steps))
         trials, arguments = population_setup(run)
-        return {**trials, "test_every_check": True}, {**arguments, **stop}
-    points = sampler(run, method, n_grid * (ASHA_SAMPLES if method == "asha" else 1))
+        return {**trials, TEST_EVERY_CHECK: True}, {**arguments, **stop}
+    samples = {"random": n_grid, "asha": n_grid * ASHA_SAMPLES, "pb2": cfg.pbt.population}[method]
+    points = sampler(run, method, samples)
     searcher = BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.train.seed)
     if method == "random":
         return space(optimizer=tune.choice(cfg.pbt.optimizers), lr=points[0][LR], seed=cfg.train.seed), {
@@ -99,7 +100,7 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
             reduction_factor=cfg.compare.asha_reduction_factor,
         )
         trials = space(optimizer=tune.choice(cfg.pbt.optimizers), lr=points[0][LR], seed=cfg.train.seed)
-        return {**trials, "population": scored, "test_every_check": True}, {
+        return {**trials, "population": scored, TEST_EVERY_CHECK: True}, {
             "scheduler": asha,
             "search_alg": searcher,
             "num_samples": len(points),
@@ -128,8 +129,8 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
         hyperparam_bounds={LR_PLACE: [0.0, 1.0]},
         quantile_fraction=p.quantile_fraction,
     )
-    place = {LR_PLACE: members[0][LR_PLACE], "lr_ranges": p.lr_ranges}
-    return {**trials, **place, "population": scored, "test_every_check": True}, {
+    place = {LR_PLACE: members[0][LR_PLACE], LR_RANGES: p.lr_ranges}
+    return {**trials, **place, "population": scored, TEST_EVERY_CHECK: True}, {
         "scheduler": pb2,
         "search_alg": BasicVariantGenerator(points_to_evaluate=members, random_state=cfg.train.seed),
         "num_samples": p.population,
@@ -156,7 +157,8 @@ def run_method(parent: cli.Run, method: str, seed: int) -> dict:
     )
     row = results.compare_row(method, seed, tables)
     print(results.compare_line(row, time.perf_counter() - start), flush=True)
-    return {"row": row, "curve": results.compute_curve(tables["history"]).assign(method=method, seed=seed)}
+    curve = results.compute_curve(tables["history"]).assign(method=method, seed=seed)
+    return {"row": row, "curve": curve, "exit": results.exit_status(tables)}  # failed trials, audit
 
 
 def validate(run: cli.Run) -> None:
@@ -174,9 +176,22 @@ def validate(run: cli.Run) -> None:
             f"the budget ({cfg.budget:,} steps: grid trials × train.max_steps) must split into "
             f"pbt.population={cfg.pbt.population} members of whole checks ({cfg.train.steps_per_check} steps)"
         )
-    unknown = set(run.cfg.pbt.optimizers) - set(run.cfg.pbt.lr_ranges)
-    if unknown:
-        raise UserError(f"pbt.lr_ranges has no range for {', '.join(sorted(unknown))}")
+    t = cfg.train
+    for name, value, equal in (
+        ("train.stop_at_target", t.stop_at_target, False),
+        ("train.stop_on_divergence", t.stop_on_divergence, False),
+        ("train.max_seconds", t.max_seconds, None),
+    ):
+        if value != equal:
+            raise UserError(
+                f"{name}={value}: a comparison needs {equal} (every trial trains its whole length, so "
+                f"every method spends the same steps)"
+            )
+    checks = t.max_steps // t.steps_per_check
+    if cfg.compare.asha_grace_checks > checks:
+        raise UserError(
+            f"compare.asha_grace_checks={cfg.compare.asha_grace_checks} exceeds a trial's {checks} checks"
+        )
 
 
 def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
@@ -206,4 +221,4 @@ def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
     run.tables = tables
     print(tables["markdown"])
     print(f"tables:  {run.run_dir}/{{compare.parquet, compare_summary.json, compare.md}}")
-    return int(any(row["errors"] for row in tables["summary"]["runs"]))
+    return int(any(d["exit"] for d in done))

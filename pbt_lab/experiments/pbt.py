@@ -22,7 +22,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pbt_lab import UserError, cli
 from pbt_lab.config import PBTConfig, PBTExperiment
-from pbt_lab.experiments.replay import replay_schedule, run_replay, source_config
+from pbt_lab.experiments.replay import check_same_data, replay_schedule, run_replay, source_config
 from pbt_lab.names import LR, OPTIMIZER, SCORE, SEED, STOPPED
 from pbt_lab.storage import free_bytes
 from pbt_lab.tuning.callbacks import KeepPBTState, PopulationStop
@@ -65,6 +65,7 @@ def validate(run: cli.Run) -> None:
         raise UserError("--member names a member to replay: use it with --replay RUN_DIR")
     if run.args.replay:
         replay_schedule(run.args.replay, run.args.member)
+        check_same_data(run.args.replay, run.data)
         return
     p = run.cfg.pbt
     # Weights and up to two slots per weight (Adam, Adadelta), 4 bytes each.

@@ -34,6 +34,17 @@ def source_config(args) -> dict | None:
     return summary["config"]
 
 
+def check_same_data(source: str | Path, data) -> None:
+    """A replay trains on the data its run trained on (by content: a changed $PBT_LAB_DATA shows)."""
+    recorded = results.read_tables(source)[2].get("data") or {}
+    # Runs before content hashes recorded the file's hash (and no input shape): nothing to compare.
+    if "input_shape" in recorded and recorded.get("sha256") != data.sha256:
+        raise UserError(
+            f"--replay {source} trained on {recorded.get('source')} (sha256 {recorded['sha256'][:12]}…), "
+            f"this run loads {data.source} (sha256 {data.sha256[:12]}…): set data.source to the run's data"
+        )
+
+
 def replay_schedule(source: str | Path, member: str | None = None) -> tuple[str, int, list[dict]]:
     """A PBT run's winner (or ``member``), its lineage's seed and its schedule [{step, optimizer, lr}],
     read from the ancestry in the member's last checkpoint."""

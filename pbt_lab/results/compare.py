@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from pbt_lab import UserError
-from pbt_lab.names import ERROR, FIGURES, LR, OPTIMIZER, STATUS, TEST_ACC
+from pbt_lab.names import ERROR, FIGURES, FINAL_VAL_ACC, LR, OPTIMIZER, STATUS, TEST_ACC, WINNER_VAL_ACC
 from pbt_lab.results.analysis import compute_curve, compute_until
 
 COMPARE, CURVES = "compare.parquet", "compare_curves.parquet"
 COMPARE_SUMMARY, COMPARE_MD = "compare_summary.json", "compare.md"
-MEASURES = ("best_val_acc", TEST_ACC, "steps", "steps_to_grid_best")
+MEASURES = (WINNER_VAL_ACC, TEST_ACC, "steps", "steps_to_grid_best")
 
 
 def compare_row(method: str, seed: int, tables: dict) -> dict:
@@ -25,14 +25,14 @@ def compare_row(method: str, seed: int, tables: dict) -> dict:
     if method == "pbt" and (summary.get("winner") or {}).get("trial_id"):
         pool = trials[trials["trial_id"] == summary["winner"]["trial_id"]]
     else:
-        pool = trials[trials[TEST_ACC].notna()].sort_values("final_val_acc", ascending=False)
+        pool = trials[trials[TEST_ACC].notna()].sort_values(FINAL_VAL_ACC, ascending=False)
     winner = pool.iloc[0] if len(pool) else None
     return {
         "method": method,
         "seed": seed,
         "steps": int(curve["cum_steps"].iloc[-1]) if len(curve) else 0,
         "trials": int((trials["iterations"] > 0).sum()),  # not those a budget stop left unstarted
-        "best_val_acc": float(winner["final_val_acc"]) if winner is not None else None,
+        WINNER_VAL_ACC: float(winner[FINAL_VAL_ACC]) if winner is not None else None,
         TEST_ACC: float(winner[TEST_ACC]) if winner is not None else None,
         OPTIMIZER: winner[OPTIMIZER] if winner is not None else None,
         LR: float(winner[LR]) if winner is not None else None,
@@ -45,8 +45,8 @@ def compare_row(method: str, seed: int, tables: dict) -> dict:
 def compare_line(row: dict, seconds: float) -> str:
     """The progress line of one finished method × seed."""
     found = (
-        f"best val {row['best_val_acc']:.4f}, test {row[TEST_ACC]:.4f} ({row[OPTIMIZER]} at {row[LR]:.3g})"
-        if row["best_val_acc"] is not None
+        f"winner val {row[WINNER_VAL_ACC]:.4f}, test {row[TEST_ACC]:.4f} ({row[OPTIMIZER]} at {row[LR]:.3g})"
+        if row[WINNER_VAL_ACC] is not None
         else "no trial ran to its end"
     )
     errors = f", {row['errors']} failed" if row["errors"] else ""
@@ -55,9 +55,10 @@ def compare_line(row: dict, seconds: float) -> str:
 
 
 def steps_to_grid_best(frame: pd.DataFrame, curves: pd.DataFrame, near_best: float) -> list:
-    """Per row: the steps its method had spent when its best validation so far first came within
-    ``near_best`` of the grid's best at the same seed (None: never, or no grid at that seed)."""
-    grid_best = frame[frame["method"] == "grid"].set_index("seed")["best_val_acc"]
+    """Per row: the steps its method had spent when the best validation any of its trials had shown so
+    far first came within ``near_best`` of the grid's winner's at the same seed (None: never, or no grid
+    at that seed)."""
+    grid_best = frame[frame["method"] == "grid"].set_index("seed")[WINNER_VAL_ACC]
     out = []
     for row in frame.itertuples():
         curve = curves[(curves["method"] == row.method) & (curves["seed"] == row.seed)]
@@ -130,13 +131,13 @@ def compare_markdown(summary: dict) -> str:
 
     pt = f"{summary['near_best'] * 100:g}"
     lines = [
-        f"| method | seeds | steps used | best val acc | its test acc | steps to grid best − {pt} pt |",
+        f"| method | seeds | steps used | winner's val acc | its test acc | steps to grid best − {pt} pt |",
         "|---|---|---|---|---|---|",
     ]
     for method, s in summary["methods"].items():
         reached = f"{cell(s['steps_to_grid_best'], ',.0f')} ({s['reached_grid_best']}/{s['seeds']})"
         lines.append(
-            f"| {method} | {s['seeds']} | {cell(s['steps'], ',.0f')} | {cell(s['best_val_acc'], '.4f')} "
+            f"| {method} | {s['seeds']} | {cell(s['steps'], ',.0f')} | {cell(s[WINNER_VAL_ACC], '.4f')} "
             f"| {cell(s[TEST_ACC], '.4f')} | {reached} |"
         )
     return "\n".join(lines)

@@ -91,7 +91,11 @@ def resolve_builder(spec: str) -> Callable:
 
 def builder_name(builder: Callable) -> str:
     """How a builder passed as a function is recorded in the config, summary and trials table."""
-    return f"{builder.__module__}:{builder.__qualname__}"
+    if not callable(builder):
+        raise UserError(f"the builder must be a function, got {type(builder).__name__}")
+    target = getattr(builder, "func", builder)  # a functools.partial names its function
+    name = getattr(target, "__qualname__", type(target).__qualname__)
+    return f"{getattr(target, '__module__', None) or type(target).__module__}:{name}"
 
 
 def build_model(

@@ -217,8 +217,8 @@ class Trainer:
         return float(acc), float(loss)
 
     def evaluate_test(self) -> float:
-        """Accuracy on the held-out test split: call it once, when the run has ended and nothing is
-        chosen any more (winners are chosen on validation)."""
+        """Accuracy on the held-out test split, for the record: when the run ends (or, where a run may be
+        stopped from outside, at every check); winners are always chosen on validation."""
         return self.evaluate(*self._test)[0]
 
     def check(self) -> dict:

@@ -39,6 +39,7 @@ from pbt_lab.names import (
     EXPLOIT,
     LR,
     LR_PLACE,
+    LR_RANGES,
     OPTIMIZER,
     OPTIMIZER_STEPS,
     RESTORED_ID,
@@ -57,6 +58,7 @@ from pbt_lab.names import (
     STATE_SHA256,
     STEP,
     TEST_ACC,
+    TEST_EVERY_CHECK,
     WEIGHTS,
 )
 
@@ -89,7 +91,7 @@ def train_config(config: dict) -> TrainConfig:
     bounded number), the rate is that place in its optimizer's range, in log space."""
     searched = {k: config[k] for k in SEARCHED}
     if config.get(LR_PLACE) is not None:
-        low, high = config["lr_ranges"][config[OPTIMIZER]]
+        low, high = config[LR_RANGES][config[OPTIMIZER]]
         searched[LR] = low * (high / low) ** min(1.0, max(0.0, config[LR_PLACE]))
     return TrainConfig(**config["train"], **searched)
 
@@ -164,7 +166,7 @@ class LabTrainable(tune.Trainable):
             result.update(self._live_state())
         # Once, at the end; at every check where the run may be stopped from outside (the comparison's
         # budget, ASHA's cuts), so that whichever state ends up chosen has its test accuracy.
-        if result["done"] or self.config.get("test_every_check"):
+        if result["done"] or self.config.get(TEST_EVERY_CHECK):
             result[TEST_ACC] = self.trainer.evaluate_test()
         return result
 
