@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pbt_lab import UserError
-from pbt_lab.config import GridExperiment, PBTExperiment, load_config, study_learning_rates
+from pbt_lab.config import GridExperiment, PBTExperiment, load_config, read_yaml, study_learning_rates
 
 
 def test_defaults_are_the_study():
@@ -96,4 +96,9 @@ def test_every_shipped_config_loads(path):
         "trace": TraceExperiment,
         "compare": CompareExperiment,
     }
-    load_config(kinds[path.stem.split("-")[0]], path)
+    cfg = load_config(kinds[path.stem.split("-")[0]], path)
+    # What the file says is what the config holds (scalars; lists and mappings are normalised).
+    for section, values in read_yaml(path).items():
+        for key, value in values.items():
+            if isinstance(value, (int, float, bool, str)) or value is None:
+                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
