@@ -68,8 +68,8 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
     """``method``'s trial space and ``fit`` arguments, to spend ``budget`` training steps."""
     cfg = run.cfg
     n_grid = len(cfg.grid.optimizers) * len(cfg.grid.lrs)
-    space = lambda **searched: trial_space(  # noqa: E731
-        cfg.train, cfg.model, threads=cfg.resources.threads, **searched
+    space = lambda **searched: trial_space(  # noqa: E731  (run.cfg: pb2 sets its members' length)
+        run.cfg.train, cfg.model, threads=cfg.resources.threads, **searched
     )
     scored = {"metric": VAL_ACC, "rescue_checks": 0}  # members report SCORE for a scheduler to rank
     if method == "grid":
@@ -113,14 +113,7 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
         low, high = p.lr_ranges[m[OPTIMIZER]]
         m[LR_PLACE] = float(np.log(m[LR] / low) / np.log(high / low))
     run.cfg = replace(cfg, train=replace(cfg.train, max_steps=budget // p.population))
-    trials = trial_space(
-        run.cfg.train,
-        cfg.model,
-        threads=cfg.resources.threads,
-        optimizer=tune.choice(p.optimizers),
-        lr=members[0][LR],
-        seed=cfg.train.seed,
-    )
+    trials = space(optimizer=tune.choice(p.optimizers), lr=members[0][LR], seed=cfg.train.seed)
     pb2 = PB2(
         time_attr="training_iteration",
         metric=SCORE,
@@ -155,9 +148,9 @@ def run_method(parent: cli.Run, method: str, seed: int) -> dict:
         figures=False,
         stopped_as=STOPPED if method in ("asha", "pb2", "pbt") else None,
     )
-    row = results.compare_row(method, seed, tables)
-    print(results.compare_line(row, time.perf_counter() - start), flush=True)
     curve = results.compute_curve(tables["history"]).assign(method=method, seed=seed)
+    row = results.compare_row(method, seed, tables, curve)
+    print(results.compare_line(row, time.perf_counter() - start), flush=True)
     return {"row": row, "curve": curve, "exit": results.exit_status(tables)}  # failed trials, audit
 
 

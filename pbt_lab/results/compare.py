@@ -11,17 +11,17 @@ import pandas as pd
 
 from pbt_lab import UserError
 from pbt_lab.names import ERROR, FIGURES, FINAL_VAL_ACC, LR, OPTIMIZER, STATUS, TEST_ACC, WINNER_VAL_ACC
-from pbt_lab.results.analysis import compute_curve, compute_until
+from pbt_lab.results.analysis import compute_until
 
 COMPARE, CURVES = "compare.parquet", "compare_curves.parquet"
 COMPARE_SUMMARY, COMPARE_MD = "compare_summary.json", "compare.md"
 MEASURES = (WINNER_VAL_ACC, TEST_ACC, "steps", "steps_to_grid_best")
 
 
-def compare_row(method: str, seed: int, tables: dict) -> dict:
-    """What one method at one seed found, and the compute it spent (counted from its history)."""
+def compare_row(method: str, seed: int, tables: dict, curve: pd.DataFrame) -> dict:
+    """What one method at one seed found, and the compute it spent: the end of ``curve``, its
+    history's ``compute_curve``."""
     trials, summary = tables["trials"], tables["summary"]
-    curve = compute_curve(tables["history"])
     if method == "pbt" and (summary.get("winner") or {}).get("trial_id"):
         pool = trials[trials["trial_id"] == summary["winner"]["trial_id"]]
     else:
