@@ -149,10 +149,6 @@ class LabTrainable(tune.Trainable):
         }
         if population:
             result[SCORE] = self._rank_score(population["metric"], row)
-        result[WEIGHTS] = self.trainer.model.count_params()
-        result["node_id"] = (
-            ray.get_runtime_context().get_node_id()
-        )  # Ray's node: node_ip is shared by nodes on one host
         self._waited = 0
         return self._report(result)
 
@@ -161,6 +157,9 @@ class LabTrainable(tune.Trainable):
         where a checkpoint may follow, and the test accuracy once, at the end."""
         result.update(dict.fromkeys(RESTORE_KEYS), **self._restore_report, **dict.fromkeys(STATE_KEYS))
         self._restore_report = {}
+        # Every report, a waiting member's too: Ray's node (node_ip is shared by nodes on one host).
+        result[WEIGHTS] = self.trainer.model.count_params()
+        result["node_id"] = ray.get_runtime_context().get_node_id()
         every = self.config.get("checkpoint_every") or 0
         if every and (result["done"] or (self.iteration + 1) % every == 0):
             result.update(self._live_state())
