@@ -3,12 +3,14 @@
     python -m pbt_lab.bench --quick --json
 
 These machines are shared and noisy: the Trainer/fit comparison alternates its two sides over
-several rounds and reports the ratio of the medians; the Tune figures compare each run with
-itself (training seconds against wall seconds on the same slots) or with a twin run made
-moments before, never an absolute time against a goal.
+several rounds and reports the ratio of the medians (and the rounds' range); the Tune figures are
+measured ``--repeats`` times (3) and reported as median and range, each run compared with itself
+(training seconds against wall seconds on the same slots, from its time breakdown) or with a twin
+run made moments before, never an absolute time against a goal. The machine is printed with them.
 
 Tune figures (quick: configs/*-quick.yaml on the bundled subset; full: the study's configs):
-- tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall seconds × concurrent slots);
+- tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall seconds × trial slots), from the run's
+  ``time_breakdown`` (``share_<run>_<part>``: every part's share of the slot-seconds);
 - exploit_cost_ratio: median idle seconds of a worker between the report on which PBT exploited
   a member and that member's next training step on the worker, ÷ training seconds per
   perturbation interval;
@@ -20,8 +22,10 @@ Tune figures (quick: configs/*-quick.yaml on the bundled subset; full: the study
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -44,10 +48,12 @@ from pbt_lab.training.trainer import Trainer, configure_tensorflow
 
 @dataclass(frozen=True)
 class Throughput:
-    """Images per second of the Trainer and of Keras ``fit`` on the same model, batch and data."""
+    """Images per second of the Trainer and of Keras ``fit`` on the same model, batch and data: the
+    medians over the rounds, and each round's ratio."""
 
     trainer: float
     fit: float
+    ratios: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -81,7 +87,11 @@ def trainer_vs_fit(data: Dataset, scale: float, steps: int, rounds: int) -> Thro
 
     run_trainer(), run_fit()  # warm-up: tracing and graph optimisation are not throughput
     samples = [(run_trainer(), run_fit()) for _ in range(rounds)]
-    return Throughput(statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+    return Throughput(
+        statistics.median(s[0] for s in samples),
+        statistics.median(s[1] for s in samples),
+        tuple(t / f for t, f in samples),
+    )
 
 
 # --- Ray Tune -------------------------------------------------------------------------------
@@ -104,10 +114,10 @@ def tune_run(module, config: Path, storage: Path, name: str, *sets: str) -> dict
     return dict(zip(("trials", "history", "summary"), results.read_tables(storage / name)))
 
 
-def tune_efficiency(tables: dict, slots: int) -> float:
-    """Σ training seconds ÷ (wall seconds × slots): 1.0 is every slot training all the time."""
-    compute = tables["summary"]["compute"]
-    return compute[TRAIN_SECONDS] / (compute["wall_seconds"] * slots)
+def tune_efficiency(tables: dict) -> float:
+    """Training seconds ÷ (wall seconds × trial slots), from the run's time breakdown: 1.0 is every
+    slot training all the time."""
+    return tables["summary"]["time_breakdown"]["efficiency"]
 
 
 def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
@@ -171,7 +181,8 @@ def pbt_vs_grid(grid_tables: dict, pbt_tables: dict, tolerance: float = 0.002) -
     }
 
 
-def tune_figures(quick: bool, storage: Path, cpus: int) -> dict:
+def tune_figures(quick: bool, storage: Path, cpus: int, repeat: int) -> dict:
+    """One repeat of the Tune figures: the grid, its twin without the divergence stop, and PBT."""
     import ray
 
     from pbt_lab.experiments import grid, pbt
@@ -184,39 +195,75 @@ def tune_figures(quick: bool, storage: Path, cpus: int) -> dict:
     )
     ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="ERROR")
     try:
-        grid_tables = tune_run(grid, grid_config, storage, "grid")
+        grid_tables = tune_run(grid, grid_config, storage, f"grid-{repeat}")
         no_stop = tune_run(
-            grid, grid_config, storage, "grid-no-divergence-stop", "train.stop_on_divergence=false"
+            grid,
+            grid_config,
+            storage,
+            f"grid-no-divergence-stop-{repeat}",
+            "train.stop_on_divergence=false",
+            "train.stall_checks=null",
         )
-        pbt_tables = tune_run(pbt, pbt_config, storage, "pbt")
+        pbt_tables = tune_run(pbt, pbt_config, storage, f"pbt-{repeat}")
     finally:
         ray.shutdown()
     interval = pbt_tables["summary"]["config"]["pbt"]["perturbation_interval"]
-    slots = {
-        name: min(
-            cpus // int(t["summary"]["config"]["resources"]["cpu"]),
-            t["summary"]["config"]["resources"]["max_concurrent"] or cpus,
-        )
-        for name, t in (("grid", grid_tables), ("pbt", pbt_tables))
-    }
     return {
-        "tune_efficiency_grid": tune_efficiency(grid_tables, slots["grid"]),
-        "tune_efficiency_pbt": tune_efficiency(pbt_tables, slots["pbt"]),
+        "tune_efficiency_grid": tune_efficiency(grid_tables),
+        "tune_efficiency_pbt": tune_efficiency(pbt_tables),
         **exploit_cost(pbt_tables["history"], interval),
         **divergence_savings(grid_tables, no_stop),
         **pbt_vs_grid(grid_tables, pbt_tables),
         "trial_start_seconds_median_grid": trial_start(grid_tables["history"]),
-        "slots": slots["grid"],
-        "runs": str(storage),
+        **{
+            f"share_{kind}_{part}": share
+            for kind, tables in (("grid", grid_tables), ("pbt", pbt_tables))
+            for part, share in tables["summary"]["time_breakdown"]["shares"].items()
+        },
+        "slots": grid_tables["summary"]["time_breakdown"]["slots"],
+    }
+
+
+def medians(repeats: list[dict]) -> dict:
+    """Each numeric figure's median over the repeats, and its range as ``<name>_range`` [min, max]."""
+    out = {}
+    for key in repeats[0]:
+        values = [r[key] for r in repeats]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = statistics.median(values)
+            out[f"{key}_range"] = [min(values), max(values)]
+        else:
+            out[key] = values[0] if all(v == values[0] for v in values) else values
+    return out
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    versions = results.versions()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "tensorflow": versions["tensorflow"],
+        "ray": versions["ray"],
+        "python": versions["python"],
+        "platform": versions["platform"],
     }
 
 
 GOALS = {
     "trainer_vs_fit_small": (">=", 1.5),
     "trainer_vs_fit_full": (">=", 1.0),
-    "tune_efficiency_grid": (">=", 0.85),
-    "tune_efficiency_pbt": (">=", 0.85),
-    "exploit_cost_ratio": ("<=", 0.05),
+    "tune_efficiency_grid": (">=", 0.95),
+    "tune_efficiency_pbt": (">=", 0.92),
+    "exploit_cost_ratio": ("<=", 0.03),
     "divergence_savings": (">=", 0.30),
     "pbt_vs_grid_compute": ("<=", 0.10),
 }
@@ -225,7 +272,7 @@ GOALS = {
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m pbt_lab.bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="bundled data, quick configs, fewer rounds (~10 min on 2 cores)"
+        "--quick", action="store_true", help="bundled data, quick configs, fewer rounds (~12 min on 2 cores)"
     )
     parser.add_argument(
         "--data",
@@ -236,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="alternating rounds per Trainer/fit comparison"
     )
     parser.add_argument("--only", choices=("trainer", "tune"), help="run one half of the benchmark")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of the Tune figures; each is reported as median and range",
+    )
     parser.add_argument("--storage-path", help="where the Tune runs go (default: a new temporary directory)")
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args(argv)
@@ -252,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             t = trainer_vs_fit(data, scale, steps, rounds)
             figures |= {
                 f"trainer_vs_fit_{key}": t.ratio,
+                f"trainer_vs_fit_{key}_range": [min(t.ratios), max(t.ratios)],
                 f"trainer_img_per_s_{key}": t.trainer,
                 f"fit_img_per_s_{key}": t.fit,
             }
@@ -262,16 +316,21 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.only != "trainer":
         storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
-        figures |= tune_figures(args.quick, storage, cpus=os.cpu_count() or 1)
-    print("\nfigure                     value    goal")
+        repeats = [tune_figures(args.quick, storage, os.cpu_count() or 1, i) for i in range(args.repeats)]
+        figures |= medians(repeats) | {"repeats": args.repeats, "runs": str(storage)}
+    figures["machine"] = machine()
+    m = figures["machine"]
+    print(f"\non {m['cpu']}, {m['cores']} cores; TensorFlow {m['tensorflow']}, Ray {m['ray']}")
+    print("figure                     median   range            goal")
     for key, (op, goal) in GOALS.items():
         if key in figures:
-            value = figures[key]
+            value, spread = figures[key], figures.get(f"{key}_range")
             met = value is not None and (value >= goal if op == ">=" else value <= goal)
             shown = "–" if value is None else f"{value:.3f}"
-            print(f"{key:24} {shown:>8}    {op} {goal:<5} {'met' if met else 'MISSED'}")
+            between = f"{spread[0]:.3f}–{spread[1]:.3f}" if spread and None not in spread else ""
+            print(f"{key:24} {shown:>8}   {between:15}  {op} {goal:<5} {'met' if met else 'MISSED'}")
     if args.json:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+        print(json.dumps(figures, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)))
     return 0
 
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -64,6 +64,17 @@ class Call:
 
 
 @dataclass
+class Session:
+    """The fit a run made: what its compute totals and time breakdown are measured against."""
+
+    started_at: float | None = None
+    """When the fit started (epoch seconds)."""
+    wall_seconds: float = 0.0
+    slots: int | None = None
+    """Trials the cluster held at once when the fit started (an autoscaler may add more)."""
+
+
+@dataclass
 class Run:
     """A validated command: its config and data, and where its run directory is."""
 
@@ -78,7 +89,7 @@ class Run:
     args: argparse.Namespace
     builder: Callable | None = None
     weights: int | None = None
-    wall_seconds: float = 0.0
+    session: Session = field(default_factory=Session)
     tables: dict | None = None
 
     @property
@@ -302,7 +313,7 @@ def finish(
         kind=kind or run.kind,
         config=run.config_dict(),
         data=run.data.identity(),
-        wall_seconds=run.wall_seconds,
+        session=asdict(run.session),
         stopped_as=stopped_as,
         extra=extra,
     )

@@ -30,8 +30,41 @@ RUNNING = "running"
 REACHED = "reached"  # trained to the target
 CAPPED = "capped"  # used its budget (steps or seconds) without reaching the target
 DIVERGED = "diverged"  # its loss turned non-finite or exploded
+STALLED = "stalled"  # its loss stayed at chance for train.stall_checks checks: it cannot learn
 STOPPED = "stopped"  # stopped by the population's own stop (pbt.stop_at_target)
 ERROR = "error"  # failed: the console names the error
+
+# --- where an actor's seconds go (tuning/clock.py; results/breakdown.py sums them) ----------------
+SECONDS_BY_PART = "seconds_by_part"  # a report's {part: seconds} on its actor since the actor's last report
+ACTOR = "actor"  # a report's actor: node id and process id
+ACTOR_BORN_AT = "actor_born_at"  # the epoch second the actor's process started
+TRAIN_PART = "train"  # inside the fused training call
+VALIDATE = "validate"  # validation and test passes
+CHECKPOINT_SAVE = "checkpoint_save"  # writing a checkpoint's files
+CHECKPOINT_RESTORE = "checkpoint_restore"  # loading one into the model
+CHECKPOINT_TRANSFER = "checkpoint_transfer"  # Ray copying a checkpoint to or from storage (and between nodes)
+AUDIT = "audit"  # the state digests every exploit is audited with
+ACTOR_START = (
+    "actor_start"  # the process's start, TensorFlow's import, the model's build (and a reset's rebuild)
+)
+WAITING = (
+    "waiting"  # an actor holding its slot with nothing to train: between trials, or a diverged member's wait
+)
+TRAINABLE = "trainable"  # the trainable's own Python around those (metrics, reports)
+RAY = "ray"  # between the trainable's calls on a live actor: Ray's bookkeeping, result handling, scheduling
+SLOT_IDLE = "slot_idle"  # a slot with no live actor (before its first call, after its last report)
+TIME_PARTS = (
+    TRAIN_PART,
+    VALIDATE,
+    CHECKPOINT_SAVE,
+    CHECKPOINT_RESTORE,
+    CHECKPOINT_TRANSFER,
+    AUDIT,
+    ACTOR_START,
+    WAITING,
+    TRAINABLE,
+    RAY,
+)  # measured on the actors; SLOT_IDLE is measured from their lifetimes by the driver
 
 # --- what a PBT member reports, so the driver can audit every exploit ------------------------
 SCORE = "score"  # what PBT ranks: the last validation of pbt.metric

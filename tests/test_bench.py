@@ -15,8 +15,10 @@ def _tables(run_dir) -> dict:
 
 def test_tune_figures_from_the_quick_runs(quick_grid, quick_pbt):
     grid, pbt = _tables(quick_grid), _tables(quick_pbt)
-    assert 0 < bench.tune_efficiency(grid, slots=2) <= 1
-    assert 0 < bench.tune_efficiency(pbt, slots=2) <= 1
+    for tables in (grid, pbt):
+        efficiency = bench.tune_efficiency(tables)
+        breakdown = tables["summary"]["time_breakdown"]
+        assert 0 < efficiency <= 1 and efficiency == breakdown["parts"]["train"] / breakdown["slot_seconds"]
     cost = bench.exploit_cost(pbt["history"], interval=1)
     assert (
         cost["exploits"] >= 1
@@ -52,3 +54,24 @@ def test_trainer_half_prints_its_figures_as_json():
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["trainer_vs_fit_small"] > 0 and figures["trainer_vs_fit_full"] > 0
     assert "trainer_vs_fit_small" in out and ("met" in out or "MISSED" in out)
+
+
+def test_repeats_are_reported_as_median_and_range():
+    repeats = [
+        {"x": 0.9, "n": 3, "runs": "a"},
+        {"x": 0.7, "n": 3, "runs": "a"},
+        {"x": 0.8, "n": 5, "runs": "a"},
+    ]
+    assert bench.medians(repeats) == {
+        "x": 0.8,
+        "x_range": [0.7, 0.9],
+        "n": 3,
+        "n_range": [3, 5],
+        "runs": "a",
+    }
+    assert bench.medians([{"y": None}, {"y": 0.5}]) == {"y": [None, 0.5]}  # a figure a repeat lacked
+
+
+def test_the_machine_is_named():
+    m = bench.machine()
+    assert m["cpu"] and m["cores"] >= 1 and m["tensorflow"] and m["ray"].startswith("2.")

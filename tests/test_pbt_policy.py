@@ -2,6 +2,7 @@
 explore inside each optimizer's range, seeded draws, the scheduler's state across a resume."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -238,8 +239,24 @@ def test_synchronous_turns_never_run_a_member_past_the_next_sync_point():
     s._next_perturbation_sync = 4
     controller = waiting_population(s, {"exploited": 4, "behind": 2}, {"exploited": 1, "behind": 5})
     assert s.choose_trial_to_run(controller).trial_id == "behind"
+    s._handed.discard("behind")  # it ran and reported (on_trial_result)
     s._trial_state[controller.get_trials()[1]].last_train_time = 4
     assert s.choose_trial_to_run(controller) is None  # both at the point: the decision comes first
+
+
+def test_while_the_next_in_turn_waits_for_a_worker_the_next_ones_are_handed_to_ray_too():
+    """Ray keeps a paused member's worker only for a member handed to it: handing one waiting member
+    again and again let Ray stop a second worker pausing at the same time (one slot trained the
+    whole population). A free worker still goes to the member next in turn."""
+    s = scheduler()
+    controller = waiting_population(s, {"a": 1, "b": 2, "c": 2}, {"a": 5, "b": 9, "c": 3})
+    assert [s.choose_trial_to_run(controller).trial_id for _ in "abc"] == ["a", "c", "b"]
+    assert s.choose_trial_to_run(controller).trial_id == "a"  # all handed: the first in turn again
+    controller._actor_cache = SimpleNamespace(num_cached_objects=1)  # a worker came free
+    s._handed.discard("c")  # c ran and reported (on_trial_result), then paused again
+    assert s.choose_trial_to_run(controller).trial_id == "a"  # not c, though c was not handed yet
+    controller._actor_cache.num_cached_objects = 0
+    assert s.choose_trial_to_run(controller).trial_id == "c"  # no worker free: hand c as well
 
 
 def test_keep_state_shares_the_scheduler_through_a_pickle_as_tuner_pkl_does():

@@ -152,6 +152,7 @@ def test_quick_scaling_writes_the_contract_and_the_fit(quick_scaling):
         "scaling_steps.png",
         "scaling_seconds.png",
         "best_rate_vs_width.png",
+        "time_breakdown.png",
     }
     # Rebuilding the tables from Ray's files gives the same answers.
     from pbt_lab.results import write_tables
@@ -194,6 +195,7 @@ def test_trace_runs_each_optimizer_at_its_grid_best(quick_grid, tmp_path):
     assert {p.name for p in (tmp_path / "trace" / "figures").iterdir()} == {
         "trace_time.png",
         "trace_steps.png",
+        "time_breakdown.png",
     }
 
 

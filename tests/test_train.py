@@ -224,4 +224,11 @@ def test_reset_trains_exactly_like_a_new_trainer(bundled):
     )
     for a, b in zip(weights(reused), weights(fresh)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Back to a seed this trainer has started from before: its initial weights come from its cache.
+    assert reused.reset(TrainConfig(optimizer="gd", lr=0.1, seed=1, steps_per_check=20))
+    reused.check()
+    first = trainer(bundled, optimizer="gd", lr=0.1, seed=1)
+    first.check()
+    for a, b in zip(weights(reused), weights(first)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not reused.reset(TrainConfig(batch_size=50))  # baked into the traced call: needs a new Trainer

@@ -43,10 +43,15 @@ class GridConfig:
         )
 
 
+GRID_STALL_CHECKS = 10  # the slowest recorded learner that reached the target left chance after 1 check
+
+
 @dataclass(frozen=True)
 class GridExperiment(Experiment):
     """``python -m pbt_lab.grid``: every optimizer × rate trained to the target or a budget."""
 
+    # Most of a grid's rates cannot learn: a trial ten checks at chance stops (tests/test_stall.py).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(stall_checks=GRID_STALL_CHECKS))
     grid: GridConfig = field(default_factory=GridConfig)
 
 

@@ -66,6 +66,11 @@ class TrainConfig:
     """A training loss above this (chance is ln K: 2.3 for 10 classes), or a non-finite one: diverged."""
     stop_on_divergence: bool = True
     """End a diverging run at once; false lets it run on to its budget (the benchmark's baseline)."""
+    stall_checks: int | None = None
+    """End a run as stalled after this many checks in a row whose training loss stayed within
+    ``stall_tolerance`` of chance (ln K for K classes): it neither learns nor diverges; null: never."""
+    stall_tolerance: float = 0.05
+    """How far below chance (in nats) a check's mean training loss must be to count as learning."""
     val_every: int = 10
     """Checks between validation passes (the last check always validates)."""
     seed: int = 3141592
@@ -91,6 +96,8 @@ class TrainConfig:
         positive("train.max_seconds", self.max_seconds, allow_none=True)
         positive("train.divergence_loss", self.divergence_loss, allow_none=True)
         positive("train.val_every", self.val_every, int)
+        positive("train.stall_checks", self.stall_checks, int, allow_none=True)
+        positive("train.stall_tolerance", self.stall_tolerance)
         require(
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
             f"train.seed must be a non-negative integer, got {self.seed!r}",

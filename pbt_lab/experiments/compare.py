@@ -53,7 +53,13 @@ def seeded(run: cli.Run, method: str, seed: int) -> cli.Run:
     cfg = run.cfg
     cfg = replace(cfg, train=replace(cfg.train, seed=seed), pbt=replace(cfg.pbt, seed=seed))
     return replace(
-        run, cfg=cfg, name=f"{method}-seed{seed}", storage_path=str(run.run_dir), resume=False, tables=None
+        run,
+        cfg=cfg,
+        name=f"{method}-seed{seed}",
+        storage_path=str(run.run_dir),
+        resume=False,
+        tables=None,
+        session=cli.Session(),  # its own fit's
     )
 
 
@@ -144,7 +150,7 @@ def run_method(parent: cli.Run, method: str, seed: int) -> dict:
         kind=method,
         config=run.config_dict(),
         data=run.data.identity(),
-        wall_seconds=time.perf_counter() - start,
+        session=asdict(run.session),
         figures=False,
         stopped_as=STOPPED if method in ("asha", "pb2", "pbt") else None,
     )
@@ -174,6 +180,7 @@ def validate(run: cli.Run) -> None:
         ("train.stop_at_target", t.stop_at_target, False),
         ("train.stop_on_divergence", t.stop_on_divergence, False),
         ("train.max_seconds", t.max_seconds, None),
+        ("train.stall_checks", t.stall_checks, None),
     ):
         if value != equal:
             raise UserError(
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
     )
     start = time.perf_counter()
     done = [run_method(run, m, s) for m in cfg.compare.methods for s in cfg.compare.seeds]
-    run.wall_seconds = time.perf_counter() - start
+    run.session.wall_seconds = time.perf_counter() - start
     tables = results.write_comparison(
         run.run_dir,
         [d["row"] for d in done],
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
         data=run.data.identity(),
         budget=cfg.budget,
         near_best=cfg.compare.near_best,
-        wall_seconds=run.wall_seconds,
+        wall_seconds=run.session.wall_seconds,
     )
     run.tables = tables
     print(tables["markdown"])

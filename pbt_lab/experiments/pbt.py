@@ -67,6 +67,11 @@ def validate(run: cli.Run) -> None:
         replay_schedule(run.args.replay, run.args.member)
         check_same_data(run.args.replay, run.data)
         return
+    if run.cfg.train.stall_checks:
+        raise UserError(
+            f"train.stall_checks={run.cfg.train.stall_checks}: PBT replaces a member that cannot learn "
+            f"with a copy of one that does; leave it null"
+        )
     p = run.cfg.pbt
     # Weights and up to two slots per weight (Adam, Adadelta), 4 bytes each.
     need = p.population * CHECKPOINTS_PER_MEMBER * 12 * run.weights

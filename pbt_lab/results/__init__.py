@@ -9,11 +9,13 @@ TensorFlow: plots, the report and the notebooks read only what is here.
 - ``tables``: trials, history, summary (and the PBT parts from ``lineage``), written and read;
 - ``lineage``: PBT's record read back: lineage table, exploit audit, quantile sizes, winner;
 - ``analysis``: width-study fits, compute curves;
+- ``breakdown``: where a run's slot-seconds went, and whether the parts add up;
 - ``console``: what a finished run prints and its exit code;
 - ``compare``: the comparison of searchers at equal compute.
 """
 
 from pbt_lab.results.analysis import compute_curve, compute_until, linear_fit, scaling_summary
+from pbt_lab.results.breakdown import check_breakdown, time_breakdown
 from pbt_lab.results.compare import (
     compare_line,
     compare_markdown,
@@ -24,10 +26,18 @@ from pbt_lab.results.compare import (
 from pbt_lab.results.console import console_summary, exit_status
 from pbt_lab.results.lineage import member_schedule, schedule_changes
 from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta
-from pbt_lab.results.tables import best_trial, per_optimizer, read_lineage_table, read_tables, write_tables
+from pbt_lab.results.tables import (
+    best_trial,
+    per_optimizer,
+    read_lineage_table,
+    read_tables,
+    versions,
+    write_tables,
+)
 
 __all__ = [
     "best_trial",
+    "check_breakdown",
     "compare_line",
     "compare_markdown",
     "compare_row",
@@ -45,6 +55,8 @@ __all__ = [
     "read_tables",
     "scaling_summary",
     "schedule_changes",
+    "time_breakdown",
+    "versions",
     "write_comparison",
     "write_tables",
 ]

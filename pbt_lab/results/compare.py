@@ -15,7 +15,7 @@ from pbt_lab.results.analysis import compute_until
 
 COMPARE, CURVES = "compare.parquet", "compare_curves.parquet"
 COMPARE_SUMMARY, COMPARE_MD = "compare_summary.json", "compare.md"
-MEASURES = (WINNER_VAL_ACC, TEST_ACC, "steps", "steps_to_grid_best")
+MEASURES = (WINNER_VAL_ACC, TEST_ACC, "steps", "steps_to_grid_best", "efficiency")
 
 
 def compare_row(method: str, seed: int, tables: dict, curve: pd.DataFrame) -> dict:
@@ -38,6 +38,8 @@ def compare_row(method: str, seed: int, tables: dict, curve: pd.DataFrame) -> di
         LR: float(winner[LR]) if winner is not None else None,
         "winner": winner["trial_id"] if winner is not None else None,
         "errors": int((trials[STATUS] == ERROR).sum()),
+        # The share of its slot-seconds that trained (its time_breakdown): the searcher's cost in wall time.
+        "efficiency": (summary.get("time_breakdown") or {}).get("efficiency"),
         "run_dir": str(summary["run_dir"]),
     }
 
@@ -112,7 +114,7 @@ def method_stats(g: pd.DataFrame) -> dict:
     """Median and range over seeds of each measure; how many seeds reached the grid's best."""
     stats = {"seeds": len(g), "reached_grid_best": int(g["steps_to_grid_best"].notna().sum())}
     for measure in MEASURES:
-        values = g[measure].dropna().astype(float)
+        values = g[measure].dropna().astype(float) if measure in g else pd.Series(dtype=float)
         stats[measure] = (
             {"median": float(values.median()), "min": float(values.min()), "max": float(values.max())}
             if len(values)

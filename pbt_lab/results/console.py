@@ -13,6 +13,7 @@ from pbt_lab.names import (
     OPTIMIZER,
     REACHED,
     SECONDS_TO_TARGET,
+    STALLED,
     STATUS,
     STEPS_TO_TARGET,
     SUMMARY,
@@ -20,24 +21,30 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     TRIALS,
 )
+from pbt_lab.results.breakdown import breakdown_table
 
 
 def console_summary(tables: dict, run_dir: Path) -> str:
     """The end-of-run table per optimizer, and where the files are."""
     s = tables["summary"]
     lines = [
-        f"\n{OPTIMIZER:10} {'best lr':>10} {'steps':>7} {'seconds':>8}  {'band (reached target)':24} "
-        f"{REACHED:>8} {DIVERGED:>8}"
+        f"\n{OPTIMIZER:10} {'best rates (within a check)':28} {'steps':>6} {'seconds':>8}  "
+        f"{'band (reached target)':22} {REACHED:>8} {DIVERGED:>8} {STALLED:>7}"
     ]
     for name, o in s["optimizers"].items():
-        band = f"{o['band'][0]:.3g} – {o['band'][1]:.3g}" if o["band"] else "none"
-        best = [
+        best, band = (
+            (f"{o[key][0]:.3g} – {o[key][1]:.3g}" if o[key][0] != o[key][1] else f"{o[key][0]:.3g}")
+            if o.get(key)
+            else "none"
+            for key in ("best_band", "band")
+        )
+        steps, seconds = (
             format(v, f) if v is not None else "–"
-            for v, f in ((o["best_lr"], ".3g"), (o[STEPS_TO_TARGET], "d"), (o[SECONDS_TO_TARGET], ".2f"))
-        ]
+            for v, f in ((o[STEPS_TO_TARGET], "d"), (o[SECONDS_TO_TARGET], ".2f"))
+        )
         lines.append(
-            f"{name:10} {best[0]:>10} {best[1]:>7} {best[2]:>8}  {band:24} "
-            f"{o[REACHED]:>4}/{o['trials']:<3} {o[DIVERGED]:>8}"
+            f"{name:10} {best:28} {steps:>6} {seconds:>8}  {band:22} "
+            f"{o[REACHED]:>4}/{o['trials']:<3} {o[DIVERGED]:>8} {o.get(STALLED, 0):>7}"
         )
     c = s["compute"]
     lines.append(
@@ -45,6 +52,17 @@ def console_summary(tables: dict, run_dir: Path) -> str:
         f"{c['trial_seconds']:.0f} trial-seconds"
         + (f", {c['wall_seconds']:.0f} s wall" if c["wall_seconds"] else "")
     )
+    saved = [
+        f"{c[f'{status}_trials']} {status} (about {c[f'{saving}_saved_train_seconds_estimate']:.0f} s saved)"
+        for status, saving in ((DIVERGED, "divergence"), (STALLED, "stall"))
+        if c.get(f"{status}_trials")
+    ]
+    if saved:
+        lines.append("stopped early: " + ", ".join(saved))
+    breakdown = s.get("time_breakdown")
+    if breakdown:
+        lines.append(time_line(breakdown))
+        lines += [f"TIME: {problem}" for problem in breakdown["problems"]]
     best = s.get("best") or {}
     if best.get("trial_id"):
         test = (
@@ -73,6 +91,17 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     lines.append(f"figures: {run_dir}/{FIGURES}/")
     lines.append(f"tensorboard --logdir {run_dir}")
     return "\n".join(lines)
+
+
+def time_line(breakdown: dict) -> str:
+    """The time breakdown in one line: each part's share of the slot-seconds, largest first."""
+    shown = ", ".join(
+        f"{name} {share:.1%}" for name, _, share in breakdown_table(breakdown) if abs(share) >= 0.001
+    )
+    return (
+        f"time: {breakdown['slots']} slots × {breakdown['wall_seconds']:.0f} s wall = "
+        f"{breakdown['slot_seconds']:.0f} slot-seconds: {shown}"
+    )
 
 
 def exit_status(tables: dict) -> int:

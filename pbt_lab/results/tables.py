@@ -35,6 +35,7 @@ from pbt_lab.names import (
     RUNNING,
     SECONDS_TO_TARGET,
     SEED,
+    STALLED,
     STATUS,
     STEP,
     STEPS_TO_TARGET,
@@ -47,6 +48,7 @@ from pbt_lab.names import (
     WEIGHTS,
 )
 from pbt_lab.results.analysis import scaling_summary
+from pbt_lab.results.breakdown import check_breakdown, time_breakdown
 from pbt_lab.results.history import PER_TRIAL, read_history, read_saved_states
 from pbt_lab.results.lineage import member_schedule, pbt_summary
 from pbt_lab.results.lineage import plain as _plain
@@ -135,14 +137,19 @@ def read_trials(
     ).sort_values([OPTIMIZER, LR, SEED])
 
 
-def per_optimizer(trials: pd.DataFrame) -> dict:
-    """Per optimizer: best rate (fastest to target), its steps and seconds, the band of rates that reached."""
+def per_optimizer(trials: pd.DataFrame, check_steps: int | None = None) -> dict:
+    """Per optimizer: the best rate, fewest steps to target (then seconds), and the band of rates within
+    one check (``check_steps``) of those steps, which the check interval cannot tell apart; the band
+    of rates that reached at all; counts per status."""
     out = {}
     for name, t in trials.groupby(OPTIMIZER):
-        reached = t[t[STATUS] == REACHED].sort_values([SECONDS_TO_TARGET, STEPS_TO_TARGET])
+        reached = t[t[STATUS] == REACHED].sort_values([STEPS_TO_TARGET, SECONDS_TO_TARGET])
         best = reached.iloc[0] if len(reached) else None
+        tied = reached[reached[STEPS_TO_TARGET] <= reached[STEPS_TO_TARGET].min() + (check_steps or 0)]
         out[name] = {
             "best_lr": float(best[LR]) if best is not None else None,
+            "best_band": [float(tied[LR].min()), float(tied[LR].max())] if len(tied) else None,
+            "best_band_lrs": sorted(float(x) for x in tied[LR].unique()),
             STEPS_TO_TARGET: int(best[STEPS_TO_TARGET]) if best is not None else None,
             SECONDS_TO_TARGET: float(best[SECONDS_TO_TARGET]) if best is not None else None,
             "band": [float(reached[LR].min()), float(reached[LR].max())] if len(reached) else None,
@@ -150,6 +157,7 @@ def per_optimizer(trials: pd.DataFrame) -> dict:
             "trials": len(t),
             REACHED: len(reached),
             DIVERGED: int((t[STATUS] == DIVERGED).sum()),
+            STALLED: int((t[STATUS] == STALLED).sum()),
             CAPPED: int((t[STATUS] == CAPPED).sum()),
             "errors": int((t[STATUS] == ERROR).sum()),
         }
@@ -157,8 +165,9 @@ def per_optimizer(trials: pd.DataFrame) -> dict:
 
 
 def best_trial(trials: pd.DataFrame) -> dict | None:
-    """The fastest trial to the target; if none reached it, the best validation accuracy."""
-    reached = trials[trials[STATUS] == REACHED].sort_values([SECONDS_TO_TARGET, STEPS_TO_TARGET])
+    """The fastest trial to the target (fewest steps, then seconds); if none reached it, the best
+    validation accuracy."""
+    reached = trials[trials[STATUS] == REACHED].sort_values([STEPS_TO_TARGET, SECONDS_TO_TARGET])
     pool = reached if len(reached) else trials.sort_values("best_val_acc", ascending=False)
     if not len(pool):
         return None
@@ -184,26 +193,39 @@ def best_trial(trials: pd.DataFrame) -> dict | None:
     }
 
 
-def compute_totals(trials: pd.DataFrame, wall_seconds: float | None) -> dict:
-    """Compute spent, and what stopping divergent trials early saved (estimated: each diverged trial
-    would otherwise have run as long as the median trial that ran to its budget)."""
-    diverged = trials[trials[STATUS] == DIVERGED]
+def compute_totals(trials: pd.DataFrame, session: dict) -> dict:
+    """Compute spent, the session it was spent in (start, wall seconds, slots), and what stopping
+    diverged and stalled trials early saved (estimated: each would otherwise have run as long as
+    the median trial that ran to its budget)."""
     capped = trials[trials[STATUS] == CAPPED]
     full_run = float(capped[TRAIN_SECONDS].median()) if len(capped) else None
-    return {
+    totals = {
         "trials": len(trials),
         "steps": int(trials["steps"].sum()),
         TRAIN_SECONDS: float(trials["compute_train_seconds"].sum()),
         "trial_seconds": float(trials["compute_trial_seconds"].sum()),
-        "wall_seconds": wall_seconds,
-        "diverged_trials": len(diverged),
-        "diverged_train_seconds": float(diverged[TRAIN_SECONDS].sum()),
-        "divergence_saved_train_seconds_estimate": float(
-            (full_run - diverged[TRAIN_SECONDS]).clip(lower=0).sum()
-        )
-        if full_run
-        else 0.0,
+        **{k: session.get(k) for k in SESSION},
     }
+    for status, saving in ((DIVERGED, "divergence"), (STALLED, "stall")):
+        stopped = trials[trials[STATUS] == status]
+        totals |= {
+            f"{status}_trials": len(stopped),
+            f"{status}_train_seconds": float(stopped[TRAIN_SECONDS].sum()),
+            f"{saving}_saved_train_seconds_estimate": float(
+                (full_run - stopped[TRAIN_SECONDS]).clip(lower=0).sum()
+            )
+            if full_run
+            else 0.0,
+        }
+    return totals
+
+
+def config_value(config: dict | None, previous: dict, section: str, key: str):
+    """A setting of the run's config (a rebuild: the last summary's), None where it has none."""
+    return ((config if config is not None else previous.get("config")) or {}).get(section, {}).get(key)
+
+
+SESSION = ("started_at", "wall_seconds", "slots")  # the last fit: when, how long, on how many trial slots
 
 
 def versions() -> dict:
@@ -223,15 +245,17 @@ def write_tables(
     kind: str | None = None,
     config: dict | None = None,
     data: dict | None = None,
-    wall_seconds: float | None = None,
+    session: dict | None = None,
     figures: bool = True,
     stopped_as: str | None = None,
     extra: dict | None = None,
 ) -> dict:
     """Write trials.parquet, history.parquet, summary.json and figures/ into ``run_dir``.
 
-    Rebuildable: called on an existing run directory alone, it keeps what the last summary
-    recorded (kind, config, data, wall time) and refreshes the tables from Ray's files.
+    ``session``: the fit's ``started_at`` (epoch seconds), ``wall_seconds`` and trial ``slots``, for
+    the compute totals and the time breakdown. Rebuildable: called on an existing run directory
+    alone, it keeps what the last summary recorded (kind, config, data, session) and refreshes the
+    tables from Ray's files.
     A URI run directory (``s3://…``) is read and written through pyarrow.fs.
     """
     if is_uri(run_dir):
@@ -243,7 +267,7 @@ def write_tables(
                     kind=kind,
                     config=config,
                     data=data,
-                    wall_seconds=wall_seconds,
+                    session=session,
                     figures=figures,
                     stopped_as=stopped_as,
                     extra=extra,
@@ -277,6 +301,10 @@ def write_tables(
     history.drop(columns=PER_TRIAL).to_parquet(run_dir / HISTORY, index=False)
     trials.to_parquet(run_dir / TRIALS, index=False)
     kind = kind or previous.get("kind")
+    session = session or {k: previous.get("compute", {}).get(k) for k in SESSION}
+    breakdown = time_breakdown(reports, **session)
+    if breakdown:
+        breakdown["problems"] = check_breakdown(breakdown)
     summary = {
         "kind": kind,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -286,11 +314,9 @@ def write_tables(
         "data": data if data is not None else previous.get("data"),
         "stopped_as": stopped_as,
         "best": best_trial(trials),
-        "optimizers": per_optimizer(trials),
-        "compute": compute_totals(
-            trials,
-            wall_seconds if wall_seconds is not None else previous.get("compute", {}).get("wall_seconds"),
-        ),
+        "optimizers": per_optimizer(trials, config_value(config, previous, "train", "steps_per_check")),
+        "compute": compute_totals(trials, session),
+        "time_breakdown": breakdown,
         **{k: previous[k] for k in ("replay_of", "trace_of") if k in previous},
         **(extra or {}),
     }

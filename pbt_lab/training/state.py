@@ -4,6 +4,7 @@ next (``DataOrder``). Both are a few numbers, so a checkpoint saves and restores
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +46,12 @@ class DataOrder:
         self._perm = self._permutation()
 
 
+def at_chance(loss: float, num_classes: int, tolerance: float) -> bool:
+    """A check's mean training loss no lower than chance, ln K, less ``tolerance``: nothing learned.
+    A loss above chance (a rate too high to learn, too low to diverge) counts too."""
+    return not loss < math.log(num_classes) - tolerance
+
+
 @dataclass
 class Progress:
     """How far a run has got, and how it stands: what ``check()`` updates and a checkpoint keeps."""
@@ -56,11 +63,18 @@ class Progress:
     train_seconds: float = 0.0
     """Seconds inside training steps only."""
     status: str = RUNNING
-    """running, then reached, capped or diverged."""
+    """running, then reached, capped, diverged or stalled."""
     steps_to_target: int | None = None
     seconds_to_target: float | None = None
     last: dict = field(default_factory=dict)
     """The last check's metrics row."""
+    checks_at_chance: int = 0
+    """Checks in a row, up to the last, whose training loss stayed at chance (``at_chance``)."""
+
+    def count_chance(self, loss: float, num_classes: int, tolerance: float) -> int:
+        """Count one more check at chance, or start over at 0 if its loss learned; returns the count."""
+        self.checks_at_chance = self.checks_at_chance + 1 if at_chance(loss, num_classes, tolerance) else 0
+        return self.checks_at_chance
 
     def meta(self) -> dict:
         """For a checkpoint's metadata (the metric names as keys)."""
@@ -72,6 +86,7 @@ class Progress:
             STEPS_TO_TARGET: self.steps_to_target,
             SECONDS_TO_TARGET: self.seconds_to_target,
             "last": self.last,
+            "checks_at_chance": self.checks_at_chance,
         }
 
     @classmethod
@@ -84,6 +99,7 @@ class Progress:
             meta[STEPS_TO_TARGET],
             meta[SECONDS_TO_TARGET],
             meta.get("last", {}),
+            meta.get("checks_at_chance", 0),
         )
 
     def as_dict(self) -> dict:

@@ -10,6 +10,8 @@ exactly (``checkpoint.py``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -33,18 +35,22 @@ from pbt_lab.names import (
     RUNNING,
     SECONDS_TO_TARGET,
     SEED,
+    STALLED,
     STATUS,
     STEP,
     STEPS_TO_TARGET,
     TEST_ACC,
     TRAIN_ACC,
     TRAIN_LOSS,
+    TRAIN_PART,
     TRAIN_SECONDS,
     VAL_ACC,
     VAL_LOSS,
+    VALIDATE,
     WEIGHTS,
 )
 from pbt_lab.training import checkpoint
+from pbt_lab.training.clock import PartClock
 from pbt_lab.training.data import Dataset
 from pbt_lab.training.model import build_model, builder_name, resolve_builder
 from pbt_lab.training.optimizers import OptimizerBank
@@ -87,7 +93,8 @@ class Trainer:
     ``check()`` runs one fused call of ``steps_per_check`` steps and returns its metrics;
     ``run()`` checks until the target, a budget or divergence ends the run. The live optimizer
     is ``optimizers`` (switch it, or its rate, between checks), the run's state ``progress`` and
-    ``order``; ``checkpoint.save`` / ``checkpoint.restore`` keep them.
+    ``order``; ``checkpoint.save`` / ``checkpoint.restore`` keep them. Given a ``clock``, its
+    training calls count to the clock's ``train`` part and its evaluations to ``validate``.
     """
 
     def __init__(
@@ -102,19 +109,30 @@ class Trainer:
         if builder:  # recorded by name, as the Python API records it in the config
             self.model_cfg = replace(self.model_cfg, builder=builder_name(builder))
         make = builder or resolve_builder(self.model_cfg.builder)
-        self._build = lambda: build_model(
-            make,
-            data.input_shape,
-            data.num_classes,
-            self.model_cfg.scale,
-            self.model_cfg.options,
-        )
-        self.model = self._build()
+
+        def build():
+            return build_model(
+                make, data.input_shape, data.num_classes, self.model_cfg.scale, self.model_cfg.options
+            )
+
+        @functools.lru_cache(maxsize=8)
+        def initial_values(seed: int) -> tuple:
+            """A new model's variables at ``seed``: built once per seed (a reused actor resets at every
+            PBT turn and every grid trial, and building the model cost more than assigning it)."""
+            seed_everything(seed)
+            return tuple(v.numpy() for v in build().variables)
+
+        self._initial_values = initial_values
+        self.model = build()
         # uint8 images stay uint8 on the device (4× less memory, and what the object store ships);
         # each step gathers its batch and converts it inside the traced call.
-        self._train = (tf.constant(data.x_train), tf.constant(data.y_train.astype(np.int32)))
-        self._val = (tf.constant(data.x_val), tf.constant(data.y_val.astype(np.int32)))
-        self._test = (data.x_test, data.y_test)  # evaluated once, at the end (``evaluate_test``)
+        self._splits = {  # the test split is evaluated once, at the end (``evaluate_test``)
+            TRAIN_ACC: (tf.constant(data.x_train), tf.constant(data.y_train.astype(np.int32))),
+            VAL_ACC: (tf.constant(data.x_val), tf.constant(data.y_val.astype(np.int32))),
+            TEST_ACC: (data.x_test, data.y_test),
+        }
+        self.num_classes = data.num_classes
+        self.clock: PartClock | None = None
         self._eval_fn = self._make_eval_fn()
         self.optimizers = OptimizerBank(self.model.trainable_variables, self._make_train_fn)
         self.reset(self.cfg)
@@ -128,11 +146,11 @@ class Trainer:
         """
         if self.optimizers.built and any(getattr(train, k) != getattr(self.cfg, k) for k in TRACED):
             return False
-        seed_everything(train.seed)
-        for variable, value in zip(self.model.variables, self._build().variables):
+        for variable, value in zip(self.model.variables, self._initial_values(train.seed)):
             variable.assign(value)
+        seed_everything(train.seed)  # what else draws (dropout's generators are variables: assigned above)
         self.cfg = train
-        self.order = DataOrder(len(self._train[1]), train.seed)
+        self.order = DataOrder(len(self._splits[TRAIN_ACC][1]), train.seed)
         self.optimizers.switch(train.optimizer, train.lr, **train.optimizer_args)
         self.progress = Progress()
         return True
@@ -140,7 +158,7 @@ class Trainer:
     # --- the traced calls --------------------------------------------------------------------
 
     def _make_train_fn(self, optimizer):
-        model, (x, y) = self.model, self._train
+        model, (x, y) = self.model, self._splits[TRAIN_ACC]
         variables = model.trainable_variables
         max_loss = self.cfg.divergence_loss or float("inf")
         stop = self.cfg.stop_on_divergence
@@ -171,7 +189,7 @@ class Trainer:
         return train_steps
 
     def _make_eval_fn(self):
-        model, images = self.model, self._train[0]
+        model, images = self.model, self._splits[TRAIN_ACC][0]
 
         @tf.function(
             input_signature=[
@@ -198,10 +216,11 @@ class Trainer:
     def train(self, steps: int) -> dict:
         """Run ``steps`` training steps in one call (fewer if the loss diverges)."""
         batches = self.order.take(steps, self.cfg.batch_size)
-        start = time.perf_counter()
-        done, loss_sum, correct, diverged = self.optimizers.train_fn(batches)
-        done = int(done)  # note: a device-to-host sync point, so the time below is the real one
-        self.progress.train_seconds += time.perf_counter() - start
+        with self._part(TRAIN_PART):
+            start = time.perf_counter()
+            done, loss_sum, correct, diverged = self.optimizers.train_fn(batches)
+            done = int(done)  # note: a device-to-host sync point, so the time below is the real one
+            self.progress.train_seconds += time.perf_counter() - start
         self.progress.step += done
         return {
             TRAIN_ACC: float(correct) / (done * self.cfg.batch_size) if done else float("nan"),
@@ -212,14 +231,18 @@ class Trainer:
     def evaluate(self, x=None, y=None) -> tuple[float, float]:
         """(accuracy, mean loss) on the validation split, or on ``x``/``y`` if given."""
         if x is None:
-            x, y = self._val
-        acc, loss = self._eval_fn(x, tf.cast(y, tf.int32))
-        return float(acc), float(loss)
+            x, y = self._splits[VAL_ACC]
+        with self._part(VALIDATE):
+            acc, loss = self._eval_fn(x, tf.cast(y, tf.int32))
+            return float(acc), float(loss)
+
+    def _part(self, name: str):
+        return self.clock.part(name) if self.clock else contextlib.nullcontext()
 
     def evaluate_test(self) -> float:
         """Accuracy on the held-out test split, for the record: when the run ends (or, where a run may be
         stopped from outside, at every check); winners are always chosen on validation."""
-        return self.evaluate(*self._test)[0]
+        return self.evaluate(*self._splits[TEST_ACC])[0]
 
     def check(self) -> dict:
         """Train one check (K steps), then update target, budgets and status; returns the metrics row."""
@@ -251,6 +274,12 @@ class Trainer:
                 p.status = REACHED
             elif out_of_budget:
                 p.status = CAPPED
+            elif (
+                cfg.stall_checks
+                and p.steps_to_target is None
+                and p.count_chance(row[TRAIN_LOSS], self.num_classes, cfg.stall_tolerance) >= cfg.stall_checks
+            ):
+                p.status = STALLED  # at chance for stall_checks checks in a row
         if self.done and row[VAL_ACC] is None:
             row[VAL_ACC], row[VAL_LOSS] = self.evaluate()  # every run ends with a validation
         row.update(

@@ -9,6 +9,7 @@ report Ray's loggers would lose.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ class CSVLog(_KeepLocalLog, CSVLoggerCallback):
 
 def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
     """Start a local Ray (or join ``--address`` / ``RAY_ADDRESS``) and check that one trial fits;
-    returns the extra resources each trial holds (a local Ray's trial slots)."""
+    returns the extra resources each trial holds (a local Ray's trial slots) and records in
+    ``run.session.slots`` how many trials the cluster holds at once now (an autoscaler may add more)."""
     res = run.cfg.resources
     # A cluster (--address, or RAY_ADDRESS as set for a Ray Job's driver) may still grow nodes
     # through its autoscaler; a local Ray never does, so a trial it cannot hold would wait forever.
@@ -85,7 +87,18 @@ def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
         if started:
             ray.shutdown()
         raise UserError(f"{missing[0]}: one trial would never start (lower it with --set)")
+    run.session.slots = trial_slots(have, res.cpu, res.gpu, res.max_concurrent)
     return dict.fromkeys(slots, 1)
+
+
+def trial_slots(have: dict, cpu: float, gpu: float, max_concurrent: int | None) -> int:
+    """How many trials of ``cpu`` CPUs and ``gpu`` GPUs the resources ``have`` hold at once."""
+    fits = [have.get("CPU", 0) // cpu if cpu else math.inf, have.get("GPU", 0) // gpu if gpu else math.inf]
+    if TRIAL_SLOT in have:
+        fits.append(have[TRIAL_SLOT])
+    if max_concurrent:
+        fits.append(max_concurrent)
+    return max(1, int(min(fits)))
 
 
 def fit(
@@ -112,7 +125,7 @@ def fit(
         {"cpu": res.cpu, "gpu": res.gpu, **slot},
     )
     every = tune_run.checkpoint_every if checkpoint_every is None else checkpoint_every
-    start = time.perf_counter()
+    run.session.started_at, start = time.time(), time.perf_counter()
     if run.resume:
         tuner = tune.Tuner.restore(str(run.run_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -144,5 +157,5 @@ def fit(
             ),
         )
     grid = tuner.fit()
-    run.wall_seconds += time.perf_counter() - start
+    run.session.wall_seconds += time.perf_counter() - start
     return grid

@@ -23,6 +23,12 @@ What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
   would delete one that a paused recipient is about to copy).
 - **Fair turns**: waiting members run in order of training time, ties to the one that reported
   longest ago (Ray's list order starved paused donors after a resume); Ray's sync-point rule kept.
+- **Every slot busy**: Ray asks for one member per step and keeps a paused member's worker only
+  for a member already handed to it. Ray's PBT hands the same waiting member until it runs: two
+  members pausing together left one worker with no one to keep it for, Ray stopped it, and the
+  population trained on one slot (the time breakdown's idle slots). While the member next in turn
+  waits for a worker and none is free, the lab hands Ray the next one too; a free worker goes to
+  the member next in turn.
 """
 
 from __future__ import annotations
@@ -99,8 +105,9 @@ class LabPBT(PopulationBasedTraining):
         self._pending: set[str] = set()  # recipients that have not reported since their exploit
         self._reports = 0
         self._last_report: dict[str, int] = {}
-        self._quantile_sizes: dict = {}  # of the decision being made
-        self._exploiting: dict | None = None  # the record of the exploit being decided
+        self._handed: set[str] = set()  # members handed to Ray to start that have not reported since
+        # The decision being made: its quantiles' sizes, and its record if it is an exploit.
+        self._deciding: dict = {"sizes": {}, "exploit": None}
         # Checkpoints each experiment snapshot names, by number, until storage holds a later one.
         self._snapshots: list[tuple[int, set[str]]] = []
         self._snapshot_count = 0
@@ -122,6 +129,7 @@ class LabPBT(PopulationBasedTraining):
         else:
             self._diverged.discard(trial.trial_id)
         self._pending.discard(trial.trial_id)
+        self._handed.discard(trial.trial_id)
         decided = len(self.decisions)
         decision = super().on_trial_result(tune_controller, trial, result)
         if len(self.decisions) > decided:
@@ -133,22 +141,30 @@ class LabPBT(PopulationBasedTraining):
         self.prune(tune_controller.get_trials())
 
     def choose_trial_to_run(self, tune_controller):
-        waiting = [
-            t
-            for t in tune_controller.get_trials()
-            if t.status in (Trial.PENDING, Trial.PAUSED)
-            # Ray's sync rule: in synchronous mode nobody runs past the next sync point
-            and (not self._synch or self._trial_state[t].last_train_time < self._next_perturbation_sync)
-        ]
-        return min(
-            waiting,
-            default=None,
+        waiting = sorted(
+            (
+                t
+                for t in tune_controller.get_trials()
+                if t.status in (Trial.PENDING, Trial.PAUSED)
+                # Ray's sync rule: in synchronous mode nobody runs past the next sync point
+                and (not self._synch or self._trial_state[t].last_train_time < self._next_perturbation_sync)
+            ),
             key=lambda t: (
                 self._trial_state[t].last_train_time,
                 self._last_report.get(t.trial_id, 0),
                 t.trial_id,
             ),
         )
+        if not waiting:
+            return None
+        chosen = waiting[0]
+        if chosen.trial_id in self._handed and not free_workers(tune_controller):
+            # The next in turn waits for a worker already: hand Ray the next one too, so that the
+            # worker that pauses next is kept for them (handed again, the first would take a worker
+            # that is free before those behind it: turns stay in order).
+            chosen = next((t for t in waiting if t.trial_id not in self._handed), chosen)
+        self._handed.add(chosen.trial_id)
+        return chosen
 
     # --- decisions --------------------------------------------------------------------------
 
@@ -168,7 +184,7 @@ class LabPBT(PopulationBasedTraining):
             not_donors=pending,
             name=lambda t: t.trial_id,
         )
-        self._quantile_sizes = {
+        self._deciding["sizes"] = {
             "ranked": len(ranked_members(scores, diverged)),
             "lower": len(lower),
             "upper": len(upper),
@@ -184,10 +200,10 @@ class LabPBT(PopulationBasedTraining):
             "member": trial.trial_id,
             SCORE: _plain(state.last_score * self._metric_op) if state.last_score is not None else None,
             DIVERGED: trial.trial_id in self._diverged,
-            **self._quantile_sizes,
+            **self._deciding["sizes"],
             "action": SAVED if trial in upper_quantile else KEPT,
         }
-        self._exploiting = None
+        self._deciding["exploit"] = None
         if trial in lower_quantile and upper_quantile:
             donor = upper_quantile[self._rng.integers(len(upper_quantile))]
             self._checkpoint_of_ranked_state(donor)
@@ -198,7 +214,7 @@ class LabPBT(PopulationBasedTraining):
                 old={OPTIMIZER: trial.config[OPTIMIZER], LR: trial.config[LR]},
                 donor_config={OPTIMIZER: donor.config[OPTIMIZER], LR: donor.config[LR]},
             )
-            self._exploiting = record
+            self._deciding["exploit"] = record
             upper_quantile = [donor]  # Ray draws its donor from this list with the unseeded `random`
         self.decisions.append(record)
         super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
@@ -216,7 +232,7 @@ class LabPBT(PopulationBasedTraining):
     def _get_new_config(self, trial, trial_to_clone):
         donor = trial_to_clone.config
         new = explore(donor[OPTIMIZER], donor[LR], self._policy, self._rng)
-        record = self._exploiting
+        record = self._deciding["exploit"]
         record.update(
             action=EXPLOITED,
             new={OPTIMIZER: new[OPTIMIZER], LR: new[LR]},
@@ -356,6 +372,13 @@ class LabPBT(PopulationBasedTraining):
         if self._trial_state:  # the driver's copy of the run directory, which Ray syncs to storage
             run_dir = next(iter(self._trial_state)).local_experiment_path
             _write_json_atomically(Path(run_dir) / PBT_STATE_FILE, state)
+
+
+def free_workers(tune_controller) -> int:
+    """Workers Ray holds with no trial to run (its actor cache; Ray 2.60's private state, 0 where absent)."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    cache = getattr(controller, "_actor_cache", None)
+    return int(getattr(cache, "num_cached_objects", 0) or 0)
 
 
 def _plain(value):

@@ -20,20 +20,34 @@ What it reports so that every exploit can be audited from the two sides (names.p
 
 A checkpoint also carries its member's ancestry: segments (step, optimizer, lr, seed, trial) from
 step 0, so the winner's schedule is read from its last checkpoint, not rebuilt.
+
+Every report also says where its actor's seconds went since the actor's last report
+(``seconds_by_part``, a ``PartClock`` started at the process's birth): training, validation,
+checkpoints, digests, start, waiting, and Ray's time between the calls. The driver sums them into
+the run's time breakdown (``results/breakdown.py``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import asdict
 
+import psutil
 import ray
 from ray import tune
 
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
+    ACTOR,
+    ACTOR_BORN_AT,
+    ACTOR_START,
     ANCESTRY,
+    AUDIT,
+    CHECKPOINT_RESTORE,
+    CHECKPOINT_SAVE,
+    CHECKPOINT_TRANSFER,
     DIVERGED,
     DIVERGED_FLAG,
     EXPLOIT,
@@ -42,6 +56,7 @@ from pbt_lab.names import (
     LR_RANGES,
     OPTIMIZER,
     OPTIMIZER_STEPS,
+    RAY,
     RESTORED_ID,
     RESTORED_LR,
     RESTORED_OPTIMIZER,
@@ -50,6 +65,7 @@ from pbt_lab.names import (
     RESTORED_SLOTS_SHA256,
     SAVED_BY,
     SCORE,
+    SECONDS_BY_PART,
     SEED,
     SEGMENT_FROM,
     SEGMENT_STEP,
@@ -59,8 +75,11 @@ from pbt_lab.names import (
     STEP,
     TEST_ACC,
     TEST_EVERY_CHECK,
+    TRAINABLE,
+    WAITING,
     WEIGHTS,
 )
+from pbt_lab.training.clock import PartClock
 
 SEARCHED = (OPTIMIZER, LR, SEED)
 STATE_KEYS = (STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS)
@@ -105,13 +124,26 @@ class LabTrainable(tune.Trainable):
     """Ray Tune's view of a Trainer: setup, step (one check), checkpoints, reset for reuse."""
 
     def setup(self, config: dict, data=None, builder=None):
-        from pbt_lab.training import trainer  # TensorFlow loads here, on the worker: once per process
+        # Born with the process: its start and TensorFlow's import count to actor_start.
+        self.clock = PartClock(born_at=psutil.Process().create_time())
+        self.actor = f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
+        with self.clock.part(ACTOR_START):
+            from pbt_lab.training import trainer  # TensorFlow loads here, on the worker: once per process
 
-        self.threads = int(config["threads"])
-        trainer.configure_tensorflow(self.threads)
-        self.data, self.builder = data, builder  # kept: a reused actor may need a Trainer of another shape
-        self.trainer = trainer.Trainer(data, train_config(config), ModelConfig(**config["model"]), builder)
-        self._start()
+            self.threads = int(config["threads"])
+            trainer.configure_tensorflow(self.threads)
+            self.data, self.builder = (
+                data,
+                builder,
+            )  # kept: a reused actor may need a Trainer of another shape
+            self._set_trainer(
+                trainer.Trainer(data, train_config(config), ModelConfig(**config["model"]), builder)
+            )
+            self._start()
+
+    def _set_trainer(self, trainer) -> None:
+        self.trainer = trainer
+        trainer.clock = self.clock  # its training and validation count to their own parts
 
     def _start(self) -> None:
         """A fresh trial on this actor: its ancestry starts here, at step 0."""
@@ -126,10 +158,19 @@ class LabTrainable(tune.Trainable):
         t = self.trainer
         return segment(t.progress.step, t.optimizers.name, t.optimizers.lr, t.order.seed, self.trial_id)
 
+    def train(self) -> dict:
+        with self.clock.part(RAY):  # Ray's own work around ``step`` on the worker
+            return super().train()
+
     def step(self) -> dict:
         population = self.config.get("population")
         if population and self.trainer.progress.status == DIVERGED:
-            return self._report(self._wait_for_donor(population))
+            with self.clock.part(WAITING):
+                return self._report(self._wait_for_donor(population))
+        with self.clock.part(TRAINABLE):
+            return self._report(self._check(population))
+
+    def _check(self, population: dict | None) -> dict:
         started_at = time.time()
         self._follow_schedule()
         before = self.trainer.progress.train_seconds
@@ -150,7 +191,7 @@ class LabTrainable(tune.Trainable):
         if population:
             result[SCORE] = self._rank_score(population["metric"], row)
         self._waited = 0
-        return self._report(result)
+        return result
 
     def _report(self, result: dict) -> dict:
         """The result with what the audit reads: the last restore (once), the live state's digests
@@ -167,11 +208,16 @@ class LabTrainable(tune.Trainable):
         # budget, ASHA's cuts), so that whichever state ends up chosen has its test accuracy.
         if result["done"] or self.config.get(TEST_EVERY_CHECK):
             result[TEST_ACC] = self.trainer.evaluate_test()
+        # Last: every second of this actor up to here, in the report that carries it.
+        result.update(
+            {SECONDS_BY_PART: self.clock.take(), ACTOR: self.actor, ACTOR_BORN_AT: self.clock.born_at}
+        )
         return result
 
     def _live_state(self) -> dict:
         if self._live is None:
-            state, slots = self.trainer.state_digests()
+            with self.clock.part(AUDIT):
+                state, slots = self.trainer.state_digests()
             self._live = {
                 STATE_ID: uuid.uuid4().hex,
                 STATE_SHA256: state,
@@ -217,18 +263,29 @@ class LabTrainable(tune.Trainable):
             self._score = self.trainer.evaluate()[0]
         return self._score
 
+    def save(self, checkpoint_dir=None):
+        with self.clock.part(CHECKPOINT_TRANSFER):  # Ray's copy of what save_checkpoint wrote to storage
+            return super().save(checkpoint_dir)
+
+    def restore(self, checkpoint_path):
+        with self.clock.part(CHECKPOINT_TRANSFER):  # Ray's fetch from storage (a download on another node)
+            return super().restore(checkpoint_path)
+
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         # The id the last report gave this state; a state no report described gets one of its own
         # (its exploits then count as unverifiable: the saver never reported its digests).
         state_id = self._live[STATE_ID] if self._live else uuid.uuid4().hex
-        self.trainer.save(
-            checkpoint_dir, extra={SAVED_BY: self.trial_id, STATE_ID: state_id, ANCESTRY: self._ancestry}
-        )
+        with self.clock.part(CHECKPOINT_SAVE):
+            self.trainer.save(
+                checkpoint_dir, extra={SAVED_BY: self.trial_id, STATE_ID: state_id, ANCESTRY: self._ancestry}
+            )
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         t = self.trainer
-        meta = t.restore(checkpoint_dir)
-        state, slots = t.state_digests()
+        with self.clock.part(CHECKPOINT_RESTORE):
+            meta = t.restore(checkpoint_dir)
+        with self.clock.part(AUDIT):
+            state, slots = t.state_digests()
         saver = meta.get(SAVED_BY)
         # Reported, not raised: the driver's audit compares these with what the saver reported.
         self._restore_report = {
@@ -261,12 +318,14 @@ class LabTrainable(tune.Trainable):
     def reset_config(self, new_config: dict) -> bool:
         if int(new_config["threads"]) != self.threads:
             return False  # TF's thread pools are fixed once it has started
-        model, train_cfg = ModelConfig(**new_config["model"]), train_config(new_config)
-        if model != self.trainer.model_cfg or not self.trainer.reset(train_cfg):
-            # Another width (the scaling study) or traced setting: a new Trainer in this worker.
-            # Ray 2.60 fails the trial if a reused actor answers False here; it does not start a fresh one.
-            from pbt_lab.training.trainer import Trainer
+        # The seconds since this actor's last call: it held its slot with no trial to train.
+        with self.clock.part(ACTOR_START, gap=WAITING):
+            model, train_cfg = ModelConfig(**new_config["model"]), train_config(new_config)
+            if model != self.trainer.model_cfg or not self.trainer.reset(train_cfg):
+                # Another width (the scaling study) or traced setting: a new Trainer in this worker.
+                # Ray 2.60 fails the trial if a reused actor answers False here: it starts no fresh one.
+                from pbt_lab.training.trainer import Trainer
 
-            self.trainer = Trainer(self.data, train_cfg, model, self.builder)
-        self._start()
+                self._set_trainer(Trainer(self.data, train_cfg, model, self.builder))
+            self._start()
         return True

@@ -1,22 +1,11 @@
-"""The study's pictures, drawn from the tidy tables only (never from Ray, never by training).
-
-from pbt_lab.plots import grid_figures
-grid_figures(trials, run_dir / "figures")
-"""
+"""The study's pictures: the valley, PBT's population and lineage, the width study, the trace."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files, not windows: runs headless on clusters and in CI
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
-from pbt_lab.config import OPTIMIZER_NAMES
 from pbt_lab.names import (
     DIVERGED,
     LR,
@@ -30,8 +19,8 @@ from pbt_lab.names import (
     VAL_ACC,
     WEIGHTS,
 )
-
-COLOURS = dict(zip(OPTIMIZER_NAMES, plt.get_cmap("tab10").colors))
+from pbt_lab.plots.common import COLOURS, plt, save
+from pbt_lab.plots.time import plot_time_breakdown
 
 
 def _cap(trials: pd.DataFrame, column: str) -> float:
@@ -71,7 +60,7 @@ def plot_valley(trials: pd.DataFrame, column: str, cap: float, label: str, path:
         xscale="log", yscale="log", xlabel="learning rate", ylabel=label, title=f"{label} vs learning rate"
     )
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_fastest_slowest(trials: pd.DataFrame, cap: float, path: Path) -> Path:
@@ -95,7 +84,7 @@ def plot_fastest_slowest(trials: pd.DataFrame, cap: float, path: Path) -> Path:
         title="Fastest and slowest optimizer per learning rate",
     )
     ax.legend(fontsize=8, ncol=2)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def grid_figures(trials: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -109,14 +98,6 @@ def grid_figures(trials: pd.DataFrame, out_dir: Path) -> list[Path]:
         plot_valley(trials, STEPS_TO_TARGET, steps_cap, "steps to target", out_dir / "valley_steps.png"),
         plot_fastest_slowest(trials, seconds_cap, out_dir / "fastest_slowest.png"),
     ]
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # --- population-based training --------------------------------------------------------------
@@ -154,7 +135,7 @@ def plot_population(history: pd.DataFrame, lineage: pd.DataFrame | None, metric:
         title=f"Population: {metric.replace('_', ' ')} over steps",
     )
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_lr_schedules(history: pd.DataFrame, path: Path) -> Path:
@@ -179,7 +160,7 @@ def plot_lr_schedules(history: pd.DataFrame, path: Path) -> Path:
         title="Learning-rate schedules of all members",
     )
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_lineage(history: pd.DataFrame, lineage: pd.DataFrame, path: Path) -> Path:
@@ -203,7 +184,7 @@ def plot_lineage(history: pd.DataFrame, lineage: pd.DataFrame, path: Path) -> Pa
         ylabel="member",
         title="Lineage: arrows from donor to recipient at each exploit",
     )
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_schedule(schedule_rows: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
@@ -218,7 +199,7 @@ def plot_schedule(schedule_rows: pd.DataFrame, metric: str, title: str, path: Pa
     right = ax.twinx()
     right.plot(acc[STEP], acc[metric], "o-", color="tab:green", ms=3)
     right.set_ylabel(metric.replace("_", " "), color="tab:green")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def pbt_figures(tables: dict, out_dir: Path) -> list[Path]:
@@ -247,11 +228,13 @@ def pbt_figures(tables: dict, out_dir: Path) -> list[Path]:
 
 def run_figures(kind: str | None, tables: dict, out_dir: Path) -> list[Path]:
     """The figures of a run of this kind (what ``results.write_tables`` draws)."""
+    breakdown = tables["summary"].get("time_breakdown")
+    made = [plot_time_breakdown(breakdown, Path(out_dir) / "time_breakdown.png")] if breakdown else []
     if kind == "scaling":
-        return scaling_figures(tables["trials"], tables["summary"]["scaling"], out_dir)
+        return made + scaling_figures(tables["trials"], tables["summary"]["scaling"], out_dir)
     if kind == "trace":
-        return trace_figures(tables["history"], out_dir)
-    made = grid_figures(tables["trials"], out_dir)
+        return made + trace_figures(tables["history"], out_dir)
+    made += grid_figures(tables["trials"], out_dir)
     if kind in ("pbt", "replay"):
         made += pbt_figures(tables, out_dir)
     return made
@@ -282,7 +265,7 @@ def plot_scaling(trials: pd.DataFrame, scaling: dict, column: str, label: str, p
         title=f"{label} vs width (dashed: c + k·n, n = weights)",
     )
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_best_rate(scaling: dict, path: Path, lrs=()) -> Path:
@@ -309,7 +292,7 @@ def plot_best_rate(scaling: dict, path: Path, lrs=()) -> Path:
         title="Best learning rate vs width (bar: rates tied at the fewest steps)",
     )
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def scaling_figures(trials: pd.DataFrame, scaling: dict, out_dir: Path) -> list[Path]:
@@ -339,7 +322,7 @@ def plot_trace(history: pd.DataFrame, x: str, label: str, path: Path) -> Path:
     )
     ax.set_ylim(max(0.0, ax.get_ylim()[0]), 1.0)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def trace_figures(history: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -349,51 +332,3 @@ def trace_figures(history: pd.DataFrame, out_dir: Path) -> list[Path]:
         plot_trace(history, TRAIN_SECONDS, "training seconds", out_dir / "trace_time.png"),
         plot_trace(history, STEP, "steps", out_dir / "trace_steps.png"),
     ]
-
-
-def plot_compute_curves(curves: dict, x: str, label: str, path: Path) -> Path:
-    """Best validation accuracy so far against compute spent so far, one line per run (equal-compute view)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, curve in curves.items():
-        c = curve.dropna(subset=["best_val_acc"])
-        ax.step(c[x], c["best_val_acc"], where="post", label=name)
-    ax.set(
-        xscale="log",
-        xlabel=label,
-        ylabel="best validation accuracy so far",
-        title=f"What each run had found for its compute ({label})",
-    )
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-# --- searchers compared -----------------------------------------------------------------------
-
-
-def step_values(x: pd.Series, y: pd.Series, at: np.ndarray) -> np.ndarray:
-    """``y`` as the step function of ``x`` it is (each value holds until the next), read at ``at``;
-    NaN before the first ``x``."""
-    i = np.searchsorted(x.to_numpy(float), at, side="right") - 1
-    values = y.ffill().to_numpy(float)
-    return np.where(i >= 0, values[np.clip(i, 0, None)], np.nan)
-
-
-def compare_figure(curves: pd.DataFrame, summary: dict, path: Path) -> Path:
-    """Best validation accuracy so far against training steps spent, per method: the median over
-    seeds, with their range as a band; the budget dotted."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    steps = np.linspace(0, summary["budget_steps"], 200)
-    for i, (method, c) in enumerate(curves.groupby("method", sort=False)):
-        runs = [step_values(s["cum_steps"], s["best_val_acc"], steps) for _, s in c.groupby("seed")]
-        colour = plt.get_cmap("tab10")(i)
-        with warnings.catch_warnings():  # before a seed's first check it has no value: NaN, not a warning
-            warnings.simplefilter("ignore", RuntimeWarning)
-            middle, low, high = (f(runs, axis=0) for f in (np.nanmedian, np.nanmin, np.nanmax))
-        ax.plot(steps, middle, color=colour, label=f"{method} ({len(runs)} seeds)")
-        ax.fill_between(steps, low, high, color=colour, alpha=0.2)
-    ax.axvline(summary["budget_steps"], color="grey", ls=":", lw=1)
-    ax.set(xlabel="training steps spent (all trials)", ylabel="best validation accuracy so far")
-    ax.set_ylim(max(0.0, float(curves["best_val_acc"].quantile(0.05)) - 0.02), 1.0)
-    ax.legend(loc="lower right")
-    ax.set_title("Searchers at equal compute")
-    return _save(fig, path)

@@ -1,0 +1,122 @@
+"""Where a run's slot-seconds went: the parts its actors measured (``training/clock.py``), summed
+over every report, and the seconds its slots had no live actor, against wall time × slots.
+
+    breakdown = time_breakdown(reports, started_at=…, wall_seconds=…, slots=2)
+    breakdown["parts"]["train"] / breakdown["slot_seconds"]     # Tune efficiency
+    check_breakdown(breakdown)                                    # [] or what does not add up
+
+The parts are measured independently of the wall clock the slot-seconds come from: the actors'
+clocks tile each actor's life from its process's start (or the run's, if later) to its last
+report, and ``slot_idle`` is the time, per slot, with no actor in that span. So they add up to the
+slot-seconds only if every second was counted once: more actors alive than slots, a part counted
+twice or a report lost shows as a gap (``unaccounted``), which ``check_breakdown`` holds to 5 %.
+"""
+
+from __future__ import annotations
+
+from pbt_lab.names import (
+    ACTOR,
+    ACTOR_BORN_AT,
+    ACTOR_START,
+    SECONDS_BY_PART,
+    SLOT_IDLE,
+    TIME_PARTS,
+    TRAIN_PART,
+)
+
+TOLERANCE = 0.05  # of the slot-seconds: what "adds up" allows for clocks read a few calls apart
+
+
+def time_breakdown(
+    reports: dict[str, list[dict]], *, started_at: float | None, wall_seconds: float | None, slots: int | None
+) -> dict | None:
+    """The run's breakdown (None for a run that did not record its session, or reported no parts).
+
+    Counts the reports made since ``started_at`` (a resumed run: its last session), repeats included:
+    a check re-run after a restart was paid for twice."""
+    if not (started_at and wall_seconds and slots):
+        return None
+    ended_at = started_at + wall_seconds
+    rows = [
+        r
+        for trial in reports.values()
+        for r in trial
+        if r.get(SECONDS_BY_PART) and r["reported_at"] >= started_at
+    ]
+    if not rows:
+        return None
+    parts = dict.fromkeys(TIME_PARTS, 0.0)
+    members: dict[str, dict[str, float]] = {}
+    born, last, first_member = {}, {}, {}  # per actor
+    for r in rows:
+        member = members.setdefault(r["trial_id"], dict.fromkeys(TIME_PARTS, 0.0))
+        for name, seconds in r[SECONDS_BY_PART].items():
+            parts[name] += seconds
+            member[name] += seconds
+        actor = r[ACTOR]
+        born[actor] = r[ACTOR_BORN_AT]
+        last[actor] = max(last.get(actor, 0.0), r["reported_at"])
+        first_member.setdefault(actor, r["trial_id"])
+    for actor, birth in born.items():
+        if birth < started_at:
+            # A process Ray started before the run (its worker pool): its time until then is not the run's.
+            parts[ACTOR_START] -= started_at - birth
+            members[first_member[actor]][ACTOR_START] -= started_at - birth
+    lives = [(max(birth, started_at), last[actor]) for actor, birth in born.items()]
+    parts[SLOT_IDLE] = idle_slot_seconds(lives, started_at, ended_at, slots)
+    slot_seconds = wall_seconds * slots
+    measured = sum(parts.values())
+    return {
+        "slots": slots,
+        "wall_seconds": wall_seconds,
+        "slot_seconds": slot_seconds,
+        "parts": parts,
+        "shares": {name: seconds / slot_seconds for name, seconds in parts.items()},
+        "unaccounted": slot_seconds - measured,
+        "efficiency": parts[TRAIN_PART] / slot_seconds,
+        "actors": len(lives),
+        "members": members,
+    }
+
+
+def idle_slot_seconds(
+    lives: list[tuple[float, float]], started_at: float, ended_at: float, slots: int
+) -> float:
+    """∫ max(0, slots − actors alive) dt over the run: slot time with no live actor."""
+    edges = sorted(
+        [(max(a, started_at), 1) for a, b in lives if b > a]
+        + [(min(b, ended_at), -1) for a, b in lives if b > a]
+        + [(started_at, 0), (ended_at, 0)]
+    )
+    idle, alive, last = 0.0, 0, started_at
+    for t, change in edges:
+        idle += max(0, slots - alive) * max(0.0, t - last)
+        alive, last = alive + change, max(last, t)
+    return idle
+
+
+def check_breakdown(breakdown: dict) -> list[str]:
+    """What does not add up: the parts against the slot-seconds (within 5 %), and no part negative."""
+    problems = []
+    gap = breakdown["unaccounted"] / breakdown["slot_seconds"]
+    if abs(gap) > TOLERANCE:
+        problems.append(
+            f"the parts add up to {1 - gap:.1%} of the slot-seconds ({breakdown['slot_seconds']:.1f} s): "
+            + (
+                "a part counted twice, or more actors alive than slots"
+                if gap < 0
+                else "seconds went uncounted"
+            )
+        )
+    problems += [
+        f"part {name} is negative ({s:.2f} s)" for name, s in breakdown["parts"].items() if s < -0.01
+    ]
+    return problems
+
+
+def breakdown_table(breakdown: dict) -> list[tuple[str, float, float]]:
+    """(part, seconds, share of the slot-seconds) rows, largest first, for the console."""
+    rows = sorted(breakdown["parts"].items(), key=lambda kv: -kv[1])
+    return [(name, s, s / breakdown["slot_seconds"]) for name, s in rows] + [
+        ("unaccounted", breakdown["unaccounted"], breakdown["unaccounted"] / breakdown["slot_seconds"])
+    ]

@@ -1,0 +1,106 @@
+"""Where a run's time goes: the actors' clocks (pure), the breakdown and its check on hand-made
+reports, and the breakdown of the session's quick runs adding up to their slot-seconds."""
+
+import time
+
+import pytest
+
+from pbt_lab.names import (
+    ACTOR,
+    ACTOR_BORN_AT,
+    ACTOR_START,
+    RAY,
+    SECONDS_BY_PART,
+    SLOT_IDLE,
+    TIME_PARTS,
+    TRAIN_PART,
+    VALIDATE,
+    WAITING,
+)
+from pbt_lab.results import read_tables
+from pbt_lab.results.breakdown import check_breakdown, idle_slot_seconds, time_breakdown
+from pbt_lab.training.clock import PartClock
+
+
+def test_a_clock_counts_every_second_once_nested_parts_exclusive():
+    born = time.time() - 1.0  # the process started a second before the clock
+    clock = PartClock(born_at=born)
+    outer = time.time()
+    with clock.part(TRAIN_PART):
+        time.sleep(0.05)
+        with clock.part(VALIDATE):
+            time.sleep(0.05)
+        time.sleep(0.05)
+    outer = time.time() - outer
+    time.sleep(0.03)  # back in Ray's hands
+    with clock.part(ACTOR_START, gap=WAITING):
+        time.sleep(0.01)
+    taken = clock.take()
+    assert taken[ACTOR_START] >= 1.0 + 0.01  # the process's start before the first call, and the reset
+    assert taken[TRAIN_PART] >= 0.1 and taken[VALIDATE] >= 0.05 and taken[WAITING] >= 0.03
+    assert taken[TRAIN_PART] + taken[VALIDATE] == pytest.approx(outer, abs=0.005)  # nested: not twice
+    assert sum(taken.values()) == pytest.approx(time.time() - born, abs=0.005)
+    with clock.part(TRAIN_PART):
+        again = clock.take()  # inside an open part: counted up to now, then zero
+    assert set(again) == {RAY, TRAIN_PART} and clock.take()[TRAIN_PART] < 0.01
+
+
+def report(trial: str, actor: str, born: float, at: float, **seconds) -> dict:
+    return {"trial_id": trial, ACTOR: actor, ACTOR_BORN_AT: born, "reported_at": at, SECONDS_BY_PART: seconds}
+
+
+def two_slot_run() -> dict:
+    """Two actors on two slots over a 10 s run: the first lives 0–9 s, the second 2–10 s."""
+    return {
+        "a": [
+            report("a", "n:1", 100.0, 104.0, actor_start=1.0, train=3.0),
+            report("a", "n:1", 100.0, 109.0, train=4.0, checkpoint_save=0.5, ray=0.5),
+        ],
+        "b": [report("b", "n:2", 102.0, 110.0, actor_start=1.0, train=6.0, validate=1.0)],
+    }
+
+
+def test_the_breakdown_adds_the_actors_parts_and_the_slots_they_left_idle():
+    b = time_breakdown(two_slot_run(), started_at=100.0, wall_seconds=10.0, slots=2)
+    assert b["slot_seconds"] == 20.0
+    assert b["parts"][TRAIN_PART] == 13.0 and b["efficiency"] == 0.65
+    assert b["parts"][SLOT_IDLE] == pytest.approx(3.0)  # slot 2 before 102 s, slot 1 after 109 s
+    assert b["unaccounted"] == pytest.approx(0.0) and check_breakdown(b) == []
+    assert b["members"]["a"][TRAIN_PART] == 7.0 and b["actors"] == 2
+
+
+def test_a_process_started_before_the_run_is_charged_from_the_run_start():
+    reports = {"a": [report("a", "n:1", 90.0, 110.0, actor_start=12.0, train=8.0)]}
+    b = time_breakdown(reports, started_at=100.0, wall_seconds=10.0, slots=1)
+    assert b["parts"][ACTOR_START] == pytest.approx(2.0) and check_breakdown(b) == []
+
+
+def test_the_check_fails_a_part_counted_twice_or_seconds_lost():
+    doubled = two_slot_run()
+    doubled["b"][0][SECONDS_BY_PART][VALIDATE] += 6.0  # the training call counted as validation too
+    problems = check_breakdown(time_breakdown(doubled, started_at=100.0, wall_seconds=10.0, slots=2))
+    assert len(problems) == 1 and "counted twice" in problems[0]
+    lost = two_slot_run()
+    del lost["a"][1][SECONDS_BY_PART][TRAIN_PART]  # four seconds of training nobody reported
+    problems = check_breakdown(time_breakdown(lost, started_at=100.0, wall_seconds=10.0, slots=2))
+    assert len(problems) == 1 and "uncounted" in problems[0]
+    crowded = time_breakdown(two_slot_run(), started_at=100.0, wall_seconds=10.0, slots=1)  # 2 actors, 1 slot
+    assert "more actors alive than slots" in check_breakdown(crowded)[0]
+
+
+def test_idle_slots_are_integrated_over_the_run():
+    assert idle_slot_seconds([], 0.0, 5.0, 2) == 10.0
+    assert idle_slot_seconds([(1.0, 4.0), (2.0, 9.0)], 0.0, 5.0, 2) == pytest.approx(1 + 2 + 1 + 0)
+    assert time_breakdown({}, started_at=None, wall_seconds=1.0, slots=1) is None
+
+
+@pytest.mark.parametrize("fixture, slots", [("quick_grid", 2), ("quick_pbt", 1)])  # the PBT: serial
+def test_a_quick_runs_breakdown_adds_up_to_its_slot_seconds(fixture, slots, request):
+    _, _, summary = read_tables(request.getfixturevalue(fixture))
+    b = summary["time_breakdown"]
+    assert b["problems"] == [] and abs(b["unaccounted"]) <= 0.05 * b["slot_seconds"]
+    assert set(TIME_PARTS) <= set(b["parts"]) and b["slots"] == summary["compute"]["slots"] == slots
+    # Training as the actors' clocks measured it is the training the trainer timed, check by check.
+    assert b["parts"][TRAIN_PART] == pytest.approx(summary["compute"]["train_seconds"], rel=0.02)
+    assert b["slot_seconds"] == pytest.approx(summary["compute"]["wall_seconds"] * slots)
+    assert "figures/time_breakdown.png" in summary["figures"]
