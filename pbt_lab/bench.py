@@ -10,7 +10,8 @@ run made moments before, never an absolute time against a goal. The machine is p
 
 Tune figures (quick: configs/*-quick.yaml on the bundled subset; full: the study's configs):
 - tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall seconds × trial slots), from the run's
-  ``time_breakdown`` (``share_<run>_<part>``: every part's share of the slot-seconds);
+  ``time_breakdown`` (``share_<run>_<part>``: every part's share of the slot-seconds); ``_past_start``:
+  the same without the workers' start, a fixed cost per worker that short runs cannot amortize;
 - exploit_cost_ratio: median idle seconds of a worker between the report on which PBT exploited
   a member and that member's next training step on the worker, ÷ training seconds per
   perturbation interval;
@@ -114,10 +115,13 @@ def tune_run(module, config: Path, storage: Path, name: str, *sets: str) -> dict
     return dict(zip(("trials", "history", "summary"), results.read_tables(storage / name)))
 
 
-def tune_efficiency(tables: dict) -> float:
+def tune_efficiency(tables: dict, past_start: bool = False) -> float:
     """Training seconds ÷ (wall seconds × trial slots), from the run's time breakdown: 1.0 is every
-    slot training all the time."""
-    return tables["summary"]["time_breakdown"]["efficiency"]
+    slot training all the time. ``past_start``: of the slot-seconds after the workers' start (their
+    processes, TensorFlow's import, the model's build: a fixed cost per worker, which a short run
+    cannot amortize), what the rest of the run spends on training."""
+    b = tables["summary"]["time_breakdown"]
+    return b["parts"]["train"] / (b["slot_seconds"] - (b["parts"]["actor_start"] if past_start else 0.0))
 
 
 def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
@@ -211,6 +215,8 @@ def tune_figures(quick: bool, storage: Path, cpus: int, repeat: int) -> dict:
     return {
         "tune_efficiency_grid": tune_efficiency(grid_tables),
         "tune_efficiency_pbt": tune_efficiency(pbt_tables),
+        "tune_efficiency_grid_past_start": tune_efficiency(grid_tables, past_start=True),
+        "tune_efficiency_pbt_past_start": tune_efficiency(pbt_tables, past_start=True),
         **exploit_cost(pbt_tables["history"], interval),
         **divergence_savings(grid_tables, no_stop),
         **pbt_vs_grid(grid_tables, pbt_tables),

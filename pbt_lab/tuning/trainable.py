@@ -132,10 +132,8 @@ class LabTrainable(tune.Trainable):
 
             self.threads = int(config["threads"])
             trainer.configure_tensorflow(self.threads)
-            self.data, self.builder = (
-                data,
-                builder,
-            )  # kept: a reused actor may need a Trainer of another shape
+            # Kept: a reused actor may need a Trainer of another shape.
+            self.data, self.builder = data, builder
             self._set_trainer(
                 trainer.Trainer(data, train_config(config), ModelConfig(**config["model"]), builder)
             )
@@ -177,13 +175,12 @@ class LabTrainable(tune.Trainable):
         row = self.trainer.check()
         self._live = None
         diverged = self.trainer.progress.status == DIVERGED
-        # Wall-clock bounds of the check (Ray's timestamp is whole seconds): the gaps between one
-        # report and the next check on a worker are what the benchmark charges to Tune.
+        # The check's start in wall-clock time (Ray's timestamp is whole seconds; ``_report`` adds when
+        # the report left): the gaps between one report and the next check on a worker are Tune's.
         result = {
             **row,
             "check_seconds": self.trainer.progress.train_seconds - before,
             "started_at": started_at,
-            "reported_at": time.time(),
             DIVERGED_FLAG: diverged,
             # Under PBT a diverged member keeps its slot until it exploits a better one.
             "done": self.trainer.done and not (population and diverged),
@@ -208,10 +205,12 @@ class LabTrainable(tune.Trainable):
         # budget, ASHA's cuts), so that whichever state ends up chosen has its test accuracy.
         if result["done"] or self.config.get(TEST_EVERY_CHECK):
             result[TEST_ACC] = self.trainer.evaluate_test()
-        # Last: every second of this actor up to here, in the report that carries it.
+        # Last: every second of this actor up to here, in the report that carries it, and the moment it
+        # was sent (a diverged member's waits too): the worker is Ray's again from here.
         result.update(
             {SECONDS_BY_PART: self.clock.take(), ACTOR: self.actor, ACTOR_BORN_AT: self.clock.born_at}
         )
+        result["reported_at"] = time.time()
         return result
 
     def _live_state(self) -> dict:
