@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-path", help="where the Tune runs go (default: a new temporary directory)")
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args(argv)
+    if (args.rounds is not None and args.rounds < 1) or args.repeats < 1:
+        parser.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
     try:
         data = load_dataset(args.data or ("bundled" if args.quick else None)) if args.only != "tune" else None
     except UserError as e:

@@ -10,7 +10,9 @@ TRAIN_ACC = "train_acc"
 TRAIN_LOSS = "train_loss"
 VAL_ACC = "val_acc"
 VAL_LOSS = "val_loss"
-TEST_ACC = "test_acc"  # evaluated when a trial ends (TEST_EVERY_CHECK: at every check); never used to choose
+# Evaluated when a trial that learned ends (not diverged or stalled; TEST_EVERY_CHECK: at every check);
+# never used to choose.
+TEST_ACC = "test_acc"
 LR = "lr"
 LR_PLACE = "lr_place"  # PB2's view of the rate: its place in the optimizer's range, 0..1 in log space
 LR_RANGES = "lr_ranges"  # a trial config's {optimizer: [low, high]}, where it carries LR_PLACE

@@ -75,3 +75,15 @@ def test_repeats_are_reported_as_median_and_range():
 def test_the_machine_is_named():
     m = bench.machine()
     assert m["cpu"] and m["cores"] >= 1 and m["tensorflow"] and m["ray"].startswith("2.")
+
+
+def test_a_bench_of_no_repeats_is_one_line_and_exit_2():
+    done = subprocess.run(
+        [sys.executable, "-m", "pbt_lab.bench", "--quick", "--repeats", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # The last line (TensorFlow's own start-up lines may come before it: the bench imports Keras first).
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("got None and 0")
+    assert not done.stdout

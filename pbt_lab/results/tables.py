@@ -112,7 +112,8 @@ def read_trials(
                 "final_train_acc": last.get(TRAIN_ACC),
                 "final_val_acc": val.iloc[-1] if len(val) else None,
                 "best_val_acc": val.max() if len(val) else None,
-                # Evaluated once, on the final state of a trial that ended on its own; never used to choose.
+                # Evaluated once, on the final state of a trial that ended on its own and learned (not
+                # diverged or stalled); never used to choose.
                 TEST_ACC: last.get(TEST_ACC),
                 ERROR: last_error(trial_dir) if errored else None,
                 "failures": failures,

@@ -292,6 +292,12 @@ class Trainer:
     def done(self) -> bool:
         return self.progress.status != RUNNING
 
+    @property
+    def learned(self) -> bool:
+        """Not a run that diverged or stalled: its end is worth a test pass (theirs is chance's, and
+        nothing chooses them; a grid's failures are most of its trials)."""
+        return self.progress.status not in (DIVERGED, STALLED)
+
     def run(self, on_check=None) -> dict:
         """Check until the run ends, then evaluate on the test split once; ``on_check(row)`` sees every
         row. Returns ``summary()``."""
@@ -299,7 +305,8 @@ class Trainer:
             row = self.check()
             if on_check:
                 on_check(row)
-        self.progress.last[TEST_ACC] = self.evaluate_test()
+        if self.learned:
+            self.progress.last[TEST_ACC] = self.evaluate_test()
         return self.summary()
 
     def summary(self) -> dict:

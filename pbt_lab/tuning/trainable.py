@@ -201,9 +201,9 @@ class LabTrainable(tune.Trainable):
         every = self.config.get("checkpoint_every") or 0
         if every and (result["done"] or (self.iteration + 1) % every == 0):
             result.update(self._live_state())
-        # Once, at the end; at every check where the run may be stopped from outside (the comparison's
-        # budget, ASHA's cuts), so that whichever state ends up chosen has its test accuracy.
-        if result["done"] or self.config.get(TEST_EVERY_CHECK):
+        # Once, at the end of a run that learned; at every check where the run may be stopped from
+        # outside (the comparison's budget, ASHA's cuts), so that whichever state ends up chosen has it.
+        if (result["done"] and self.trainer.learned) or self.config.get(TEST_EVERY_CHECK):
             result[TEST_ACC] = self.trainer.evaluate_test()
         # Last: every second of this actor up to here, in the report that carries it, and the moment it
         # was sent (a diverged member's waits too): the worker is Ray's again from here.
