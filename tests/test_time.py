@@ -105,3 +105,14 @@ def test_a_quick_runs_breakdown_adds_up_to_its_slot_seconds(fixture, slots, requ
     assert b["parts"][TRAIN_PART] == pytest.approx(summary["compute"]["train_seconds"], rel=0.02)
     assert b["slot_seconds"] == pytest.approx(summary["compute"]["wall_seconds"] * slots)
     assert (run_dir / "figures" / "time_breakdown.png").is_file()
+
+
+def test_slots_are_the_trials_the_cluster_holds_at_once():
+    from pbt_lab.tuning.launch import TRIAL_SLOT, trial_slots
+
+    assert (
+        trial_slots({"CPU": 8.0, "GPU": 1.0}, cpu=1, gpu=0.25, max_concurrent=None) == 4
+    )  # the GPU's quarters
+    assert trial_slots({"CPU": 8.0}, cpu=2, gpu=0, max_concurrent=None) == 4
+    assert trial_slots({"CPU": 8.0}, cpu=1, gpu=0, max_concurrent=3) == 3
+    assert trial_slots({"CPU": 2.0, TRIAL_SLOT: 1.0}, cpu=1, gpu=0, max_concurrent=None) == 1
