@@ -159,9 +159,10 @@ class LabPBT(PopulationBasedTraining):
             return None
         chosen = waiting[0]
         if chosen.trial_id in self._handed and not free_workers(tune_controller):
-            # The next in turn waits for a worker already: hand Ray the next one too, so that the
-            # worker that pauses next is kept for them (handed again, the first would take a worker
-            # that is free before those behind it: turns stay in order).
+            # The member next in turn already waits for a worker and none is free: hand Ray the next
+            # one as well, so that Ray keeps the next worker that pauses (it keeps one only for a
+            # member handed to it). With a worker free, the member next in turn is handed again: it
+            # takes the worker, and turns stay in order.
             chosen = next((t for t in waiting if t.trial_id not in self._handed), chosen)
         self._handed.add(chosen.trial_id)
         return chosen
