@@ -93,6 +93,7 @@ def test_markdown_shows_each_methods_median_and_range():
         (["compare.seeds=[1, 1]"], "compare.seeds must not repeat a seed"),
         (["train.stop_at_target=true"], "train.stop_at_target=True: a comparison needs False"),
         (["train.max_seconds=60"], "train.max_seconds=60.0: a comparison needs None"),
+        (["train.stall_checks=5"], "train.stall_checks=5: a comparison needs None"),
         (["compare.asha_grace_checks=5"], "compare.asha_grace_checks=5 exceeds a trial's 4 checks"),
     ],
 )
