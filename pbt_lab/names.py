@@ -38,7 +38,6 @@ ERROR = "error"  # failed: the console names the error
 
 # --- where an actor's seconds go (tuning/clock.py; results/breakdown.py sums them) ----------------
 SECONDS_BY_PART = "seconds_by_part"  # a report's {part: seconds} on its actor since the actor's last report
-ACTOR = "actor"  # a report's actor: node id and process id
 ACTOR_BORN_AT = "actor_born_at"  # the epoch second the actor's process started
 TRAIN_PART = "train"  # inside the fused training call
 VALIDATE = "validate"  # validation and test passes

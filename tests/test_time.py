@@ -6,7 +6,6 @@ import time
 import pytest
 
 from pbt_lab.names import (
-    ACTOR,
     ACTOR_BORN_AT,
     ACTOR_START,
     RAY,
@@ -46,7 +45,15 @@ def test_a_clock_counts_every_second_once_nested_parts_exclusive():
 
 
 def report(trial: str, actor: str, born: float, at: float, **seconds) -> dict:
-    return {"trial_id": trial, ACTOR: actor, ACTOR_BORN_AT: born, "reported_at": at, SECONDS_BY_PART: seconds}
+    node, pid = actor.split(":")
+    return {
+        "trial_id": trial,
+        "node_id": node,
+        "pid": int(pid),
+        ACTOR_BORN_AT: born,
+        "reported_at": at,
+        SECONDS_BY_PART: seconds,
+    }
 
 
 def two_slot_run() -> dict:

@@ -15,7 +15,6 @@ twice or a report lost shows as a gap (``unaccounted``), which ``check_breakdown
 from __future__ import annotations
 
 from pbt_lab.names import (
-    ACTOR,
     ACTOR_BORN_AT,
     ACTOR_START,
     SECONDS_BY_PART,
@@ -53,7 +52,7 @@ def time_breakdown(
         for name, seconds in r[SECONDS_BY_PART].items():
             parts[name] += seconds
             member[name] += seconds
-        actor = r[ACTOR]
+        actor = (r["node_id"], r["pid"])  # a worker: its node, and its process (Ray adds pid to every report)
         born[actor] = r[ACTOR_BORN_AT]
         last[actor] = max(last.get(actor, 0.0), r["reported_at"])
         first_member.setdefault(actor, r["trial_id"])

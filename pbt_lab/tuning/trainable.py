@@ -29,7 +29,6 @@ the run's time breakdown (``results/breakdown.py``).
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import asdict
@@ -40,7 +39,6 @@ from ray import tune
 
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
-    ACTOR,
     ACTOR_BORN_AT,
     ACTOR_START,
     ANCESTRY,
@@ -126,7 +124,6 @@ class LabTrainable(tune.Trainable):
     def setup(self, config: dict, data=None, builder=None):
         # Born with the process: its start and TensorFlow's import count to actor_start.
         self.clock = PartClock(born_at=psutil.Process().create_time())
-        self.actor = f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
         with self.clock.part(ACTOR_START):
             from pbt_lab.training import trainer  # TensorFlow loads here, on the worker: once per process
 
@@ -207,9 +204,7 @@ class LabTrainable(tune.Trainable):
             result[TEST_ACC] = self.trainer.evaluate_test()
         # Last: every second of this actor up to here, in the report that carries it, and the moment it
         # was sent (a diverged member's waits too): the worker is Ray's again from here.
-        result.update(
-            {SECONDS_BY_PART: self.clock.take(), ACTOR: self.actor, ACTOR_BORN_AT: self.clock.born_at}
-        )
+        result.update({SECONDS_BY_PART: self.clock.take(), ACTOR_BORN_AT: self.clock.born_at})
         result["reported_at"] = time.time()
         return result
 
