@@ -40,6 +40,9 @@ ERROR = "error"  # failed: the console names the error
 SECONDS_BY_PART = "seconds_by_part"  # a report's {part: seconds} on its actor since the actor's last report
 ACTOR_BORN_AT = "actor_born_at"  # the epoch second the actor's process started
 TRAIN_PART = "train"  # inside the fused training call
+COMPILE = (
+    "compile"  # tracing and optimizing a traced call before its first use (once per optimizer per actor)
+)
 VALIDATE = "validate"  # validation and test passes
 CHECKPOINT_SAVE = "checkpoint_save"  # writing a checkpoint's files
 CHECKPOINT_RESTORE = "checkpoint_restore"  # loading one into the model
@@ -56,6 +59,7 @@ RAY = "ray"  # between the trainable's calls on a live actor: Ray's bookkeeping,
 SLOT_IDLE = "slot_idle"  # a slot with no live actor (before its first call, after its last report)
 TIME_PARTS = (
     TRAIN_PART,
+    COMPILE,
     VALIDATE,
     CHECKPOINT_SAVE,
     CHECKPOINT_RESTORE,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pbt_lab.config import ModelConfig, TrainConfig
-from pbt_lab.names import CAPPED, DIVERGED, REACHED
+from pbt_lab.names import CAPPED, COMPILE, DIVERGED, REACHED, TRAIN_PART, VALIDATE
 from pbt_lab.train import main
+from pbt_lab.training.clock import PartClock
 from pbt_lab.training.trainer import Trainer
 
 SMALL = ModelConfig(scale=0.25)
@@ -82,9 +83,26 @@ def test_resume_is_exact(bundled, tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_each_optimizer_is_compiled_before_it_trains_and_the_compile_trains_nothing(bundled):
+    clock = PartClock()
+    t = Trainer(bundled, TrainConfig(steps_per_check=20), SMALL, clock=clock)
+    assert t.optimizers.tracing_count == 1 and t._eval_fn.experimental_get_tracing_count() == 1
+    compiled = clock.take()
+    assert compiled[COMPILE] > 0 and TRAIN_PART not in compiled and VALIDATE not in compiled
+    start = weights(t)
+    t.optimizers.switch("rmsprop", 0.001)  # a new optimizer: compiled here, on no batches
+    assert t.optimizers.tracing_count == 2 and t.optimizers.steps == 0 and t.progress.step == 0
+    for a, b in zip(start, weights(t)):
+        np.testing.assert_array_equal(a, b)
+    assert clock.take()[COMPILE] > 0
+    t.check()  # its first check and validation trace nothing more: their seconds are training's
+    assert t.optimizers.tracing_count == 2 and t._eval_fn.experimental_get_tracing_count() == 1
+    assert COMPILE not in clock.take()
+
+
 def test_set_lr_scales_the_update_without_retracing(bundled, tmp_path):
     t = trainer(bundled, optimizer="gd", lr=0.01)
-    t.check()  # traced once here
+    t.check()  # compiled once, when the Trainer was built
     t.save(tmp_path / "before")
     start = weights(t)
     t.train(1)

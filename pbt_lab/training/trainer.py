@@ -28,6 +28,7 @@ from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
     BUILDER,
     CAPPED,
+    COMPILE,
     DIVERGED,
     LR,
     OPTIMIZER,
@@ -103,8 +104,10 @@ class Trainer:
         train: TrainConfig | None = None,
         model: ModelConfig | None = None,
         builder: Callable | None = None,
+        clock: PartClock | None = None,
     ):
-        """``builder``: a builder function that replaces ``model.builder`` (the Python API's)."""
+        """``builder``: a builder function that replaces ``model.builder`` (the Python API's);
+        ``clock``: counts this trainer's seconds by part (its compiling too, from here on)."""
         self.cfg, self.model_cfg = train or TrainConfig(), model or ModelConfig()
         if builder:  # recorded by name, as the Python API records it in the config
             self.model_cfg = replace(self.model_cfg, builder=builder_name(builder))
@@ -132,7 +135,7 @@ class Trainer:
             TEST_ACC: (data.x_test, data.y_test),
         }
         self.num_classes = data.num_classes
-        self.clock: PartClock | None = None
+        self.clock = clock
         self._eval_fn = self._make_eval_fn()
         self.optimizers = OptimizerBank(self.model.trainable_variables, self._make_train_fn)
         self.reset(self.cfg)
@@ -186,6 +189,8 @@ class Trainer:
                 correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1, output_type=tf.int32) == yb, tf.int32))
             return done, loss_sum, correct, diverged
 
+        if not self.cfg.jit_compile:  # XLA compiles per input shape: on the first real call
+            self._compile(train_steps, tf.zeros([0, self.cfg.batch_size], tf.int32))
         return train_steps
 
     def _make_eval_fn(self):
@@ -209,7 +214,15 @@ class Trainer:
             n_float = tf.cast(n, tf.float32)
             return tf.cast(correct, tf.float32) / n_float, loss_sum / n_float
 
+        self._compile(evaluate, images[:0], tf.zeros([0], tf.int32))
         return evaluate
+
+    def _compile(self, traced, *empty) -> None:
+        """Trace and optimize ``traced`` now, on empty inputs (it trains and evaluates nothing): its first
+        real call would count a fraction of a second of compiling as training, and a trial's seconds
+        would depend on whether its reused worker had compiled that optimizer before."""
+        with self._part(COMPILE):
+            traced(*empty)
 
     # --- training ----------------------------------------------------------------------------
 

@@ -132,7 +132,9 @@ class LabTrainable(tune.Trainable):
             # Kept: a reused actor may need a Trainer of another shape.
             self.data, self.builder = data, builder
             self._set_trainer(
-                trainer.Trainer(data, train_config(config), ModelConfig(**config["model"]), builder)
+                trainer.Trainer(
+                    data, train_config(config), ModelConfig(**config["model"]), builder, self.clock
+                )
             )
             self._start()
 
@@ -320,6 +322,6 @@ class LabTrainable(tune.Trainable):
                 # Ray 2.60 fails the trial if a reused actor answers False here: it starts no fresh one.
                 from pbt_lab.training.trainer import Trainer
 
-                self._set_trainer(Trainer(self.data, train_cfg, model, self.builder))
+                self._set_trainer(Trainer(self.data, train_cfg, model, self.builder, self.clock))
             self._start()
         return True
