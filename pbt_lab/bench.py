@@ -8,13 +8,17 @@ measured ``--repeats`` times (3) and reported as median and range, each run comp
 (training seconds against wall seconds on the same slots, from its time breakdown) or with a twin
 run made moments before, never an absolute time against a goal. The machine is printed with them.
 
-Tune figures (quick: configs/*-quick.yaml on the bundled subset; full: the study's configs):
+Tune figures, at a size (``--size``; ``--quick`` is ``--size quick``): quick, configs/*-quick.yaml on the
+bundled subset; cpu, configs/*-cpu.yaml on full MNIST ($PBT_LAB_DATA), without the twin grid (its
+stopped trials would run on to 1,000 steps, doubling the repeat); study, the study's configs:
 - tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall seconds × trial slots), from the run's
   ``time_breakdown`` (``share_<run>_<part>``: every part's share of the slot-seconds); ``_past_start``:
   the same without the workers' start, a fixed cost per worker that short runs cannot amortize;
 - exploit_cost_ratio: median idle seconds of a worker between the report on which PBT exploited
   a member and that member's next training step on the worker, ÷ training seconds per
-  perturbation interval;
+  perturbation interval; ``exploit_extra_ratio``: the same less an ordinary turn's (a member
+  resuming from its own checkpoint: where the population outnumbers its slots, every perturbation
+  is a turn, exploit or not), what the exploit itself adds;
 - divergence_savings: 1 − trial-seconds of the grid ÷ those of its twin run without the
   divergence stop (diverging trials run on to their budget); reached trials must be identical;
 - pbt_vs_grid_compute: PBT training seconds (whole population) until a member's validation
@@ -110,8 +114,11 @@ def tune_run(module, config: Path, storage: Path, name: str, *sets: str) -> dict
         "--set",
         "resources.gpu=0",
     ]
-    if module.main([*argv, *(a for s in sets for a in ("--set", s))]) != 0:
-        raise RuntimeError(f"the {name} run had failed trials: see {storage / name}")
+    code = module.main([*argv, *(a for s in sets for a in ("--set", s))])
+    if code != 0:
+        raise RuntimeError(
+            f"the {name} run ended with exit code {code}: see its lines above and {storage / name}"
+        )
     return dict(zip(("trials", "history", "summary"), results.read_tables(storage / name)))
 
 
@@ -133,14 +140,18 @@ def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
-    """Median worker gap before an exploited member's first check, against an interval's training."""
+    """Median worker gap before an exploited member's first check, against an interval's training;
+    and what it adds to an ordinary turn's gap (a member resuming from its own checkpoint)."""
     h = worker_gaps(history)
     exploit = h["segment_from"].notna() & (h["segment_from"] != h["trial_id"])
+    turn = (h["segment_from"] == h["trial_id"]) & (h["segment_step"] > 0)
     per_interval = interval * h.loc[~exploit, "check_seconds"].median()
-    gaps = h.loc[exploit, "gap"]
+    gaps, turn_gap = h.loc[exploit, "gap"], h.loc[turn, "gap"].median()
     return {
         "exploit_cost_ratio": gaps.median() / per_interval,
+        "exploit_extra_ratio": (gaps.median() - turn_gap) / per_interval if turn.any() else None,
         "exploit_gap_seconds_median": gaps.median(),
+        "turn_gap_seconds_median": turn_gap if turn.any() else None,
         "exploits": int(exploit.sum()),
         "exploits_on_a_fresh_worker": int(gaps.isna().sum()),
         "train_seconds_per_interval": per_interval,
@@ -185,22 +196,26 @@ def pbt_vs_grid(grid_tables: dict, pbt_tables: dict, tolerance: float = 0.002) -
     }
 
 
-def tune_figures(quick: bool, storage: Path, cpus: int, repeat: int) -> dict:
+SIZES = {  # the configs each size runs (configs/<grid>.yaml, configs/<pbt>.yaml), and whether the twin runs
+    "quick": ("grid-quick", "pbt-quick", True),
+    "cpu": ("grid-cpu", "pbt-cpu", False),
+    "study": ("grid", "pbt", True),
+}
+
+
+def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
     """One repeat of the Tune figures: the grid, its twin without the divergence stop, and PBT."""
     import ray
 
     from pbt_lab.experiments import grid, pbt
 
     configs = Path(__file__).resolve().parents[1] / "configs"
-    grid_config, pbt_config = (
-        (configs / "grid-quick.yaml", configs / "pbt-quick.yaml")
-        if quick
-        else (configs / "grid.yaml", configs / "pbt.yaml")
-    )
+    grid_name, pbt_name, twin = SIZES[size]
+    grid_config, pbt_config = configs / f"{grid_name}.yaml", configs / f"{pbt_name}.yaml"
     ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="ERROR")
     try:
         grid_tables = tune_run(grid, grid_config, storage, f"grid-{repeat}")
-        no_stop = tune_run(
+        no_stop = twin and tune_run(
             grid,
             grid_config,
             storage,
@@ -218,7 +233,7 @@ def tune_figures(quick: bool, storage: Path, cpus: int, repeat: int) -> dict:
         "tune_efficiency_grid_past_start": tune_efficiency(grid_tables, past_start=True),
         "tune_efficiency_pbt_past_start": tune_efficiency(pbt_tables, past_start=True),
         **exploit_cost(pbt_tables["history"], interval),
-        **divergence_savings(grid_tables, no_stop),
+        **(divergence_savings(grid_tables, no_stop) if no_stop else {}),
         **pbt_vs_grid(grid_tables, pbt_tables),
         "trial_start_seconds_median_grid": trial_start(grid_tables["history"]),
         **{
@@ -277,13 +292,19 @@ GOALS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m pbt_lab.bench", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="bundled data, quick configs, fewer rounds (~12 min on 2 cores)"
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--size",
+        choices=tuple(SIZES),
+        default="study",
+        help="the Tune runs' configs: quick (bundled data, ~12 min on 2 cores with fewer rounds), "
+        "cpu (full MNIST, ~25 min a repeat on 2 cores), study (the study's: a GPU cluster)",
     )
+    size.add_argument("--quick", action="store_const", dest="size", const="quick", help="--size quick")
     parser.add_argument(
         "--data",
         default=None,
-        help="mnist.npz path or 'bundled' for Trainer/fit (default: bundled with --quick)",
+        help="mnist.npz path or 'bundled' for Trainer/fit (default: bundled with --quick, else full MNIST)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="alternating rounds per Trainer/fit comparison"
@@ -301,15 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     if (args.rounds is not None and args.rounds < 1) or args.repeats < 1:
         parser.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
     try:
-        data = load_dataset(args.data or ("bundled" if args.quick else None)) if args.only != "tune" else None
+        # The cpu and study configs read full MNIST too: a missing copy is one line before anything runs.
+        needed = args.only != "tune" or args.size != "quick"
+        data = load_dataset(args.data or ("bundled" if args.size == "quick" else None)) if needed else None
     except UserError as e:
         parser.error(str(e))
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.size == "quick" else 5)
 
     figures: dict[str, float] = {}
     if args.only != "tune":
         configure_tensorflow()
-        for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if args.quick else 100)):
+        for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if args.size == "quick" else 100)):
             t = trainer_vs_fit(data, scale, steps, rounds)
             figures |= {
                 f"trainer_vs_fit_{key}": t.ratio,
@@ -324,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.only != "trainer":
         storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
-        repeats = [tune_figures(args.quick, storage, os.cpu_count() or 1, i) for i in range(args.repeats)]
+        repeats = [tune_figures(args.size, storage, os.cpu_count() or 1, i) for i in range(args.repeats)]
         figures |= medians(repeats) | {"repeats": args.repeats, "runs": str(storage)}
     figures["machine"] = machine()
     m = figures["machine"]

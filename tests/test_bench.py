@@ -87,3 +87,51 @@ def test_a_bench_of_no_repeats_is_one_line_and_exit_2():
     # The last line (TensorFlow's own start-up lines may come before it: the bench imports Keras first).
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("got None and 0")
     assert not done.stdout
+
+
+def test_exploit_cost_against_an_interval_and_against_an_ordinary_turn():
+    import pandas as pd
+
+    # One worker: a fresh start, two ordinary turns (0.05 s gaps), an exploit (0.08 s), checks of 1 s.
+    rows = [  # trial, started_at, reported_at, segment_from, segment_step
+        ("a", 0.00, 1.00, "a", 0),
+        ("b", 1.05, 2.05, "b", 50),
+        ("a", 2.10, 3.10, "a", 100),
+        ("c", 3.18, 4.18, "b", 150),
+    ]
+    history = pd.DataFrame(
+        [
+            {"trial_id": t, "pid": 1, "started_at": s, "reported_at": r, "segment_from": f, "segment_step": k}
+            for t, s, r, f, k in rows
+        ]
+    ).assign(check_seconds=1.0)
+    cost = bench.exploit_cost(history, interval=2)
+    assert cost["exploits"] == 1 and cost["exploits_on_a_fresh_worker"] == 0
+    assert cost["train_seconds_per_interval"] == 2.0
+    assert abs(cost["exploit_cost_ratio"] - 0.08 / 2) < 1e-9
+    assert abs(cost["turn_gap_seconds_median"] - 0.05) < 1e-9  # the fresh start is no turn
+    assert abs(cost["exploit_extra_ratio"] - 0.03 / 2) < 1e-9
+
+
+def test_a_bench_without_the_full_data_set_is_one_line_and_exit_2(tmp_path):
+    import os
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pbt_lab.bench",
+            "--size",
+            "cpu",
+            "--only",
+            "tune",
+            "--storage-path",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PBT_LAB_DATA": str(tmp_path / "missing.npz")},
+    )
+    assert done.returncode == 2 and "missing.npz" in done.stderr.strip().splitlines()[-1]
+    assert not done.stdout and not any(tmp_path.iterdir())  # nothing ran, nothing written

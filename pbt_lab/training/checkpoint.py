@@ -90,10 +90,10 @@ def digests(trainer) -> tuple[str, str]:
     not the slots). Equal state, equal digests: how PBT's audit verifies an exploit."""
     state = hashlib.sha256(json.dumps([trainer.progress.step, trainer.order.state()]).encode())
     for v in trainer.model.variables:
-        state.update(np.ascontiguousarray(v.numpy()).tobytes())
+        state.update(np.ascontiguousarray(v.numpy()))  # the array's own buffer: no copy to bytes
     optimizer = trainer.optimizers.optimizer
     slots = hashlib.sha256()
     for v in optimizer.variables:
         if v is not optimizer.learning_rate:
-            slots.update(np.ascontiguousarray(v.numpy()).tobytes())
+            slots.update(np.ascontiguousarray(v.numpy()))
     return state.hexdigest(), slots.hexdigest()
