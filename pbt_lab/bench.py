@@ -288,6 +288,28 @@ GOALS = {
     "divergence_savings": (">=", 0.30),
     "pbt_vs_grid_compute": ("<=", 0.10),
 }
+SHOWN = (
+    "tune_efficiency_grid_past_start",
+    "tune_efficiency_pbt_past_start",
+    "exploit_extra_ratio",
+)  # no goal
+
+
+def goal_table(figures: dict) -> list[str]:
+    """The console's table: each figure measured, its median and range, and its goal, met or missed."""
+    lines = [f"{'figure':32}   median   range            goal"]
+    for key, (op, goal) in [*GOALS.items(), *((k, (None, None)) for k in SHOWN)]:
+        if key not in figures:
+            continue
+        value, spread = figures[key], figures.get(f"{key}_range")
+        shown = f"{value:.3f}" if isinstance(value, float | int) else "–"
+        between = f"{spread[0]:.3f}–{spread[1]:.3f}" if spread and None not in spread else ""
+        if op is None:
+            lines.append(f"{key:32} {shown:>8}   {between}")
+            continue
+        met = isinstance(value, float | int) and (value >= goal if op == ">=" else value <= goal)
+        lines.append(f"{key:32} {shown:>8}   {between:15}  {op} {goal:<5} {'met' if met else 'MISSED'}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,14 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["machine"] = machine()
     m = figures["machine"]
     print(f"\non {m['cpu']}, {m['cores']} cores; TensorFlow {m['tensorflow']}, Ray {m['ray']}")
-    print("figure                     median   range            goal")
-    for key, (op, goal) in GOALS.items():
-        if key in figures:
-            value, spread = figures[key], figures.get(f"{key}_range")
-            met = value is not None and (value >= goal if op == ">=" else value <= goal)
-            shown = "–" if value is None else f"{value:.3f}"
-            between = f"{spread[0]:.3f}–{spread[1]:.3f}" if spread and None not in spread else ""
-            print(f"{key:24} {shown:>8}   {between:15}  {op} {goal:<5} {'met' if met else 'MISSED'}")
+    print("\n".join(goal_table(figures)))
     if args.json:
         print(json.dumps(figures, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)))
     return 0

@@ -135,3 +135,20 @@ def test_a_bench_without_the_full_data_set_is_one_line_and_exit_2(tmp_path):
     )
     assert done.returncode == 2 and "missing.npz" in done.stderr.strip().splitlines()[-1]
     assert not done.stdout and not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_the_goal_table_says_met_or_missed_and_shows_figures_without_goals():
+    lines = bench.goal_table(
+        {
+            "tune_efficiency_grid": 0.96,
+            "tune_efficiency_grid_range": [0.95, 0.97],
+            "tune_efficiency_pbt": 0.5,
+            "exploit_cost_ratio": None,
+            "exploit_extra_ratio": 0.004,
+        }
+    )
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert rows["tune_efficiency_grid"].endswith("met") and "0.950–0.970" in rows["tune_efficiency_grid"]
+    assert rows["tune_efficiency_pbt"].endswith("MISSED") and rows["exploit_cost_ratio"].endswith("MISSED")
+    assert rows["exploit_extra_ratio"].split()[1:] == ["0.004"]  # shown, no goal
+    assert "pbt_vs_grid_compute" not in rows  # not measured: not shown
