@@ -44,7 +44,18 @@ import pandas as pd
 
 from pbt_lab import OneLineParser, UserError, results
 from pbt_lab.config import ModelConfig, TrainConfig
-from pbt_lab.names import LR, OPTIMIZER, REACHED, SEED, STATUS, STEPS_TO_TARGET, TRAIN_SECONDS, VAL_ACC
+from pbt_lab.names import (
+    ACTOR_START,
+    LR,
+    OPTIMIZER,
+    REACHED,
+    SEED,
+    STATUS,
+    STEPS_TO_TARGET,
+    TRAIN_PART,
+    TRAIN_SECONDS,
+    VAL_ACC,
+)
 from pbt_lab.training.data import Dataset, load_dataset
 from pbt_lab.training.model import build_cnn
 from pbt_lab.training.optimizers import make_optimizer
@@ -104,17 +115,8 @@ def trainer_vs_fit(data: Dataset, scale: float, steps: int, rounds: int) -> Thro
 
 def tune_run(module, config: Path, storage: Path, name: str, *sets: str) -> dict:
     """Run an experiment module's ``main`` on the local Ray and return its tables."""
-    argv = [
-        "--config",
-        str(config),
-        "--storage-path",
-        str(storage),
-        "--name",
-        name,
-        "--set",
-        "resources.gpu=0",
-    ]
-    code = module.main([*argv, *(a for s in sets for a in ("--set", s))])
+    argv = ["--config", str(config), "--storage-path", str(storage), "--name", name]
+    code = module.main([*argv, *(a for s in ("resources.gpu=0", *sets) for a in ("--set", s))])
     if code != 0:
         raise RuntimeError(
             f"the {name} run ended with exit code {code}: see its lines above and {storage / name}"
@@ -128,14 +130,16 @@ def tune_efficiency(tables: dict, past_start: bool = False) -> float:
     processes, TensorFlow's import, the model's build: a fixed cost per worker, which a short run
     cannot amortize), what the rest of the run spends on training."""
     b = tables["summary"]["time_breakdown"]
-    return b["parts"]["train"] / (b["slot_seconds"] - (b["parts"]["actor_start"] if past_start else 0.0))
+    return b["parts"][TRAIN_PART] / (b["slot_seconds"] - (b["parts"][ACTOR_START] if past_start else 0.0))
 
 
 def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
     """Per check: the seconds its worker sat between its previous report (any trial) and this
-    check's start: Tune's share of the slot. NaN for a worker's first check."""
+    check's start: Tune's share of the slot (and the compiling of an optimizer the worker meets
+    for the first time). NaN for a worker's first check. ``own``: the check resumes its own trial."""
     h = history.dropna(subset=["started_at"]).sort_values("started_at").copy()
     h["gap"] = h["started_at"] - h.groupby("pid")["reported_at"].shift()
+    h["own"] = h["segment_from"] == h["trial_id"]
     return h
 
 
@@ -143,15 +147,15 @@ def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
     """Median worker gap before an exploited member's first check, against an interval's training;
     and what it adds to an ordinary turn's gap (a member resuming from its own checkpoint)."""
     h = worker_gaps(history)
-    exploit = h["segment_from"].notna() & (h["segment_from"] != h["trial_id"])
-    turn = (h["segment_from"] == h["trial_id"]) & (h["segment_step"] > 0)
+    exploit = h["segment_from"].notna() & ~h["own"]
     per_interval = interval * h.loc[~exploit, "check_seconds"].median()
-    gaps, turn_gap = h.loc[exploit, "gap"], h.loc[turn, "gap"].median()
+    gaps, turn_gap = h.loc[exploit, "gap"], h.loc[h["own"] & (h["segment_step"] > 0), "gap"].median()
+    turn_gap = None if pd.isna(turn_gap) else turn_gap  # no ordinary turn on a worker that had reported
     return {
         "exploit_cost_ratio": gaps.median() / per_interval,
-        "exploit_extra_ratio": (gaps.median() - turn_gap) / per_interval if turn.any() else None,
+        "exploit_extra_ratio": None if turn_gap is None else (gaps.median() - turn_gap) / per_interval,
         "exploit_gap_seconds_median": gaps.median(),
-        "turn_gap_seconds_median": turn_gap if turn.any() else None,
+        "turn_gap_seconds_median": turn_gap,
         "exploits": int(exploit.sum()),
         "exploits_on_a_fresh_worker": int(gaps.isna().sum()),
         "train_seconds_per_interval": per_interval,
@@ -161,7 +165,7 @@ def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
 def trial_start(history: pd.DataFrame) -> float:
     """Median worker gap before a trial's first check: starting a trial on a reused worker."""
     h = worker_gaps(history)
-    return h.loc[(h["segment_from"] == h["trial_id"]) & (h["segment_step"] == 0), "gap"].median()
+    return h.loc[h["own"] & (h["segment_step"] == 0), "gap"].median()
 
 
 def divergence_savings(with_stop: dict, without_stop: dict) -> dict:
@@ -344,9 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     if (args.rounds is not None and args.rounds < 1) or args.repeats < 1:
         parser.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
     try:
-        # The cpu and study configs read full MNIST too: a missing copy is one line before anything runs.
-        needed = args.only != "tune" or args.size != "quick"
-        data = load_dataset(args.data or ("bundled" if args.size == "quick" else None)) if needed else None
+        if args.only != "trainer" and args.size != "quick":
+            # What the cpu and study configs read ($PBT_LAB_DATA, else Keras's MNIST): a missing copy is
+            # one line before anything runs.
+            load_dataset(None)
+        data = (
+            load_dataset(args.data or ("bundled" if args.size == "quick" else None))
+            if args.only != "tune"
+            else None
+        )
     except UserError as e:
         parser.error(str(e))
     rounds = args.rounds or (3 if args.size == "quick" else 5)

@@ -40,7 +40,9 @@ ERROR = "error"  # failed: the console names the error
 SECONDS_BY_PART = "seconds_by_part"  # a report's {part: seconds} on its actor since the actor's last report
 ACTOR_BORN_AT = "actor_born_at"  # the epoch second the actor's process started
 TRAIN_PART = "train"  # inside the fused training call
-COMPILE = "compile"  # tracing and optimizing a traced call before its first use (once per actor)
+COMPILE = (
+    "compile"  # tracing and optimizing a traced call before its first use (once per optimizer per Trainer)
+)
 VALIDATE = "validate"  # validation and test passes
 CHECKPOINT_SAVE = "checkpoint_save"  # writing a checkpoint's files
 CHECKPOINT_RESTORE = "checkpoint_restore"  # loading one into the model

@@ -92,12 +92,13 @@ def test_a_bench_of_no_repeats_is_one_line_and_exit_2():
 def test_exploit_cost_against_an_interval_and_against_an_ordinary_turn():
     import pandas as pd
 
-    # One worker: a fresh start, two ordinary turns (0.05 s gaps), an exploit (0.08 s), checks of 1 s.
+    # One worker: a trial, a fresh start after it (a 0.5 s gap: no turn), an ordinary turn (0.05 s)
+    # and an exploit (0.08 s); checks of 1 s.
     rows = [  # trial, started_at, reported_at, segment_from, segment_step
+        ("z", -1.50, -0.50, "z", 0),
         ("a", 0.00, 1.00, "a", 0),
-        ("b", 1.05, 2.05, "b", 50),
-        ("a", 2.10, 3.10, "a", 100),
-        ("c", 3.18, 4.18, "b", 150),
+        ("a", 1.05, 2.05, "a", 50),
+        ("c", 2.13, 3.13, "a", 100),
     ]
     history = pd.DataFrame(
         [

@@ -12,6 +12,7 @@ from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import CAPPED, COMPILE, DIVERGED, REACHED, TRAIN_PART, VALIDATE
 from pbt_lab.train import main
 from pbt_lab.training.clock import PartClock
+from pbt_lab.training.optimizers import make_optimizer
 from pbt_lab.training.trainer import Trainer
 
 SMALL = ModelConfig(scale=0.25)
@@ -89,12 +90,17 @@ def test_each_optimizer_is_compiled_before_it_trains_and_the_compile_trains_noth
     assert t.optimizers.tracing_count == 1 and t._eval_fn.experimental_get_tracing_count() == 1
     compiled = clock.take()
     assert compiled[COMPILE] > 0 and TRAIN_PART not in compiled and VALIDATE not in compiled
-    start = weights(t)
-    t.optimizers.switch("rmsprop", 0.001)  # a new optimizer: compiled here, on no batches
-    assert t.optimizers.tracing_count == 2 and t.optimizers.steps == 0 and t.progress.step == 0
-    for a, b in zip(start, weights(t)):
+    # A new optimizer's call, compiled on no batches: it changes no weight, slot or step, nor the data order.
+    optimizer = make_optimizer("rmsprop", 0.001)
+    optimizer.build(t.model.trainable_variables)
+    start, slots, order = weights(t), [v.numpy().copy() for v in optimizer.variables], t.order.state()
+    t._make_train_fn(optimizer)
+    assert int(optimizer.iterations.numpy()) == 0 and t.order.state() == order
+    for a, b in zip(start + slots, weights(t) + [v.numpy() for v in optimizer.variables]):
         np.testing.assert_array_equal(a, b)
     assert clock.take()[COMPILE] > 0
+    t.optimizers.switch("rmsprop", 0.001)  # the bank compiles its own on a switch
+    assert t.optimizers.tracing_count == 2 and COMPILE in clock.take()
     t.check()  # its first check and validation trace nothing more: their seconds are training's
     assert t.optimizers.tracing_count == 2 and t._eval_fn.experimental_get_tracing_count() == 1
     assert COMPILE not in clock.take()

@@ -95,7 +95,8 @@ class Trainer:
     ``run()`` checks until the target, a budget or divergence ends the run. The live optimizer
     is ``optimizers`` (switch it, or its rate, between checks), the run's state ``progress`` and
     ``order``; ``checkpoint.save`` / ``checkpoint.restore`` keep them. Given a ``clock``, its
-    training calls count to the clock's ``train`` part and its evaluations to ``validate``.
+    training calls count to the clock's ``train`` part, its evaluations to ``validate`` and the
+    compiling of both (once per optimizer, before its first use) to ``compile``.
     """
 
     def __init__(
@@ -189,8 +190,7 @@ class Trainer:
                 correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1, output_type=tf.int32) == yb, tf.int32))
             return done, loss_sum, correct, diverged
 
-        if not self.cfg.jit_compile:  # XLA compiles per input shape: on the first real call
-            self._compile(train_steps, tf.zeros([0, self.cfg.batch_size], tf.int32))
+        self._compile(train_steps, run=not self.cfg.jit_compile)  # XLA compiles per shape: on real calls
         return train_steps
 
     def _make_eval_fn(self):
@@ -214,15 +214,19 @@ class Trainer:
             n_float = tf.cast(n, tf.float32)
             return tf.cast(correct, tf.float32) / n_float, loss_sum / n_float
 
-        self._compile(evaluate, images[:0], tf.zeros([0], tf.int32))
+        self._compile(evaluate)
         return evaluate
 
-    def _compile(self, traced, *empty) -> None:
-        """Trace and optimize ``traced`` now, on empty inputs (it trains and evaluates nothing): its first
-        real call would count a fraction of a second of compiling as training, and a trial's seconds
-        would depend on whether its reused worker had compiled that optimizer before."""
+    def _compile(self, traced, run: bool = True) -> None:
+        """Trace ``traced`` now and, with ``run``, optimize its graph by running it on empty inputs (its
+        loop body never runs: nothing trains, nothing is evaluated). Its first real call would count a
+        fraction of a second of this as training, more in a worker that had not met the optimizer
+        before. What remains for the first real call is per-shape: kernel set-up, XLA's compile."""
         with self._part(COMPILE):
-            traced(*empty)
+            if run:
+                traced(*(tf.zeros([d or 0 for d in s.shape], s.dtype) for s in traced.input_signature))
+            else:
+                traced.get_concrete_function()
 
     # --- training ----------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The Ray Tune trainable around the Trainer: the only trainer code that imports Ray.
 
 One ``step`` is one check (``steps_per_check`` fused training steps). Actors are reused across
-trials (``reset_config``), so a worker imports TensorFlow and traces its training call once,
-not once per trial. The data (and a builder function the Python API was given) arrive through
+trials (``reset_config``), so a worker imports TensorFlow and compiles each optimizer's training
+call once, not once per trial. The data (and a builder function the Python API was given) arrive through
 Ray's object store (``tune.with_parameters``).
 
 A trial's config is flat where Tune searches or PBT mutates (``optimizer``, ``lr``, ``seed``)
@@ -22,8 +22,8 @@ A checkpoint also carries its member's ancestry: segments (step, optimizer, lr, 
 step 0, so the winner's schedule is read from its last checkpoint, not rebuilt.
 
 Every report also says where its actor's seconds went since the actor's last report
-(``seconds_by_part``, a ``PartClock`` started at the process's birth): training, validation,
-checkpoints, digests, start, waiting, and Ray's time between the calls. The driver sums them into
+(``seconds_by_part``, a ``PartClock`` started at the process's birth): training, compiling,
+validation, checkpoints, digests, start, waiting, and Ray's time between the calls. The driver sums them into
 the run's time breakdown (``results/breakdown.py``).
 """
 
@@ -131,16 +131,11 @@ class LabTrainable(tune.Trainable):
             trainer.configure_tensorflow(self.threads)
             # Kept: a reused actor may need a Trainer of another shape.
             self.data, self.builder = data, builder
-            self._set_trainer(
-                trainer.Trainer(
-                    data, train_config(config), ModelConfig(**config["model"]), builder, self.clock
-                )
+            # Its training, validation and compiling count to their own parts of this actor's clock.
+            self.trainer = trainer.Trainer(
+                data, train_config(config), ModelConfig(**config["model"]), builder, self.clock
             )
             self._start()
-
-    def _set_trainer(self, trainer) -> None:
-        self.trainer = trainer
-        trainer.clock = self.clock  # its training and validation count to their own parts
 
     def _start(self) -> None:
         """A fresh trial on this actor: its ancestry starts here, at step 0."""
@@ -322,6 +317,6 @@ class LabTrainable(tune.Trainable):
                 # Ray 2.60 fails the trial if a reused actor answers False here: it starts no fresh one.
                 from pbt_lab.training.trainer import Trainer
 
-                self._set_trainer(Trainer(self.data, train_cfg, model, self.builder, self.clock))
+                self.trainer = Trainer(self.data, train_cfg, model, self.builder, self.clock)
             self._start()
         return True
