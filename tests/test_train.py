@@ -106,6 +106,14 @@ def test_each_optimizer_is_compiled_before_it_trains_and_the_compile_trains_noth
     assert COMPILE not in clock.take()
 
 
+def test_under_xla_the_call_is_traced_before_its_first_use_and_compiled_by_it(bundled):
+    clock = PartClock()
+    t = Trainer(bundled, TrainConfig(steps_per_check=2, jit_compile=True), SMALL, clock=clock)
+    assert t.optimizers.tracing_count == 1 and COMPILE in clock.take()
+    t.check()  # XLA compiles for this input shape here: that stays in the first check's training
+    assert t.optimizers.tracing_count == 1 and t.progress.step == 2 and TRAIN_PART in clock.take()
+
+
 def test_set_lr_scales_the_update_without_retracing(bundled, tmp_path):
     t = trainer(bundled, optimizer="gd", lr=0.01)
     t.check()  # compiled once, when the Trainer was built
