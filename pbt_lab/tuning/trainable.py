@@ -2,8 +2,8 @@
 
 One ``step`` is one check (``steps_per_check`` fused training steps). Actors are reused across
 trials (``reset_config``), so a worker imports TensorFlow and compiles each optimizer's training
-call once, not once per trial. The data (and a builder function the Python API was given) arrive through
-Ray's object store (``tune.with_parameters``).
+call once, not once per trial. The data (and a builder function the Python API was given) arrive
+through Ray's object store (``tune.with_parameters``).
 
 A trial's config is flat where Tune searches or PBT mutates (``optimizer``, ``lr``, ``seed``)
 and carries the fixed rest of the experiment as plain dicts (``train``, ``model``), plus
@@ -23,8 +23,8 @@ step 0, so the winner's schedule is read from its last checkpoint, not rebuilt.
 
 Every report also says where its actor's seconds went since the actor's last report
 (``seconds_by_part``, a ``PartClock`` started at the process's birth): training, compiling,
-validation, checkpoints, digests, start, waiting, and Ray's time between the calls. The driver sums them into
-the run's time breakdown (``results/breakdown.py``).
+validation, checkpoints, digests, start, waiting, and Ray's time between the calls. The driver
+sums them into the run's time breakdown (``results/breakdown.py``).
 """
 
 from __future__ import annotations
