@@ -49,6 +49,7 @@ from pbt_lab.names import (
     LR,
     OPTIMIZER,
     REACHED,
+    REPORTED_AT,
     SEED,
     STATUS,
     STEPS_TO_TARGET,
@@ -138,7 +139,7 @@ def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
     check's start: Tune's share of the slot (and the compiling of an optimizer the worker meets
     for the first time). NaN for a worker's first check. ``own``: the check resumes its own trial."""
     h = history.dropna(subset=["started_at"]).sort_values("started_at").copy()
-    h["gap"] = h["started_at"] - h.groupby("pid")["reported_at"].shift()
+    h["gap"] = h["started_at"] - h.groupby("pid")[REPORTED_AT].shift()
     h["own"] = h["segment_from"] == h["trial_id"]
     return h
 
@@ -347,24 +348,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.rounds is not None and args.rounds < 1) or args.repeats < 1:
         parser.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
+    quick = args.size == "quick"
     try:
-        if args.only != "trainer" and args.size != "quick":
-            # What the cpu and study configs read ($PBT_LAB_DATA, else Keras's MNIST): a missing copy is
-            # one line before anything runs.
+        source = args.data or ("bundled" if quick else None)
+        data = load_dataset(source) if args.only != "tune" else None
+        if args.only != "trainer" and not quick and (data is None or source is not None):
+            # What the cpu and study configs read ($PBT_LAB_DATA, else Keras's MNIST), unless loaded just
+            # above: a missing copy is one line before anything runs.
             load_dataset(None)
-        data = (
-            load_dataset(args.data or ("bundled" if args.size == "quick" else None))
-            if args.only != "tune"
-            else None
-        )
     except UserError as e:
         parser.error(str(e))
-    rounds = args.rounds or (3 if args.size == "quick" else 5)
+    rounds = args.rounds or (3 if quick else 5)
 
     figures: dict[str, float] = {}
     if args.only != "tune":
         configure_tensorflow()
-        for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if args.size == "quick" else 100)):
+        for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if quick else 100)):
             t = trainer_vs_fit(data, scale, steps, rounds)
             figures |= {
                 f"trainer_vs_fit_{key}": t.ratio,

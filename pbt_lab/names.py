@@ -39,10 +39,10 @@ ERROR = "error"  # failed: the console names the error
 # --- where an actor's seconds go (tuning/clock.py; results/breakdown.py sums them) ----------------
 SECONDS_BY_PART = "seconds_by_part"  # a report's {part: seconds} on its actor since the actor's last report
 ACTOR_BORN_AT = "actor_born_at"  # the epoch second the actor's process started
+REPORTED_AT = "reported_at"  # the epoch second a report left its actor
+NODE_ID = "node_id"  # the actor's Ray node (node_ip is shared by nodes on one host); with Ray's pid: a worker
 TRAIN_PART = "train"  # inside the fused training call
-COMPILE = (
-    "compile"  # tracing and optimizing a traced call before its first use (once per optimizer per Trainer)
-)
+COMPILE = "compile"  # tracing and optimizing a traced call before its first use
 VALIDATE = "validate"  # validation and test passes
 CHECKPOINT_SAVE = "checkpoint_save"  # writing a checkpoint's files
 CHECKPOINT_RESTORE = "checkpoint_restore"  # loading one into the model

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pbt_lab.names import (
     ACTOR_BORN_AT,
     ACTOR_START,
+    NODE_ID,
+    REPORTED_AT,
     SECONDS_BY_PART,
     SLOT_IDLE,
     TIME_PARTS,
@@ -40,7 +42,7 @@ def time_breakdown(
         r
         for trial in reports.values()
         for r in trial
-        if r.get(SECONDS_BY_PART) and r["reported_at"] >= started_at
+        if r.get(SECONDS_BY_PART) and r[REPORTED_AT] >= started_at
     ]
     if not rows:
         return None
@@ -52,9 +54,9 @@ def time_breakdown(
         for name, seconds in r[SECONDS_BY_PART].items():
             parts[name] += seconds
             member[name] += seconds
-        actor = (r["node_id"], r["pid"])  # a worker: its node, and its process (Ray adds pid to every report)
+        actor = (r[NODE_ID], r["pid"])  # a worker: its node, and its process (Ray adds pid to every report)
         born[actor] = r[ACTOR_BORN_AT]
-        last[actor] = max(last.get(actor, 0.0), r["reported_at"])
+        last[actor] = max(last.get(actor, 0.0), r[REPORTED_AT])
         first_member.setdefault(actor, r["trial_id"])
     for actor, birth in born.items():
         if birth < started_at:

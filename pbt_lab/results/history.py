@@ -9,8 +9,10 @@ from pbt_lab.names import (
     DIVERGED_FLAG,
     EXPLOIT,
     LR,
+    NODE_ID,
     OPTIMIZER,
     OPTIMIZER_STEPS,
+    REPORTED_AT,
     RESTORED_ID,
     RESTORED_LR,
     RESTORED_OPTIMIZER,
@@ -70,9 +72,9 @@ HISTORY_COLUMNS = [
     "trial_seconds",
     "timestamp",
     "started_at",
-    "reported_at",
+    REPORTED_AT,
     "node_ip",
-    "node_id",
+    NODE_ID,
     "pid",
 ]
 SAVED_STATE_COLUMNS = ["trial_id", STEP, OPTIMIZER, STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS]

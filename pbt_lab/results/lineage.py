@@ -30,6 +30,7 @@ from pbt_lab.names import (
     OPTIMIZER,
     OPTIMIZER_STEPS,
     PBT_STATE_FILE,
+    REPORTED_AT,
     RESTORED_ID,
     RESTORED_LR,
     RESTORED_OPTIMIZER,
@@ -73,7 +74,7 @@ LINEAGE_COLUMNS = [
     "restored_optimizer_steps",
     "in_winner_ancestry",
     "timestamp",
-    "reported_at",
+    REPORTED_AT,
     "recipient_iteration",
 ]
 
@@ -201,14 +202,12 @@ def lineage_table(
                 "restored_optimizer_steps": e[RESTORED_OPTIMIZER_STEPS],
                 "in_winner_ancestry": (e["trial_id"], int(e[SEGMENT_STEP])) in on_winner,
                 "timestamp": e["timestamp"],
-                "reported_at": e["reported_at"],
+                REPORTED_AT: e[REPORTED_AT],
                 "recipient_iteration": e["iteration"],
             }
         )
     table = pd.DataFrame(rows, columns=LINEAGE_COLUMNS)
-    return (
-        table.astype({"decision": "Int64"}).sort_values(["reported_at", "recipient"]).reset_index(drop=True)
-    )
+    return table.astype({"decision": "Int64"}).sort_values([REPORTED_AT, "recipient"]).reset_index(drop=True)
 
 
 def quantile_sizes(decisions: list[dict], fraction: float) -> list[dict]:

@@ -30,6 +30,7 @@ from pbt_lab.names import (
     HISTORY,
     LINEAGE,
     LR,
+    NODE_ID,
     OPTIMIZER,
     REACHED,
     RUNNING,
@@ -119,7 +120,7 @@ def read_trials(
                 "failures": failures,
                 "iterations": len(h),
                 "node_ip": last.get("node_ip"),
-                "node_id": last.get("node_id"),
+                NODE_ID: last.get(NODE_ID),
                 "trial_dir": trial_dir.name,
                 "checkpoint": last_checkpoint(run_dir, trial_dir),
             }

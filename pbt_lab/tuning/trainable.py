@@ -52,9 +52,11 @@ from pbt_lab.names import (
     LR,
     LR_PLACE,
     LR_RANGES,
+    NODE_ID,
     OPTIMIZER,
     OPTIMIZER_STEPS,
     RAY,
+    REPORTED_AT,
     RESTORED_ID,
     RESTORED_LR,
     RESTORED_OPTIMIZER,
@@ -191,7 +193,7 @@ class LabTrainable(tune.Trainable):
         self._restore_report = {}
         # Every report, a waiting member's too: Ray's node (node_ip is shared by nodes on one host).
         result[WEIGHTS] = self.trainer.model.count_params()
-        result["node_id"] = ray.get_runtime_context().get_node_id()
+        result[NODE_ID] = ray.get_runtime_context().get_node_id()
         every = self.config.get("checkpoint_every") or 0
         if every and (result["done"] or (self.iteration + 1) % every == 0):
             result.update(self._live_state())
@@ -202,7 +204,7 @@ class LabTrainable(tune.Trainable):
         # Last: every second of this actor up to here, in the report that carries it, and the moment it
         # was sent (a diverged member's waits too): the worker is Ray's again from here.
         result.update({SECONDS_BY_PART: self.clock.take(), ACTOR_BORN_AT: self.clock.born_at})
-        result["reported_at"] = time.time()
+        result[REPORTED_AT] = time.time()
         return result
 
     def _live_state(self) -> dict:
