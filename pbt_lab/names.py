@@ -85,6 +85,7 @@ SEGMENT_STEP = "segment_step"  # the step that checkpoint holds
 RESTORED_ID = "restored_id"
 RESTORED_SHA256 = "restored_sha256"
 RESTORED_SLOTS_SHA256 = "restored_slots_sha256"
+FRESH_SLOTS_SHA256 = "fresh_slots_sha256"  # the live optimizer's slots as built: a switch must restore these
 RESTORED_OPTIMIZER_STEPS = "restored_optimizer_steps"
 RESTORED_OPTIMIZER = "restored_optimizer"  # the optimizer the checkpoint was saved with
 RESTORED_LR = "restored_lr"  # the live rate after the restore (must be the new config's)

@@ -15,6 +15,7 @@ from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import EXPLOIT, LR, OPTIMIZER
 from pbt_lab.results import lineage
 from pbt_lab.results.tables import read_history, read_saved_states
+from pbt_lab.training.optimizers import OptimizerBank
 from pbt_lab.tuning.trainable import LabTrainable, trial_space
 
 
@@ -64,15 +65,19 @@ def exploit(
     decision=None,
     reported=True,
     edit_report=lambda report: report,
+    trained_before=False,
 ):
     """A recipient restores (a copy of) the donor's checkpoint, tampered with or not, and trains one
-    check; returns the audit's verdict and the counts over this one exploit."""
+    check; returns the audit's verdict and the counts over this one exploit. ``trained_before``: the
+    recipient trained a check of its own first, as a PBT member has (its optimizer's slots are used)."""
     reports, checkpoint = donor
     copy = tmp_path / "checkpoint"
     shutil.copytree(checkpoint, copy)
     if tamper:
         tamper(copy)
     r = member(member_class, "recipient", optimizer=optimizer, lr=lr, seed=2, **{EXPLOIT: 7})
+    if trained_before:
+        r.train()
     r.restore(str(copy))
     report = edit_report(r.train())
     r.stop()
@@ -119,9 +124,50 @@ def test_optimizer_slots_changed_between_save_and_restore_are_mismatched(member_
     assert verdict["verdict"] == "mismatched" and "slots differ" in verdict["problem"]
 
 
-def test_a_switched_optimizer_starts_with_fresh_slots_and_is_verified(member_class, donor, tmp_path):
-    verdict, _ = exploit(member_class, donor, tmp_path, optimizer="momentum", lr=0.05)
+@pytest.mark.parametrize("trained_before", [False, True])
+def test_a_switched_optimizer_starts_with_fresh_slots_and_is_verified(
+    member_class, donor, tmp_path, trained_before
+):
+    verdict, _ = exploit(
+        member_class, donor, tmp_path, optimizer="momentum", lr=0.05, trained_before=trained_before
+    )
     assert verdict["verdict"] == "verified"
+
+
+def test_a_switch_that_kept_the_recipients_used_slots_is_mismatched(
+    member_class, donor, tmp_path, monkeypatch
+):
+    # A switch that resets only the step counter (and the rate): the recipient's own momentum from its
+    # check before the exploit survives the copy, which a step-counter check alone would not see.
+    switch = OptimizerBank.switch
+
+    def switch_keeping_slots(bank, name, lr, **overrides):
+        kept = [v.numpy() for v in bank.optimizer.variables] if bank.built and bank.name == name else None
+        switch(bank, name, lr, **overrides)
+        for variable, value in zip(bank.optimizer.variables, kept or []):
+            if variable is not bank.optimizer.iterations and variable is not bank.optimizer.learning_rate:
+                variable.assign(value)
+
+    monkeypatch.setattr(OptimizerBank, "switch", switch_keeping_slots)
+    verdict, counts = exploit(
+        member_class, donor, tmp_path, optimizer="momentum", lr=0.05, trained_before=True
+    )
+    assert verdict["verdict"] == "mismatched" and verdict["problem"] == "optimizer slots are not fresh"
+    assert counts["exploits_verified"] == 0
+
+
+def test_a_decision_that_recorded_no_donor_state_is_not_verified(member_class, donor, tmp_path):
+    decision = {
+        "decision": 7,
+        "action": "exploit",
+        "member": "recipient",
+        "donor": "donor",
+        "new": {OPTIMIZER: "adam", LR: 8e-4},
+        "donor_state_id": None,
+    }
+    verdict, _ = exploit(member_class, donor, tmp_path, decision=decision)
+    assert verdict["matched"] and verdict["verdict"] == "mismatched"
+    assert verdict["problem"] == "not the state the decision meant"
 
 
 def test_a_checkpoint_other_than_the_decisions_is_mismatched(member_class, donor, tmp_path):

@@ -12,7 +12,7 @@ from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import CAPPED, COMPILE, DIVERGED, REACHED, TRAIN_PART, VALIDATE
 from pbt_lab.train import main
 from pbt_lab.training.clock import PartClock
-from pbt_lab.training.optimizers import make_optimizer
+from pbt_lab.training.optimizers import make_optimizer, slots_sha256
 from pbt_lab.training.trainer import Trainer
 
 SMALL = ModelConfig(scale=0.25)
@@ -175,8 +175,17 @@ def test_switching_optimizers_reuses_traced_calls(bundled):
     t.optimizers.switch("gd", 0.1)
     t.check()
     t.optimizers.switch("adam", 1e-3)
-    assert int(t.optimizers.optimizer.iterations) == 0  # fresh slots on switching
+    # Fresh slots on switching back: every variable as a newly built Adam's (not only its step counter),
+    # and the digest the exploit audit compares with.
+    built = make_optimizer("adam", 1e-3)
+    built.build(t.model.trainable_variables)
+    live = t.optimizers.optimizer
+    assert all(
+        np.array_equal(a.numpy(), b.numpy()) for a, b in zip(live.variables, built.variables, strict=True)
+    )
+    assert t.state_digests()[1] == t.optimizers.fresh_slots_sha256 == slots_sha256(built)
     t.check()
+    assert t.state_digests()[1] != t.optimizers.fresh_slots_sha256  # trained slots are not fresh
     assert t.optimizers.tracing_count == 2 and t.optimizers.name == "adam" and t.progress.step == 60
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 from pbt_lab.names import (
     DIVERGED_FLAG,
     EXPLOIT,
+    FRESH_SLOTS_SHA256,
     LR,
     NODE_ID,
     OPTIMIZER,
@@ -62,6 +63,7 @@ HISTORY_COLUMNS = [
     RESTORED_ID,
     RESTORED_SHA256,
     RESTORED_SLOTS_SHA256,
+    FRESH_SLOTS_SHA256,
     RESTORED_OPTIMIZER_STEPS,
     RESTORED_OPTIMIZER,
     RESTORED_LR,

@@ -26,6 +26,7 @@ from pbt_lab.names import (
     ANCESTRY,
     EXPLOIT,
     EXPLOITED,
+    FRESH_SLOTS_SHA256,
     LR,
     OPTIMIZER,
     OPTIMIZER_STEPS,
@@ -108,7 +109,8 @@ def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
 
     Verified means: the restored state is the one the decision meant (same state id), its digest
     equals the donor's report of that state, the live rate is the new config's, and the optimizer's
-    slots are the donor's (same optimizer: equal digest and step counter) or fresh (switched: 0 steps).
+    slots are the donor's (same optimizer: equal digest and step counter) or fresh (switched: the
+    digest of its slots as built, and 0 steps). A decision that recorded no donor state meant none.
     """
     decided = {d["decision"]: d for d in decisions if d.get("action") == EXPLOITED}
     reported = saves.drop_duplicates(STATE_ID).set_index(STATE_ID) if len(saves) else pd.DataFrame()
@@ -128,16 +130,18 @@ def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
             verdict = "unverifiable"
         else:
             same_optimizer = e[RESTORED_OPTIMIZER] == e[OPTIMIZER]
+            # Same optimizer: the donor's slots; switched: the slots as built, which the recipient's own
+            # optimizer may have moved from before the exploit (its step counter alone would not show it).
+            slots = saved[SLOTS_SHA256] if same_optimizer else e[FRESH_SLOTS_SHA256]
             checks = [
-                (
-                    d is None or d.get("donor_state_id") in (None, e[RESTORED_ID]),
-                    "not the state the decision meant",
-                ),
+                (d is None or d.get("donor_state_id") == e[RESTORED_ID], "not the state the decision meant"),
                 (saved[STATE_SHA256] == e[RESTORED_SHA256], "weights differ from what the donor saved"),
                 (_same_lr(e[RESTORED_LR], e[LR]), "live rate is not the new config's"),
                 (
-                    not same_optimizer or saved[SLOTS_SHA256] == e[RESTORED_SLOTS_SHA256],
-                    "optimizer slots differ",
+                    e[RESTORED_SLOTS_SHA256] == slots,
+                    "optimizer slots differ from the donor's"
+                    if same_optimizer
+                    else "optimizer slots are not fresh",
                 ),
                 (
                     e[RESTORED_OPTIMIZER_STEPS] == (saved[OPTIMIZER_STEPS] if same_optimizer else 0),

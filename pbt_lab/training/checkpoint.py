@@ -19,6 +19,7 @@ import numpy as np
 
 from pbt_lab import UserError
 from pbt_lab.names import CHECKPOINT_META, LR, OPTIMIZER
+from pbt_lab.training.optimizers import slots_sha256
 from pbt_lab.training.state import Progress
 
 ARRAYS = "trainer.npz"
@@ -91,9 +92,4 @@ def digests(trainer) -> tuple[str, str]:
     state = hashlib.sha256(json.dumps([trainer.progress.step, trainer.order.state()]).encode())
     for v in trainer.model.variables:
         state.update(np.ascontiguousarray(v.numpy()))  # the array's own buffer: no copy to bytes
-    optimizer = trainer.optimizers.optimizer
-    slots = hashlib.sha256()
-    for v in optimizer.variables:
-        if v is not optimizer.learning_rate:
-            slots.update(np.ascontiguousarray(v.numpy()))
-    return state.hexdigest(), slots.hexdigest()
+    return state.hexdigest(), slots_sha256(trainer.optimizers.optimizer)

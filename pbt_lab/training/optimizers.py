@@ -10,7 +10,11 @@ slot at 0 where TF1 started it at 1 (the main reason the study's RMSProp needed 
 
 from __future__ import annotations
 
+import hashlib
+from typing import NamedTuple
+
 import keras
+import numpy as np
 
 from pbt_lab.config import OPTIMIZER_NAMES, canonical_name
 
@@ -51,6 +55,25 @@ def make_optimizer(name: str, learning_rate: float, **overrides) -> keras.optimi
     return cls(learning_rate=float(learning_rate), **{**defaults, **overrides})
 
 
+def slots_sha256(optimizer: keras.optimizers.Optimizer, values: list | None = None) -> str:
+    """SHA-256 of the optimizer's variables (``values`` in their order, else the live ones) with its
+    step counter but without its learning rate: an exploit changes the rate, not the slots."""
+    if values is None:
+        values = [v.numpy() for v in optimizer.variables]
+    digest = hashlib.sha256()
+    for variable, value in zip(optimizer.variables, values, strict=True):
+        if variable is not optimizer.learning_rate:
+            digest.update(np.ascontiguousarray(value))  # the array's own buffer: no copy to bytes
+    return digest.hexdigest()
+
+
+class _Built(NamedTuple):
+    optimizer: keras.optimizers.Optimizer
+    fresh: list  # its variables' values as built: what a switch to it assigns
+    fresh_sha256: str  # their digest (slots_sha256), taken at build
+    train_fn: object  # its traced training call
+
+
 class OptimizerBank:
     """The optimizers a Trainer has used, each built and traced once, and the live one.
 
@@ -60,17 +83,22 @@ class OptimizerBank:
 
     def __init__(self, variables: list, trace):
         self._variables, self._trace = variables, trace
-        self._built: dict[str, tuple[keras.optimizers.Optimizer, list, object]] = {}
+        self._built: dict[str, _Built] = {}
         self._key, self.name, self.lr = "", "", 0.0
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
-        return self._built[self._key][0]
+        return self._built[self._key].optimizer
 
     @property
     def train_fn(self):
         """The traced training call of the live optimizer."""
-        return self._built[self._key][2]
+        return self._built[self._key].train_fn
+
+    @property
+    def fresh_slots_sha256(self) -> str:
+        """The digest of the live optimizer's slots as built: what they must equal after a switch."""
+        return self._built[self._key].fresh_sha256
 
     def switch(self, name: str, lr: float, **overrides) -> None:
         """Make ``name`` live with fresh slots and rate ``lr``."""
@@ -79,8 +107,10 @@ class OptimizerBank:
         if key not in self._built:
             optimizer = make_optimizer(name, lr, **overrides)
             optimizer.build(self._variables)
-            self._built[key] = (optimizer, [v.numpy() for v in optimizer.variables], self._trace(optimizer))
-        optimizer, fresh, _ = self._built[key]
+            fresh = [v.numpy() for v in optimizer.variables]
+            digest = slots_sha256(optimizer, fresh)
+            self._built[key] = _Built(optimizer, fresh, digest, self._trace(optimizer))
+        optimizer, fresh = self._built[key].optimizer, self._built[key].fresh
         for variable, value in zip(optimizer.variables, fresh):
             variable.assign(value)
         self.name, self._key = name, key
@@ -103,4 +133,4 @@ class OptimizerBank:
     @property
     def tracing_count(self) -> int:
         """How many times the training calls were traced (a retrace costs seconds)."""
-        return sum(fn.experimental_get_tracing_count() for _, _, fn in self._built.values())
+        return sum(built.train_fn.experimental_get_tracing_count() for built in self._built.values())
