@@ -170,19 +170,26 @@ def trial_start(history: pd.DataFrame) -> float:
 
 
 def divergence_savings(with_stop: dict, without_stop: dict) -> dict:
-    """What the divergence stop saved, and whether the trials that reached the target were untouched."""
+    """What the divergence stop saved, and whether the trials that reached the target were untouched:
+    the same trials in both runs, the same ones reached, each in the same number of steps."""
     keys = [OPTIMIZER, LR, SEED]
-    reached = with_stop["trials"][with_stop["trials"][STATUS] == REACHED].merge(
-        without_stop["trials"], on=keys, suffixes=("", "_without")
+
+    def reached(trials: pd.DataFrame) -> pd.DataFrame:
+        return trials.loc[trials[STATUS] == REACHED, [*keys, STEPS_TO_TARGET]]
+
+    both = reached(with_stop["trials"]).merge(
+        reached(without_stop["trials"]), on=keys, how="outer", suffixes=("", "_without")
     )
+    same_trials = set(map(tuple, with_stop["trials"][keys].to_numpy())) == set(
+        map(tuple, without_stop["trials"][keys].to_numpy())
+    )
+    same_steps = both[STEPS_TO_TARGET].eq(both[f"{STEPS_TO_TARGET}_without"]).fillna(False).astype(bool)
     return {
         "divergence_savings": 1
         - with_stop["summary"]["compute"]["trial_seconds"]
         / without_stop["summary"]["compute"]["trial_seconds"],
         "diverged_trials": with_stop["summary"]["compute"]["diverged_trials"],
-        "reached_identical": bool(
-            len(reached) and (reached[STEPS_TO_TARGET] == reached["steps_to_target_without"]).all()
-        ),
+        "reached_identical": bool(same_trials and len(both) and same_steps.all()),
     }
 
 

@@ -5,7 +5,22 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
+
 from pbt_lab import bench
+from pbt_lab.names import (
+    ACTOR_START,
+    CAPPED,
+    DIVERGED,
+    LR,
+    OPTIMIZER,
+    REACHED,
+    SEED,
+    STATUS,
+    STEPS_TO_TARGET,
+    TRAIN_PART,
+    VALIDATE,
+)
 from pbt_lab.results import read_tables
 
 
@@ -16,9 +31,7 @@ def _tables(run_dir) -> dict:
 def test_tune_figures_from_the_quick_runs(quick_grid, quick_pbt):
     grid, pbt = _tables(quick_grid), _tables(quick_pbt)
     for tables in (grid, pbt):
-        efficiency = bench.tune_efficiency(tables)
-        breakdown = tables["summary"]["time_breakdown"]
-        assert 0 < efficiency <= 1 and efficiency == breakdown["parts"]["train"] / breakdown["slot_seconds"]
+        assert 0 < bench.tune_efficiency(tables) < bench.tune_efficiency(tables, past_start=True) <= 1
     cost = bench.exploit_cost(pbt["history"], interval=1)
     assert (
         cost["exploits"] >= 1
@@ -34,6 +47,12 @@ def test_tune_figures_from_the_quick_runs(quick_grid, quick_pbt):
         )
 
 
+def test_tune_efficiency_is_training_over_the_slot_seconds_with_or_without_the_start():
+    breakdown = {"slot_seconds": 10.0, "parts": {TRAIN_PART: 6.0, ACTOR_START: 2.0, VALIDATE: 2.0}}
+    tables = {"summary": {"time_breakdown": breakdown}}
+    assert bench.tune_efficiency(tables) == 0.6 and bench.tune_efficiency(tables, past_start=True) == 0.75
+
+
 def test_divergence_savings_compares_twin_runs(quick_grid):
     grid = _tables(quick_grid)
     assert bench.divergence_savings(grid, grid) == {
@@ -41,6 +60,32 @@ def test_divergence_savings_compares_twin_runs(quick_grid):
         "reached_identical": True,
         "diverged_trials": grid["summary"]["compute"]["diverged_trials"],
     }
+
+
+def twin(statuses: list[str], steps: list, seconds: float) -> dict:
+    trials = pd.DataFrame(
+        {
+            OPTIMIZER: ["adam", "gd", "gd"][: len(statuses)],
+            LR: [1e-3, 0.1, 100.0][: len(statuses)],
+            SEED: 0,
+            STATUS: statuses,
+            STEPS_TO_TARGET: pd.array(steps, dtype="Int64"),
+        }
+    )
+    return {"trials": trials, "summary": {"compute": {"trial_seconds": seconds, "diverged_trials": 1}}}
+
+
+def test_reached_identical_fails_when_the_twin_reached_other_trials_or_steps_or_lacks_one():
+    stopped = twin([REACHED, CAPPED, DIVERGED], [100, None, None], 6.0)
+    same = bench.divergence_savings(stopped, twin([REACHED, CAPPED, CAPPED], [100, None, None], 8.0))
+    assert same["reached_identical"] and same["divergence_savings"] == 0.25
+    for other in (
+        twin([REACHED, REACHED, CAPPED], [100, 300, None], 8.0),  # the stop cut a trial that would reach
+        twin([REACHED, CAPPED, CAPPED], [150, None, None], 8.0),  # it reached in other steps
+        twin([REACHED, CAPPED], [100, None], 8.0),  # the twin lacks a trial
+        twin([CAPPED, CAPPED, CAPPED], [None, None, None], 8.0),  # only the stopped run reached
+    ):
+        assert not bench.divergence_savings(stopped, other)["reached_identical"]
 
 
 def test_trainer_half_prints_its_figures_as_json():
