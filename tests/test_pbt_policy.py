@@ -1,6 +1,7 @@
 """PBT's choices as pure functions on hand-made inputs (no Ray run, no training): exact truncation,
 explore inside each optimizer's range, seeded draws, the scheduler's state across a resume."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from pbt_lab.config import PBTConfig
+from pbt_lab.names import LR, OPTIMIZER
 from pbt_lab.tuning.explore import ExplorePolicy, explore, truncate
 from pbt_lab.tuning.scheduler import LabPBT
 
@@ -176,15 +178,51 @@ def scheduler(seed=0) -> LabPBT:
     return LabPBT(policy(), seed=seed, metric="score", perturbation_interval=2, quantile_fraction=0.2)
 
 
-def test_the_schedulers_state_round_trips_its_generator_and_decisions():
+def added_member(scheduler: LabPBT, name: str):
+    """A trial as Ray re-adds it to a resumed run (no checkpoint result yet), added to ``scheduler``."""
+
+    class Member(SimpleNamespace):
+        __hash__ = object.__hash__
+
+    manager = SimpleNamespace(
+        latest_checkpoint_result=None, checkpoint_config=SimpleNamespace(num_to_keep=None)
+    )
+    trial = Member(
+        trial_id=name,
+        experiment_tag=name,
+        config={OPTIMIZER: "adam", LR: 1e-3},
+        evaluated_params={},
+        run_metadata=SimpleNamespace(checkpoint_manager=manager),
+    )
+    scheduler.on_trial_add(SimpleNamespace(search_alg=None), trial)
+    return trial
+
+
+def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_members():
     first = scheduler()
     first._rng.random(17)  # some decisions' worth of draws
     first.decisions = [{"decision": 0, "action": "keep"}]
-    state = first.state_dict()
+    a, b = added_member(first, "a"), added_member(first, "b")
+    first._trial_state[a].last_score, first._trial_state[a].last_train_time = 0.9, 6
+    first._trial_state[a].last_perturbation_time = 4
+    first._reports, first._last_report, first._next_perturbation_sync = 11, {"a": 10, "b": 11}, 8
+    first._diverged, first._pending = {"b"}, {"a"}
+    state = json.loads(json.dumps(first.state_dict()))  # as pbt_state.json stores it
     second = scheduler(seed=99)
     second.load_state_dict(state)
-    assert second.decisions == first.decisions and second._reports == first._reports
-    assert np.array_equal(second._rng.random(5), first._rng.random(5))  # the stream goes on where it was
+    a2, b2 = added_member(second, "a"), added_member(second, "b")
+    assert second.decisions == first.decisions and np.array_equal(second._rng.random(5), first._rng.random(5))
+    assert (second._reports, second._next_perturbation_sync, second._last_report) == (
+        11,
+        8,
+        {"a": 10, "b": 11},
+    )
+    assert (second._diverged, second._pending) == ({"b"}, {"a"})
+    for old, new in ((a, a2), (b, b2)):
+        kept = ("last_score", "last_train_time", "last_perturbation_time")
+        assert [getattr(second._trial_state[new], k) for k in kept] == [
+            getattr(first._trial_state[old], k) for k in kept
+        ]
 
 
 def waiting_population(scheduler: LabPBT, train_times: dict, reported: dict):
