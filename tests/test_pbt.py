@@ -15,7 +15,7 @@ import pytest
 from conftest import SERIAL, finish, run_pbt
 
 from pbt_lab import pbt
-from pbt_lab.names import LINEAGE
+from pbt_lab.names import EXPLOIT, LINEAGE
 from pbt_lab.results import lineage, member_schedule, read_checkpoint_meta, read_tables, write_tables
 
 LINEAGE_KEY = ["step", "recipient", "donor", "new_optimizer", "new_lr"]
@@ -36,7 +36,16 @@ def test_every_exploit_is_decided_matched_and_verified(quick_pbt):
     assert e["exploits"] >= 3, "too few exploits for the quick run to show anything"
     assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"]
     assert e["exploits_mismatched"] == e["exploits_unmatched"] == e["exploits_unverifiable"] == 0
-    assert e["exploits_decided"] == e["exploits"] + e["exploits_not_carried_out"]
+    # An exploit is left undone only when its recipient's last report ended the member: no later
+    # decision of that member (read from the decisions, not from the counts they add up to).
+    state = json.loads((quick_pbt / "pbt_state.json").read_text())
+    done = set(read_tables(quick_pbt)[1][EXPLOIT].dropna().astype(int))
+    undone = [d for d in state["decisions"] if d["action"] == "exploit" and d["decision"] not in done]
+    assert len(undone) == e["exploits_not_carried_out"] <= summary["config"]["pbt"]["population"]
+    for d in undone:
+        assert not any(
+            o["member"] == d["member"] and o["decision"] > d["decision"] for o in state["decisions"]
+        )
     lineage = pd.read_parquet(quick_pbt / LINEAGE)
     assert (lineage["verdict"] == "verified").all() and lineage["matched"].all()
     assert (lineage["donor"] == lineage["source"]).all()  # each copy came from the donor the decision named
@@ -139,6 +148,9 @@ def replay_matches(run: Path, storage: Path, member: str | None = None) -> list[
     replay_trials, history, summary = read_tables(storage / "replay")
     ancestry = read_checkpoint_meta(run, trials.set_index("trial_id").loc[member, "checkpoint"])["ancestry"]
     assert len(replay_trials) == 1 and summary["replay_of"]["schedule"] == lineage.schedule(ancestry)
+    # The checkpoint's ancestry against the reports along the member's lineage: two records of one schedule.
+    recorded_schedule = lineage.schedule_changes(member_schedule(source_history, member))
+    assert lineage.schedule(ancestry) == recorded_schedule
     recorded = member_schedule(source_history, member).drop_duplicates("step", keep="last").set_index("step")
     replayed = history.set_index("step")["train_acc"]
     shared = recorded.index.intersection(replayed.index)
