@@ -27,10 +27,8 @@ stopped trials would run on to 1,000 steps, doubling the repeat); study, the stu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +36,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 
@@ -57,10 +54,8 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     VAL_ACC,
 )
+from pbt_lab.storage import check_storage
 from pbt_lab.training.data import Dataset, load_dataset
-from pbt_lab.training.model import build_cnn
-from pbt_lab.training.optimizers import make_optimizer
-from pbt_lab.training.trainer import Trainer, configure_tensorflow
 
 
 @dataclass(frozen=True)
@@ -79,6 +74,12 @@ class Throughput:
 
 def trainer_vs_fit(data: Dataset, scale: float, steps: int, rounds: int) -> Throughput:
     """Time ``steps`` Adam steps of batch 100 per round, alternating the Trainer and ``model.fit``."""
+    import keras  # TensorFlow loads here, its start-up lines after any one-line error on the arguments
+
+    from pbt_lab.training.model import build_cnn
+    from pbt_lab.training.optimizers import make_optimizer
+    from pbt_lab.training.trainer import Trainer
+
     batch = TrainConfig.batch_size
     steps = min(steps, len(data.y_train) // batch)
     trainer = Trainer(data, TrainConfig(optimizer="adam", steps_per_check=steps), ModelConfig(scale=scale))
@@ -270,27 +271,6 @@ def medians(repeats: list[dict]) -> dict:
     return out
 
 
-def machine() -> dict:
-    """What the figures were measured on."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        model = names[0] if names else model
-    versions = results.versions()
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "tensorflow": versions["tensorflow"],
-        "ray": versions["ray"],
-        "python": versions["python"],
-        "platform": versions["platform"],
-    }
-
-
 GOALS = {
     "trainer_vs_fit_small": (">=", 1.5),
     "trainer_vs_fit_full": (">=", 1.0),
@@ -357,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
     quick = args.size == "quick"
     try:
+        if args.storage_path and args.only != "trainer":
+            check_storage(args.storage_path)
         source = args.data or ("bundled" if quick else None)
         data = load_dataset(source) if args.only != "tune" else None
         if args.only != "trainer" and not quick and (data is None or source is not None):
@@ -369,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict[str, float] = {}
     if args.only != "tune":
+        from pbt_lab.training.trainer import configure_tensorflow
+
         configure_tensorflow()
         for key, scale, steps in (("small", 0.25, 100), ("full", 1.0, 40 if quick else 100)):
             t = trainer_vs_fit(data, scale, steps, rounds)
@@ -387,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
         repeats = [tune_figures(args.size, storage, os.cpu_count() or 1, i) for i in range(args.repeats)]
         figures |= medians(repeats) | {"repeats": args.repeats, "runs": str(storage)}
-    figures["machine"] = machine()
+    figures["machine"] = {**results.machine(), **results.versions()}
     m = figures["machine"]
     print(f"\non {m['cpu']}, {m['cores']} cores; TensorFlow {m['tensorflow']}, Ray {m['ray']}")
     print("\n".join(goal_table(figures)))

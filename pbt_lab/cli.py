@@ -180,8 +180,10 @@ def native_stderr_held() -> Iterator[None]:
 
 def check_model(run: Run) -> None:
     """Build the model once for this data (the builder imports, returns a keras.Model with one logit per
-    class), record a builder function's name in the config, and count the weights."""
+    class), record a builder function's name in the config, count the weights, and try the optimizers
+    on it with ``train.optimizer_args``."""
     from pbt_lab.training.model import build_model, builder_name  # Keras loads here: only once checked
+    from pbt_lab.training.optimizers import check_optimizer_args
 
     model_cfg = run.cfg.model
     where, _, name = model_cfg.builder.rpartition(":")
@@ -203,6 +205,8 @@ def check_model(run: Run) -> None:
         model_cfg.options,
     )
     run.weights = model.count_params()
+    if run.cfg.train.optimizer_args:
+        check_optimizer_args(run.cfg.optimizers, run.cfg.train.optimizer_args, model.trainable_variables)
 
 
 def parse(

@@ -10,6 +10,7 @@ import math
 import sys
 
 from pbt_lab import OneLineParser, UserError
+from pbt_lab.cli import native_stderr_held
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
     SECONDS_TO_TARGET,
@@ -23,7 +24,6 @@ from pbt_lab.names import (
     VAL_ACC,
 )
 from pbt_lab.training.data import load_dataset
-from pbt_lab.training.trainer import Trainer, configure_tensorflow
 
 
 def _progress(row: dict) -> str:
@@ -78,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset(args.data)
     except UserError as e:
         parser.error(str(e))
-    configure_tensorflow(args.threads)
     try:
-        trainer = Trainer(data, train, model)  # builds the model: a bad builder is one line too
+        with native_stderr_held():  # TensorFlow loads here; its start-up lines would bury a one-line error
+            from pbt_lab.training.trainer import Trainer, configure_tensorflow
+
+            configure_tensorflow(args.threads)
+            trainer = Trainer(data, train, model)  # builds the model: a bad builder is one line too
     except UserError as e:
         parser.error(str(e))
     print(

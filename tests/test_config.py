@@ -58,6 +58,7 @@ def test_yaml_then_set_override_in_order(tmp_path):
         (GridExperiment, "", ["resources.gpu=-0.5"], "resources.gpu must be ≥ 0"),
         (GridExperiment, "", ["novalue"], "--set expects key=value"),
         (PBTExperiment, "", ["pbt.population=1"], "pbt.population must be an integer ≥ 2"),
+        (PBTExperiment, "", ["pbt.seed=-1"], "pbt.seed must be a non-negative integer"),
         (PBTExperiment, "", ["pbt.quantile_fraction=0.6"], r"pbt.quantile_fraction must be in \(0, 0.5\]"),
         (PBTExperiment, "", ["pbt.quantile_fraction=0"], r"pbt.quantile_fraction must be in \(0, 0.5\]"),
         (

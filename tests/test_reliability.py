@@ -273,6 +273,17 @@ BAD_INPUTS = [
         r"resources.cpu=64 but this machine has \d+ CPUs: one trial would never start",
     ),
     (["--member", "abc_00001"], "--member names a member to replay: use it with --replay"),
+    (["--set", "pbt.seed=-1"], "pbt.seed must be a non-negative integer"),
+    # Keras arguments are tried on each of the population's optimizers before any trial starts.
+    (
+        ["--set", "train.optimizer_args={{bogus: 1}}"],
+        r"adadelta cannot use them \(Argument\(s\) not recognized",
+    ),
+    (["--set", "train.optimizer_args={{epsilon: abc}}"], "train.optimizer_args=.*adadelta cannot use them"),
+    (
+        ["--set", "pbt.optimizers=[adam, momentum]", "--set", "train.optimizer_args={{epsilon: 1.0e-7}}"],
+        "momentum cannot use them",
+    ),
 ]
 
 

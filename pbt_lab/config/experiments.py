@@ -54,6 +54,10 @@ class GridExperiment(Experiment):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(stall_checks=GRID_STALL_CHECKS))
     grid: GridConfig = field(default_factory=GridConfig)
 
+    @property
+    def optimizers(self) -> set[str]:
+        return set(self.grid.optimizers)
+
 
 # Per-optimizer learning-rate ranges for PBT: the floor of each optimizer's valley in the study
 # and in our grid runs, about a decade either side. Mutations stay inside them.
@@ -104,6 +108,10 @@ class PBTConfig:
             f"pbt.population must be an integer ≥ 2, got {self.population!r}",
         )
         require(bool(self.optimizers), "pbt.optimizers must name at least one optimizer")
+        require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            f"pbt.seed must be a non-negative integer, got {self.seed!r}",
+        )
         object.__setattr__(self, "optimizers", [canonical_name(o) for o in self.optimizers])
         # Listed ranges override the defaults one optimizer at a time.
         ranges = {**DEFAULT_LR_RANGES, **{canonical_name(k): v for k, v in self.lr_ranges.items()}}
@@ -160,6 +168,10 @@ class PBTExperiment(Experiment):
     """``python -m pbt_lab.pbt``: a population trained under PBT."""
 
     pbt: PBTConfig = field(default_factory=PBTConfig)
+
+    @property
+    def optimizers(self) -> set[str]:
+        return set(self.pbt.optimizers)
 
 
 def study_rates_between(low: float, high: float) -> list[float]:
@@ -225,6 +237,10 @@ class ScalingExperiment(Experiment):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(target=0.96))
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
+    @property
+    def optimizers(self) -> set[str]:
+        return set(self.scaling.rates())
+
 
 # The best rate per optimizer from our grid-cpu run (README): the trace's default when no grid is given.
 # GD reached no 97 % there; 0.1 is its best in the quick grid (0.464, Momentum's best step, left it at
@@ -265,6 +281,10 @@ class TraceExperiment(Experiment):
     # Curves, not times to target: every trial trains its whole budget and validates at every check.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(stop_at_target=False, val_every=1))
     trace: TraceConfig = field(default_factory=TraceConfig)
+
+    @property
+    def optimizers(self) -> set[str]:
+        return set(self.trace.lrs)
 
 
 COMPARE_METHODS = ("grid", "random", "asha", "pbt", "pb2")
@@ -321,6 +341,10 @@ class CompareExperiment(Experiment):
     grid: GridConfig = field(default_factory=GridConfig)
     pbt: PBTConfig = field(default_factory=PBTConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+
+    @property
+    def optimizers(self) -> set[str]:
+        return set(self.grid.optimizers) | set(self.pbt.optimizers)
 
     @property
     def budget(self) -> int:

@@ -175,3 +175,8 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: TuneRunConfig = field(default_factory=TuneRunConfig)
+
+    @property
+    def optimizers(self) -> set[str]:
+        """The optimizers this experiment trains (``train.optimizer_args`` is checked against each)."""
+        return {self.train.optimizer}

@@ -28,6 +28,7 @@ from pbt_lab.results.lineage import member_schedule, schedule_changes
 from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta
 from pbt_lab.results.tables import (
     best_trial,
+    machine,
     per_optimizer,
     read_lineage_table,
     read_tables,
@@ -46,6 +47,7 @@ __all__ = [
     "console_summary",
     "exit_status",
     "linear_fit",
+    "machine",
     "member_schedule",
     "per_optimizer",
     "ray_trial_states",

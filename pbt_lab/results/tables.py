@@ -10,7 +10,9 @@ Everything downstream (plots, report, notebooks) reads these tables and never im
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -241,6 +243,19 @@ def versions() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), **found}
 
 
+def machine() -> dict:
+    """The machine a run's seconds were measured on: its CPU model and cores."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return {"cpu": model, "cores": os.cpu_count()}
+
+
 def write_tables(
     run_dir: str | Path,
     *,
@@ -313,6 +328,7 @@ def write_tables(
         "run_dir": str(run_dir),
         "config": config if config is not None else previous.get("config"),
         "versions": versions(),
+        "machine": machine(),  # the driver's: what the time breakdown's seconds mean on a local run
         "data": data if data is not None else previous.get("data"),
         "stopped_as": stopped_as,
         "best": best_trial(trials),

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from pbt_lab import UserError
 from pbt_lab.config import OPTIMIZER_NAMES, canonical_name
 
 
@@ -53,6 +54,18 @@ def make_optimizer(name: str, learning_rate: float, **overrides) -> keras.optimi
     """A fresh Keras optimizer for ``name`` with the study's TF1 defaults and ``overrides``."""
     cls, defaults = OPTIMIZERS[canonical_name(name)]
     return cls(learning_rate=float(learning_rate), **{**defaults, **overrides})
+
+
+def check_optimizer_args(names: set[str], args: dict, variables: list) -> None:
+    """Build each optimizer with the user's ``args`` and apply one zero update to ``variables``: an
+    argument Keras does not take, or a value it cannot use, is one line before any trial starts."""
+    for name in sorted(names):
+        try:
+            optimizer = make_optimizer(name, 1e-3, **args)
+            optimizer.apply([keras.ops.zeros_like(v) for v in variables], variables)
+        except Exception as e:  # Keras raises TypeError or ValueError, TensorFlow its own errors
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"train.optimizer_args={args}: {name} cannot use them ({why})") from None
 
 
 def slots_sha256(optimizer: keras.optimizers.Optimizer, values: list | None = None) -> str:
