@@ -30,7 +30,8 @@ from pathlib import Path
 
 from pbt_lab import OneLineParser, UserError, results
 from pbt_lab.config import STUDY_CNN, load_config
-from pbt_lab.storage import check_storage, is_uri, uri_exists
+from pbt_lab.names import TUNER_FILE
+from pbt_lab.storage import check_storage, file_exists, is_uri, uri_exists
 from pbt_lab.training.data import Dataset, load_dataset
 
 STORAGE_ENV = "PBT_LAB_STORAGE"
@@ -113,6 +114,10 @@ class Run:
             raise UserError("--resume needs --name of the run to continue")
         if self.resume and not exists:
             raise UserError(f"--resume: there is no run {self.run_dir} (check --name and --storage-path)")
+        if self.resume and not file_exists(f"{self.run_dir}/{TUNER_FILE}"):
+            raise UserError(
+                f"--resume: {self.run_dir} holds no Ray Tune run ({TUNER_FILE} is missing): it cannot go on"
+            )
         if not self.resume and exists:
             raise UserError(
                 f"run {self.run_dir} already exists: pass --resume to continue it, or choose another --name"

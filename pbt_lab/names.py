@@ -102,5 +102,6 @@ NO_CHECKPOINT = "no checkpoint"  # it would copy, but the donor has no checkpoin
 # --- files the lab writes beside Ray's in a run directory ---------------------------------------
 TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet"
 SUMMARY, FIGURES = "summary.json", "figures"
+TUNER_FILE = "tuner.pkl"  # Ray Tune's own record of a run: what --resume restores from
 PBT_STATE_FILE = "pbt_state.json"  # the scheduler's decisions and state, with every experiment snapshot
 CHECKPOINT_META = "trainer.json"  # a checkpoint's metadata (the arrays beside it: trainer.npz)

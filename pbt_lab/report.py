@@ -26,6 +26,7 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     VAL_ACC,
 )
+from pbt_lab.storage import check_storage
 
 
 def _fmt(value, spec: str = ",.0f", none: str = "–") -> str:
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="where report.md and figures/ go")
     args = parser.parse_args(argv)
     try:
+        check_storage(args.out)
         path = write_report(args.run_dirs, args.out)
     except UserError as e:
         parser.error(str(e))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pbt_lab import UserError
 
+LOCAL_URI = "file://"  # a URI of this machine's (or a shared mount's) files: checked as a path
+
 
 def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
@@ -38,15 +40,29 @@ def uri_exists(uri: str) -> bool:
         raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
 
 
+def file_exists(path: str | Path) -> bool:
+    """Whether a file is stored at ``path``, a local path or a URI."""
+    if not is_uri(path):
+        return Path(path).is_file()
+    from pyarrow import fs
+
+    filesystem, where = _filesystem(str(path))
+    try:
+        return filesystem.get_file_info(where).type == fs.FileType.File
+    except OSError as e:
+        raise UserError(f"storage {path}: {str(e).splitlines()[0]}") from None
+
+
 def _nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
 def check_storage(storage: str) -> None:
     """A storage path the run can write, tried without leaving anything behind."""
-    if is_uri(storage):
+    local = storage.removeprefix(LOCAL_URI)
+    if is_uri(local):
         return  # listing it (the run-directory check) names a bad scheme, bucket or credentials
-    existing = _nearest_existing(Path(storage))
+    existing = _nearest_existing(Path(local))
     if not existing.is_dir():
         raise UserError(f"--storage-path {storage}: {existing} is a file, not a directory")
     try:
@@ -57,7 +73,8 @@ def check_storage(storage: str) -> None:
 
 def free_bytes(storage: str) -> int | None:
     """Free space where runs are stored (None behind a URI: object stores do not say)."""
-    return None if is_uri(storage) else shutil.disk_usage(_nearest_existing(Path(storage))).free
+    local = storage.removeprefix(LOCAL_URI)
+    return None if is_uri(local) else shutil.disk_usage(_nearest_existing(Path(local))).free
 
 
 @contextmanager

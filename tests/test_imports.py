@@ -22,7 +22,7 @@ ALLOWED = {
     "tuning": {"names", "config", "training"},
     "experiments": {"names", "config", "storage", "cli", "training", "tuning", "results"},
     "commands": {"names", "config", "cli", "training", "experiments"},
-    "report": {"names", "cli", "results", "plots"},
+    "report": {"names", "storage", "cli", "results", "plots"},
     "bench": {"names", "config", "storage", "cli", "training", "results", "tuning", "experiments"},
     "api": {"names", "config", "cli", "results", "experiments"},
     "root": {"api"},  # lazily, on first use of pbt_lab.run_pbt

@@ -261,6 +261,7 @@ BAD_INPUTS = [
     (["--resume", "--name", "never-ran"], "--resume: there is no run"),
     (["--config", "{duplicate}"], r"not valid YAML \(line 3\): key 'lr' is written twice"),
     (["--storage-path", "/proc/nope"], "--storage-path /proc/nope: cannot write in /proc"),
+    (["--storage-path", "file:///proc/nope"], "--storage-path file:///proc/nope: cannot write in /proc"),
     (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray head answers there"),
     (["--address", "256.1.1.1:99999"], "port 99999 is not a TCP port"),
     (["--address", "256.1.1.1:6379"], "256.1.1.1 is not an IPv4 address"),
@@ -321,3 +322,16 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, argv, mess
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
     assert "Traceback" not in err and not storage.exists()  # nothing written
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["path", "file-uri"])
+def test_resuming_a_directory_that_holds_no_tune_run_is_one_line_and_leaves_it(tmp_path, capsys, uri):
+    kept = tmp_path / "runs" / "notes"
+    kept.mkdir(parents=True)
+    (kept / "mine.txt").write_text("not a run")
+    storage = f"file://{tmp_path / 'runs'}" if uri else str(tmp_path / "runs")
+    with pytest.raises(SystemExit) as exit_:
+        pbt.main(["--config", PBT_QUICK, "--storage-path", storage, "--name", "notes", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "tuner.pkl is missing" in err, err
+    assert [p.name for p in kept.iterdir()] == ["mine.txt"] and (kept / "mine.txt").read_text() == "not a run"

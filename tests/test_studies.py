@@ -271,3 +271,11 @@ def test_report_of_a_directory_without_tables_is_one_line(tmp_path, capsys):
     assert exit.value.code == 2 and "has no summary.json" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(UserError):
         report.load_runs([str(tmp_path)])
+
+
+def test_report_out_under_a_file_is_one_line(quick_grid, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        report.main([str(quick_grid), "--out", str(tmp_path / "afile" / "rep")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "is a file, not a directory" in err and len(err.strip().splitlines()) == 1
