@@ -63,6 +63,8 @@ def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
             f"resources.max_concurrent={res.max_concurrent}: with PBT it only applies to a local "
             f"Ray this run starts; size the cluster or resources.cpu instead"
         )
+    if started and not address:  # what the local Ray will find: one line before it starts
+        check_resources(res, local_resources())
     if started:
         try:
             # Without an address start a local Ray even if `ray start` left a cluster running here:
@@ -78,17 +80,32 @@ def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
                 f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
             ) from None
     have = ray.cluster_resources()
-    missing = [
-        f"resources.{name}={value:g} but this machine has {have.get(key, 0):g} {unit}"
-        for name, key, unit, value in (("cpu", "CPU", "CPUs", res.cpu), ("gpu", "GPU", "GPUs", res.gpu))
-        if value > have.get(key, 0)
-    ]
-    if missing and not address:
-        if started:
-            ray.shutdown()
-        raise UserError(f"{missing[0]}: one trial would never start (lower it with --set)")
+    if not address:  # a Ray this process already runs (the tests' fake GPUs); a cluster may grow
+        check_resources(res, have)
     run.session.slots = trial_slots(have, res.cpu, res.gpu, res.max_concurrent)
     return dict.fromkeys(slots, 1)
+
+
+def local_resources() -> dict:
+    """The CPUs and GPUs a local Ray started here would have (Ray's own detection: cgroup quotas,
+    CUDA_VISIBLE_DEVICES)."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    return {
+        "CPU": get_num_cpus(),
+        "GPU": get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators(),
+    }
+
+
+def check_resources(res, have: dict) -> None:
+    """One trial's CPUs and GPUs against what this machine's Ray has: otherwise it would wait forever."""
+    for name, key, unit, value in (("cpu", "CPU", "CPUs", res.cpu), ("gpu", "GPU", "GPUs", res.gpu)):
+        if value > have.get(key, 0):
+            raise UserError(
+                f"resources.{name}={value:g} but this machine has {have.get(key, 0):g} {unit}: "
+                f"one trial would never start (lower it with --set)"
+            )
 
 
 def trial_slots(have: dict, cpu: float, gpu: float, max_concurrent: int | None) -> int:
