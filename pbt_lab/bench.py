@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "--size",
         choices=tuple(SIZES),
         default="study",
-        help="the Tune runs' configs: quick (bundled data, ~12 min on 2 cores with fewer rounds), "
+        help="the Tune runs' configs: quick (bundled data, ~10 min on 2 cores with fewer rounds), "
         "cpu (full MNIST, ~25 min a repeat on 2 cores), study (the study's: a GPU cluster)",
     )
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="--size quick")
