@@ -43,15 +43,21 @@ from pbt_lab import OneLineParser, UserError, results
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
     ACTOR_START,
+    BEST_VAL_ACC,
+    CHECK_SECONDS,
+    CHECK_STARTED_AT,
     LR,
     OPTIMIZER,
     REACHED,
     REPORTED_AT,
     SEED,
+    SEGMENT_FROM,
+    SEGMENT_STEP,
     STATUS,
     STEPS_TO_TARGET,
     TRAIN_PART,
     TRAIN_SECONDS,
+    TRIAL_ID,
     VAL_ACC,
 )
 from pbt_lab.storage import check_storage
@@ -139,9 +145,9 @@ def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
     """Per check: the seconds its worker sat between its previous report (any trial) and this
     check's start: Tune's share of the slot (and the compiling of an optimizer the worker meets
     for the first time). NaN for a worker's first check. ``own``: the check resumes its own trial."""
-    h = history.dropna(subset=["started_at"]).sort_values("started_at").copy()
-    h["gap"] = h["started_at"] - h.groupby("pid")[REPORTED_AT].shift()
-    h["own"] = h["segment_from"] == h["trial_id"]
+    h = history.dropna(subset=[CHECK_STARTED_AT]).sort_values(CHECK_STARTED_AT).copy()
+    h["gap"] = h[CHECK_STARTED_AT] - h.groupby("pid")[REPORTED_AT].shift()
+    h["own"] = h[SEGMENT_FROM] == h[TRIAL_ID]
     return h
 
 
@@ -149,9 +155,9 @@ def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
     """Median worker gap before an exploited member's first check, against an interval's training;
     and what it adds to an ordinary turn's gap (a member resuming from its own checkpoint)."""
     h = worker_gaps(history)
-    exploit = h["segment_from"].notna() & ~h["own"]
-    per_interval = interval * h.loc[~exploit, "check_seconds"].median()
-    gaps, turn_gap = h.loc[exploit, "gap"], h.loc[h["own"] & (h["segment_step"] > 0), "gap"].median()
+    exploit = h[SEGMENT_FROM].notna() & ~h["own"]
+    per_interval = interval * h.loc[~exploit, CHECK_SECONDS].median()
+    gaps, turn_gap = h.loc[exploit, "gap"], h.loc[h["own"] & (h[SEGMENT_STEP] > 0), "gap"].median()
     turn_gap = None if pd.isna(turn_gap) else turn_gap  # no ordinary turn on a worker that had reported
     return {
         "exploit_cost_ratio": gaps.median() / per_interval,
@@ -167,7 +173,7 @@ def exploit_cost(history: pd.DataFrame, interval: int) -> dict:
 def trial_start(history: pd.DataFrame) -> float:
     """Median worker gap before a trial's first check: starting a trial on a reused worker."""
     h = worker_gaps(history)
-    return h.loc[h["own"] & (h["segment_step"] == 0), "gap"].median()
+    return h.loc[h["own"] & (h[SEGMENT_STEP] == 0), "gap"].median()
 
 
 def divergence_savings(with_stop: dict, without_stop: dict) -> dict:
@@ -196,14 +202,14 @@ def divergence_savings(with_stop: dict, without_stop: dict) -> dict:
 
 def pbt_vs_grid(grid_tables: dict, pbt_tables: dict, tolerance: float = 0.002) -> dict:
     """PBT's compute to come within ``tolerance`` of the grid's best validation accuracy, ÷ the grid's."""
-    best = float(grid_tables["trials"]["best_val_acc"].max())
+    best = float(grid_tables["trials"][BEST_VAL_ACC].max())
     curve = results.compute_curve(pbt_tables["history"])
     reached = results.compute_until(curve, curve[VAL_ACC] >= best - tolerance)
     grid_seconds = grid_tables["summary"]["compute"][TRAIN_SECONDS]
     return {
         "pbt_vs_grid_compute": reached[TRAIN_SECONDS] / grid_seconds if reached else None,
         "grid_best_val_acc": best,
-        "pbt_best_val_acc": float(pbt_tables["trials"]["best_val_acc"].max()),
+        "pbt_best_val_acc": float(pbt_tables["trials"][BEST_VAL_ACC].max()),
         "pbt_train_seconds_to_grid_best": reached[TRAIN_SECONDS] if reached else None,
         "grid_train_seconds": grid_seconds,
     }

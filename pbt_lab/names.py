@@ -23,9 +23,14 @@ STEPS_TO_TARGET = "steps_to_target"
 SECONDS_TO_TARGET = "seconds_to_target"
 SEED = "seed"
 FINAL_VAL_ACC = "final_val_acc"  # a trial's last validation: its final state's
+BEST_VAL_ACC = "best_val_acc"  # a trial's best validation at any check
 WINNER_VAL_ACC = "winner_val_acc"  # a comparison run's winner's final validation accuracy
 WEIGHTS = "weights"  # the built model's parameter count
 BUILDER = "builder"  # the model builder, as 'module:function'
+
+TRIAL_ID = "trial_id"  # Ray's name of a trial, a column of every table
+CHECK_SECONDS = "check_seconds"  # a report's seconds in its check (training and validation)
+CHECK_STARTED_AT = "started_at"  # the epoch second a report's check started on its actor
 
 # --- statuses: a trial is RUNNING until it ends as one of the others -------------------------
 RUNNING = "running"
@@ -36,7 +41,7 @@ STALLED = "stalled"  # its loss stayed at chance for train.stall_checks checks: 
 STOPPED = "stopped"  # stopped by the population's own stop (pbt.stop_at_target)
 ERROR = "error"  # failed: the console names the error
 
-# --- where an actor's seconds go (tuning/clock.py; results/breakdown.py sums them) ----------------
+# --- where an actor's seconds go (training/clock.py; results/breakdown.py sums them) ----------------
 SECONDS_BY_PART = "seconds_by_part"  # a report's {part: seconds} on its actor since the actor's last report
 ACTOR_BORN_AT = "actor_born_at"  # the epoch second the actor's process started
 REPORTED_AT = "reported_at"  # the epoch second a report left its actor

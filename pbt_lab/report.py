@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pbt_lab import OneLineParser, UserError, plots, results
 from pbt_lab.names import (
+    BEST_VAL_ACC,
     FIGURES,
     LR,
     OPTIMIZER,
@@ -63,10 +64,10 @@ def run_rows(runs: dict) -> list[dict]:
     cheapest = min(float(curve["cum_train_seconds"].iloc[-1]) for _, _, curve in runs.values())
     rows = []
     for name, (trials, summary, curve) in runs.items():
-        best = trials.sort_values("best_val_acc", ascending=False).iloc[0]
+        best = trials.sort_values(BEST_VAL_ACC, ascending=False).iloc[0]
         reached = trials[trials[STATUS] == REACHED].sort_values([STEPS_TO_TARGET, SECONDS_TO_TARGET])
         fastest = reached.iloc[0] if len(reached) else None
-        within = curve.loc[curve["cum_train_seconds"] <= cheapest * (1 + 1e-9), "best_val_acc"].dropna()
+        within = curve.loc[curve["cum_train_seconds"] <= cheapest * (1 + 1e-9), BEST_VAL_ACC].dropna()
         c = summary["compute"]
         rows.append(
             {
@@ -77,7 +78,7 @@ def run_rows(runs: dict) -> list[dict]:
                 TRAIN_SECONDS: c[TRAIN_SECONDS],
                 "trial_seconds": c["trial_seconds"],
                 "wall_seconds": c["wall_seconds"],
-                "best_val_acc": float(best["best_val_acc"]),
+                BEST_VAL_ACC: float(best[BEST_VAL_ACC]),
                 "best_config": f"{best[OPTIMIZER]} {best[LR]:.3g}",
                 "target": summary["config"]["train"]["target"],
                 "fastest_steps": int(fastest[STEPS_TO_TARGET]) if fastest is not None else None,
@@ -91,7 +92,7 @@ def run_rows(runs: dict) -> list[dict]:
 
 def cross_rows(runs: dict, rows: list[dict]) -> list[dict]:
     """For every ordered pair (a, b): the compute run a had spent when it first matched b's best."""
-    best = {r["run"]: r["best_val_acc"] for r in rows}
+    best = {r["run"]: r[BEST_VAL_ACC] for r in rows}
     return [
         {
             "run": a,

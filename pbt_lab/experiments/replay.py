@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pbt_lab import UserError, cli, results
-from pbt_lab.names import ANCESTRY, LR, OPTIMIZER, SEED, STEP
+from pbt_lab.names import ANCESTRY, LR, OPTIMIZER, SEED, STEP, TRIAL_ID
 from pbt_lab.results.lineage import schedule
 from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.trainable import trial_space
@@ -49,8 +49,8 @@ def replay_schedule(source: str | Path, member: str | None = None) -> tuple[str,
     """A PBT run's winner (or ``member``), its lineage's seed and its schedule [{step, optimizer, lr}],
     read from the ancestry in the member's last checkpoint."""
     trials, _, summary = results.read_tables(source)
-    member = member or summary["winner"]["trial_id"]
-    checkpoints = trials.set_index("trial_id")["checkpoint"]
+    member = member or summary["winner"][TRIAL_ID]
+    checkpoints = trials.set_index(TRIAL_ID)["checkpoint"]
     if member not in checkpoints.index or not checkpoints[member]:
         raise UserError(
             f"--member {member}: {source} has no such member with a checkpoint "
@@ -83,5 +83,5 @@ def run_replay(run: cli.Run) -> int:
     return cli.finish(
         run,
         "replay",
-        extra={"replay_of": {"run_dir": str(source), "trial_id": member, SEED: seed, "schedule": changes}},
+        extra={"replay_of": {"run_dir": str(source), TRIAL_ID: member, SEED: seed, "schedule": changes}},
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pbt_lab.names import BEST_VAL_ACC
 from pbt_lab.plots.common import plt, save
 
 
@@ -15,8 +16,8 @@ def plot_compute_curves(curves: dict, x: str, label: str, path: Path) -> Path:
     """Best validation accuracy so far against compute spent so far, one line per run (equal-compute view)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, curve in curves.items():
-        c = curve.dropna(subset=["best_val_acc"])
-        ax.step(c[x], c["best_val_acc"], where="post", label=name)
+        c = curve.dropna(subset=[BEST_VAL_ACC])
+        ax.step(c[x], c[BEST_VAL_ACC], where="post", label=name)
     ax.set(
         xscale="log",
         xlabel=label,
@@ -41,7 +42,7 @@ def compare_figure(curves: pd.DataFrame, summary: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     steps = np.linspace(0, summary["budget_steps"], 200)
     for i, (method, c) in enumerate(curves.groupby("method", sort=False)):
-        runs = [step_values(s["cum_steps"], s["best_val_acc"], steps) for _, s in c.groupby("seed")]
+        runs = [step_values(s["cum_steps"], s[BEST_VAL_ACC], steps) for _, s in c.groupby("seed")]
         colour = plt.get_cmap("tab10")(i)
         with warnings.catch_warnings():  # before a seed's first check it has no value: NaN, not a warning
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -50,7 +51,7 @@ def compare_figure(curves: pd.DataFrame, summary: dict, path: Path) -> Path:
         ax.fill_between(steps, low, high, color=colour, alpha=0.2)
     ax.axvline(summary["budget_steps"], color="grey", ls=":", lw=1)
     ax.set(xlabel="training steps spent (all trials)", ylabel="best validation accuracy so far")
-    ax.set_ylim(max(0.0, float(curves["best_val_acc"].quantile(0.05)) - 0.02), 1.0)
+    ax.set_ylim(max(0.0, float(curves[BEST_VAL_ACC].quantile(0.05)) - 0.02), 1.0)
     ax.legend(loc="lower right")
     ax.set_title("Searchers at equal compute")
     return save(fig, path)

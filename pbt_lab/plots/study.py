@@ -12,10 +12,12 @@ from pbt_lab.names import (
     OPTIMIZER,
     REACHED,
     SECONDS_TO_TARGET,
+    SEGMENT_FROM,
     STATUS,
     STEP,
     STEPS_TO_TARGET,
     TRAIN_SECONDS,
+    TRIAL_ID,
     VAL_ACC,
     WEIGHTS,
 )
@@ -106,7 +108,7 @@ def grid_figures(trials: pd.DataFrame, out_dir: Path) -> list[Path]:
 def _segments(h: pd.DataFrame):
     """A member's history cut where its state came from elsewhere (an exploit), so lines do not
     jump back and forth across a copy."""
-    starts = h["segment_from"].notna() & (h["segment_from"] != h["trial_id"])
+    starts = h[SEGMENT_FROM].notna() & (h[SEGMENT_FROM] != h[TRIAL_ID])
     return [seg for _, seg in h.groupby(starts.cumsum())]
 
 
@@ -114,7 +116,7 @@ def plot_population(history: pd.DataFrame, lineage: pd.DataFrame | None, metric:
     """Every member's ``metric`` over steps, coloured by the optimizer it was using; exploits marked."""
     fig, ax = plt.subplots(figsize=(9, 5))
     rows = history.dropna(subset=[metric])
-    for _, h in rows.groupby("trial_id"):
+    for _, h in rows.groupby(TRIAL_ID):
         for seg in _segments(h):
             for _, part in seg.groupby((seg[OPTIMIZER] != seg[OPTIMIZER].shift()).cumsum()):
                 ax.plot(
@@ -141,7 +143,7 @@ def plot_population(history: pd.DataFrame, lineage: pd.DataFrame | None, metric:
 def plot_lr_schedules(history: pd.DataFrame, path: Path) -> Path:
     """Every member's learning rate over steps (log scale), coloured by optimizer."""
     fig, ax = plt.subplots(figsize=(9, 5))
-    for _, h in history.groupby("trial_id"):
+    for _, h in history.groupby(TRIAL_ID):
         for seg in _segments(h):
             ax.step(
                 seg[STEP],
@@ -165,11 +167,11 @@ def plot_lr_schedules(history: pd.DataFrame, path: Path) -> Path:
 
 def plot_lineage(history: pd.DataFrame, lineage: pd.DataFrame, path: Path) -> Path:
     """Who copied whom, when: a row per member over wall time, an arrow from donor to recipient."""
-    members = sorted(history["trial_id"].unique())
+    members = sorted(history[TRIAL_ID].unique())
     y = {t: i for i, t in enumerate(members)}
     start = history["timestamp"].min()
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(members) + 2))
-    for t, h in history.groupby("trial_id"):
+    for t, h in history.groupby(TRIAL_ID):
         ax.plot(h["timestamp"] - start, [y[t]] * len(h), "-", color="lightgrey", lw=3)
     for _, e in lineage.iterrows():
         ax.annotate(
@@ -213,7 +215,7 @@ def pbt_figures(tables: dict, out_dir: Path) -> list[Path]:
     ]
     if lineage is not None and len(lineage):
         made.append(plot_lineage(history, lineage, out_dir / "lineage.png"))
-    winner = (summary.get("best") or {}).get("trial_id")
+    winner = (summary.get("best") or {}).get(TRIAL_ID)
     if winner and tables.get("winner_rows") is not None:
         made.append(
             plot_schedule(

@@ -8,14 +8,18 @@ import numpy as np
 import pandas as pd
 
 from pbt_lab.names import (
+    BEST_VAL_ACC,
+    CHECK_SECONDS,
     LR,
     OPTIMIZER,
     REACHED,
     SECONDS_TO_TARGET,
+    SEGMENT_STEP,
     STATUS,
     STEP,
     STEPS_TO_TARGET,
     TRAIN_SECONDS,
+    TRIAL_ID,
     VAL_ACC,
 )
 
@@ -95,24 +99,24 @@ def scaling_summary(trials: pd.DataFrame, base_scale: float) -> dict:
 def compute_curve(history: pd.DataFrame) -> pd.DataFrame:
     """A run's checks in the order they happened, with the compute spent so far (training seconds,
     steps) and the best validation accuracy seen so far: how far the run had got for its compute."""
-    h = history.sort_values(["timestamp", "trial_id"]).copy()
-    previous = h.groupby("trial_id")[STEP].shift().fillna(0)
+    h = history.sort_values(["timestamp", TRIAL_ID]).copy()
+    previous = h.groupby(TRIAL_ID)[STEP].shift().fillna(0)
     # A check after a restore trained from the checkpoint's step, not from the row before.
-    start = h["segment_step"].astype(float).where(h["segment_step"].notna(), previous)
+    start = h[SEGMENT_STEP].astype(float).where(h[SEGMENT_STEP].notna(), previous)
     h["check_steps"] = (h[STEP] - start).clip(lower=0)
     h["cum_steps"] = h["check_steps"].cumsum()
-    h["cum_train_seconds"] = h["check_seconds"].fillna(0).cumsum()
-    h["best_val_acc"] = h[VAL_ACC].cummax().ffill()
+    h["cum_train_seconds"] = h[CHECK_SECONDS].fillna(0).cumsum()
+    h[BEST_VAL_ACC] = h[VAL_ACC].cummax().ffill()
     h["reached_target"] = h[STEPS_TO_TARGET].notna()
     return h[
         [
             "timestamp",
-            "trial_id",
+            TRIAL_ID,
             OPTIMIZER,
             LR,
             STEP,
             VAL_ACC,
-            "best_val_acc",
+            BEST_VAL_ACC,
             "reached_target",
             "cum_steps",
             "cum_train_seconds",
@@ -129,7 +133,7 @@ def compute_until(curve: pd.DataFrame, mask: pd.Series) -> dict | None:
     return {
         "steps": int(row["cum_steps"]),
         TRAIN_SECONDS: float(row["cum_train_seconds"]),
-        "trial_id": row["trial_id"],
+        TRIAL_ID: row[TRIAL_ID],
         OPTIMIZER: row[OPTIMIZER],
         LR: float(row[LR]),
     }

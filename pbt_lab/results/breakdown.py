@@ -23,6 +23,7 @@ from pbt_lab.names import (
     SLOT_IDLE,
     TIME_PARTS,
     TRAIN_PART,
+    TRIAL_ID,
 )
 
 TOLERANCE = 0.05  # of the slot-seconds: what "adds up" allows for clocks read a few calls apart
@@ -50,14 +51,14 @@ def time_breakdown(
     members: dict[str, dict[str, float]] = {}
     born, last, first_member = {}, {}, {}  # per actor
     for r in rows:
-        member = members.setdefault(r["trial_id"], dict.fromkeys(TIME_PARTS, 0.0))
+        member = members.setdefault(r[TRIAL_ID], dict.fromkeys(TIME_PARTS, 0.0))
         for name, seconds in r[SECONDS_BY_PART].items():
             parts[name] += seconds
             member[name] += seconds
         actor = (r[NODE_ID], r["pid"])  # a worker: its node, and its process (Ray adds pid to every report)
         born[actor] = r[ACTOR_BORN_AT]
         last[actor] = max(last.get(actor, 0.0), r[REPORTED_AT])
-        first_member.setdefault(actor, r["trial_id"])
+        first_member.setdefault(actor, r[TRIAL_ID])
     for actor, birth in born.items():
         if birth < started_at:
             # A process Ray started before the run (its worker pool): its time until then is not the run's.

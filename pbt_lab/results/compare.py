@@ -10,7 +10,18 @@ from pathlib import Path
 import pandas as pd
 
 from pbt_lab import UserError
-from pbt_lab.names import ERROR, FIGURES, FINAL_VAL_ACC, LR, OPTIMIZER, STATUS, TEST_ACC, WINNER_VAL_ACC
+from pbt_lab.names import (
+    BEST_VAL_ACC,
+    ERROR,
+    FIGURES,
+    FINAL_VAL_ACC,
+    LR,
+    OPTIMIZER,
+    STATUS,
+    TEST_ACC,
+    TRIAL_ID,
+    WINNER_VAL_ACC,
+)
 from pbt_lab.results.analysis import compute_until
 
 COMPARE, CURVES = "compare.parquet", "compare_curves.parquet"
@@ -22,8 +33,8 @@ def compare_row(method: str, seed: int, tables: dict, curve: pd.DataFrame) -> di
     """What one method at one seed found, and the compute it spent: the end of ``curve``, its
     history's ``compute_curve``."""
     trials, summary = tables["trials"], tables["summary"]
-    if method == "pbt" and (summary.get("winner") or {}).get("trial_id"):
-        pool = trials[trials["trial_id"] == summary["winner"]["trial_id"]]
+    if method == "pbt" and (summary.get("winner") or {}).get(TRIAL_ID):
+        pool = trials[trials[TRIAL_ID] == summary["winner"][TRIAL_ID]]
     else:
         pool = trials[trials[TEST_ACC].notna()].sort_values(FINAL_VAL_ACC, ascending=False)
     winner = pool.iloc[0] if len(pool) else None
@@ -36,7 +47,7 @@ def compare_row(method: str, seed: int, tables: dict, curve: pd.DataFrame) -> di
         TEST_ACC: float(winner[TEST_ACC]) if winner is not None else None,
         OPTIMIZER: winner[OPTIMIZER] if winner is not None else None,
         LR: float(winner[LR]) if winner is not None else None,
-        "winner": winner["trial_id"] if winner is not None else None,
+        "winner": winner[TRIAL_ID] if winner is not None else None,
         "errors": int((trials[STATUS] == ERROR).sum()),
         # The share of its slot-seconds that trained (its time_breakdown): the searcher's cost in wall time.
         "efficiency": (summary.get("time_breakdown") or {}).get("efficiency"),
@@ -65,9 +76,7 @@ def steps_to_grid_best(frame: pd.DataFrame, curves: pd.DataFrame, near_best: flo
     for row in frame.itertuples():
         curve = curves[(curves["method"] == row.method) & (curves["seed"] == row.seed)]
         level = grid_best.get(row.seed)
-        hit = (
-            None if level is None else compute_until(curve, curve["best_val_acc"] >= level - near_best - 1e-9)
-        )
+        hit = None if level is None else compute_until(curve, curve[BEST_VAL_ACC] >= level - near_best - 1e-9)
         out.append(hit["steps"] if hit else None)
     return out
 

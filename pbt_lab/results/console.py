@@ -19,6 +19,7 @@ from pbt_lab.names import (
     SUMMARY,
     TEST_ACC,
     TRAIN_SECONDS,
+    TRIAL_ID,
     TRIALS,
 )
 from pbt_lab.results.breakdown import breakdown_table
@@ -64,7 +65,7 @@ def console_summary(tables: dict, run_dir: Path) -> str:
         lines.append(time_line(breakdown))
         lines += [f"TIME: {problem}" for problem in breakdown["problems"]]
     best = s.get("best") or {}
-    if best.get("trial_id"):
+    if best.get(TRIAL_ID):
         test = (
             f", test accuracy {best[TEST_ACC]:.4f} (held out, evaluated once)"
             if best.get(TEST_ACC) is not None

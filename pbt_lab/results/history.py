@@ -6,6 +6,8 @@ from __future__ import annotations
 import pandas as pd
 
 from pbt_lab.names import (
+    CHECK_SECONDS,
+    CHECK_STARTED_AT,
     DIVERGED_FLAG,
     EXPLOIT,
     FRESH_SLOTS_SHA256,
@@ -34,13 +36,14 @@ from pbt_lab.names import (
     TRAIN_ACC,
     TRAIN_LOSS,
     TRAIN_SECONDS,
+    TRIAL_ID,
     VAL_ACC,
     VAL_LOSS,
     WEIGHTS,
 )
 
 HISTORY_COLUMNS = [
-    "trial_id",
+    TRIAL_ID,
     "iteration",
     STEP,
     TRAIN_SECONDS,
@@ -54,7 +57,7 @@ HISTORY_COLUMNS = [
     STATUS,
     STEPS_TO_TARGET,
     SECONDS_TO_TARGET,
-    "check_seconds",
+    CHECK_SECONDS,
     SCORE,
     DIVERGED_FLAG,
     SEGMENT_FROM,
@@ -73,13 +76,13 @@ HISTORY_COLUMNS = [
     OPTIMIZER_STEPS,
     "trial_seconds",
     "timestamp",
-    "started_at",
+    CHECK_STARTED_AT,
     REPORTED_AT,
     "node_ip",
     NODE_ID,
     "pid",
 ]
-SAVED_STATE_COLUMNS = ["trial_id", STEP, OPTIMIZER, STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS]
+SAVED_STATE_COLUMNS = [TRIAL_ID, STEP, OPTIMIZER, STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS]
 PER_TRIAL = [
     "trial_dir",
     "compute_train_seconds",
@@ -102,7 +105,7 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
     for trial_dir, trial_reports in reports.items():
         # Compute really spent, repeats included (older runs lack check_seconds: their last train_seconds).
         spent = {
-            "compute_train_seconds": sum(r.get("check_seconds") or 0.0 for r in trial_reports)
+            "compute_train_seconds": sum(r.get(CHECK_SECONDS) or 0.0 for r in trial_reports)
             or (trial_reports[-1].get(TRAIN_SECONDS) or 0.0),
             "compute_trial_seconds": sum(r.get("time_this_iter_s") or 0.0 for r in trial_reports),
             WEIGHTS: trial_reports[-1].get(WEIGHTS),
@@ -116,7 +119,7 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
                 "trial_dir": trial_dir,
                 **spent,
             }
-            if row[SEGMENT_FROM] == row["trial_id"] and row[SEGMENT_STEP] is not None:
+            if row[SEGMENT_FROM] == row[TRIAL_ID] and row[SEGMENT_STEP] is not None:
                 # A restart from its own checkpoint repeats what came after the report of the state
                 # it restored (an exploit can move a trial's step back, so steps alone can mislead).
                 at = next(

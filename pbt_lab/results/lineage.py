@@ -24,8 +24,10 @@ import pandas as pd
 from pbt_lab.config import quantile_size
 from pbt_lab.names import (
     ANCESTRY,
+    CHECK_SECONDS,
     EXPLOIT,
     EXPLOITED,
+    FINAL_VAL_ACC,
     FRESH_SLOTS_SHA256,
     LR,
     OPTIMIZER,
@@ -50,6 +52,7 @@ from pbt_lab.names import (
     STEPS_TO_TARGET,
     TEST_ACC,
     TRAIN_SECONDS,
+    TRIAL_ID,
     VAL_ACC,
 )
 from pbt_lab.results.ray_files import read_checkpoint_meta
@@ -71,8 +74,8 @@ LINEAGE_COLUMNS = [
     "matched",
     "verdict",
     "problem",
-    "restored_optimizer",
-    "restored_optimizer_steps",
+    RESTORED_OPTIMIZER,
+    RESTORED_OPTIMIZER_STEPS,
     "in_winner_ancestry",
     "timestamp",
     REPORTED_AT,
@@ -88,7 +91,7 @@ def read_pbt_state(run_dir: str | Path) -> dict:
 
 def exploit_rows(history: pd.DataFrame) -> pd.DataFrame:
     """The first report after each restore of another member's checkpoint: one per exploit."""
-    return history[history[SEGMENT_FROM].notna() & (history[SEGMENT_FROM] != history["trial_id"])]
+    return history[history[SEGMENT_FROM].notna() & (history[SEGMENT_FROM] != history[TRIAL_ID])]
 
 
 def _same_lr(a, b) -> bool:
@@ -119,7 +122,7 @@ def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
         d = decided.get(int(e[EXPLOIT])) if pd.notna(e[EXPLOIT]) else None
         matched = (
             d is not None
-            and d["member"] == e["trial_id"]
+            and d["member"] == e[TRIAL_ID]
             and d["donor"] == e[SEGMENT_FROM]
             and d["new"][OPTIMIZER] == e[OPTIMIZER]
             and _same_lr(d["new"][LR], e[LR])
@@ -188,7 +191,7 @@ def lineage_table(
         rows.append(
             {
                 STEP: int(e[SEGMENT_STEP]),
-                "recipient": e["trial_id"],
+                "recipient": e[TRIAL_ID],
                 "donor": d.get("donor", e[SEGMENT_FROM]),
                 "old_optimizer": d.get("old", {}).get(OPTIMIZER),
                 "old_lr": d.get("old", {}).get(LR),
@@ -202,9 +205,9 @@ def lineage_table(
                 "matched": bool(v["matched"]),
                 "verdict": v["verdict"],
                 "problem": v["problem"],
-                "restored_optimizer": e[RESTORED_OPTIMIZER],
-                "restored_optimizer_steps": e[RESTORED_OPTIMIZER_STEPS],
-                "in_winner_ancestry": (e["trial_id"], int(e[SEGMENT_STEP])) in on_winner,
+                RESTORED_OPTIMIZER: e[RESTORED_OPTIMIZER],
+                RESTORED_OPTIMIZER_STEPS: e[RESTORED_OPTIMIZER_STEPS],
+                "in_winner_ancestry": (e[TRIAL_ID], int(e[SEGMENT_STEP])) in on_winner,
                 "timestamp": e["timestamp"],
                 REPORTED_AT: e[REPORTED_AT],
                 "recipient_iteration": e["iteration"],
@@ -249,11 +252,11 @@ def choose_winner(trials: pd.DataFrame, history: pd.DataFrame, stopped_at_target
     if stopped_at_target:
         reached = history[history[STEPS_TO_TARGET].notna()].sort_values(["timestamp", TRAIN_SECONDS])
         if len(reached):
-            return reached.iloc[0]["trial_id"]
-    ranked = trials.dropna(subset=[f"final_{VAL_ACC}"]).sort_values(
-        [f"final_{VAL_ACC}", "trial_id"], ascending=[False, True]
+            return reached.iloc[0][TRIAL_ID]
+    ranked = trials.dropna(subset=[FINAL_VAL_ACC]).sort_values(
+        [FINAL_VAL_ACC, TRIAL_ID], ascending=[False, True]
     )
-    return ranked.iloc[0]["trial_id"] if len(ranked) else None
+    return ranked.iloc[0][TRIAL_ID] if len(ranked) else None
 
 
 def schedule(ancestry: list[dict]) -> list[dict]:
@@ -279,7 +282,7 @@ def plain(value):
 def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None = None) -> pd.DataFrame:
     """The history rows along a member's lineage, followed back through its donors: what the
     schedule figures draw (the schedule itself is read from the member's last checkpoint)."""
-    rows = history[history["trial_id"] == trial_id]
+    rows = history[history[TRIAL_ID] == trial_id]
     if before is not None:
         rows = rows[rows["timestamp"] <= before]
     exploits = exploit_rows(rows)
@@ -317,12 +320,12 @@ def pbt_summary(
     decisions = state.get("decisions", [])
     p = config["pbt"]
     winner_id = choose_winner(trials, history, p["stop_at_target"])
-    winner = {"trial_id": winner_id}
+    winner = {TRIAL_ID: winner_id}
     if winner_id:
-        row = trials.set_index("trial_id").loc[winner_id]
+        row = trials.set_index(TRIAL_ID).loc[winner_id]
         winner.update(
             {
-                VAL_ACC: plain(row["final_val_acc"]),
+                VAL_ACC: plain(row[FINAL_VAL_ACC]),
                 TEST_ACC: plain(row[TEST_ACC]),
                 STATUS: row[STATUS],
                 "steps": int(row["steps"]),
@@ -333,17 +336,17 @@ def pbt_summary(
             winner.update(checkpoint=row["checkpoint"], ancestry=ancestry, schedule=schedule(ancestry))
     exploits = exploit_rows(history)
     verdicts = audit(exploits, saves, decisions)
-    table = lineage_table(exploits, verdicts, decisions, winner.get("ancestry"))
+    table = lineage_table(exploits, verdicts, decisions, winner.get(ANCESTRY))
     reached = history[history[STEPS_TO_TARGET].notna()].sort_values(["timestamp", TRAIN_SECONDS])
     first = None
     if len(reached):
         r = reached.iloc[0]
         first = {
-            "trial_id": r["trial_id"],
+            TRIAL_ID: r[TRIAL_ID],
             STEPS_TO_TARGET: int(r[STEPS_TO_TARGET]),
             SECONDS_TO_TARGET: float(r[SECONDS_TO_TARGET]),
             "population_train_seconds": float(
-                history.loc[history["timestamp"] <= r["timestamp"], "check_seconds"].sum()
+                history.loc[history["timestamp"] <= r["timestamp"], CHECK_SECONDS].sum()
             ),
         }
     checkpoints = [d for d in run_dir.glob("*/checkpoint_*") if d.is_dir()]
@@ -359,7 +362,7 @@ def pbt_summary(
         },
         "exploits": {
             **audit_counts(verdicts, decisions, exploits),
-            "optimizer_switches": int((table["restored_optimizer"] != table["new_optimizer"]).sum()),
+            "optimizer_switches": int((table[RESTORED_OPTIMIZER] != table["new_optimizer"]).sum()),
         },
         "checkpoints": {
             "count": len(checkpoints),

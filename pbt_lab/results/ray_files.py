@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from pbt_lab import UserError
-from pbt_lab.names import PBT_STATE_FILE, SUMMARY
+from pbt_lab.names import CHECKPOINT_META, PBT_STATE_FILE, SUMMARY
 from pbt_lab.storage import is_uri, staged
 
 
@@ -97,7 +97,7 @@ def read_checkpoint_meta(run_dir: str | Path, checkpoint: str) -> dict:
     if is_uri(run_dir):
         with staged(str(run_dir), lambda relative: relative == f"{checkpoint}/trainer.json") as (local, _):
             return read_checkpoint_meta(local, checkpoint)
-    path = Path(run_dir).expanduser() / checkpoint / "trainer.json"
+    path = Path(run_dir).expanduser() / checkpoint / CHECKPOINT_META
     if not path.is_file():
         raise UserError(f"{path} is missing: was the run's checkpoint deleted?")
     return json.loads(path.read_text())
@@ -112,5 +112,5 @@ def tables_inputs(relative: str) -> bool:
             and (parts[0] in (PBT_STATE_FILE, SUMMARY) or parts[0].startswith("experiment_state-"))
         )
         or (len(parts) == 2 and parts[1] in ("params.json", "result.json", "error.txt"))
-        or (len(parts) == 3 and parts[1].startswith("checkpoint_") and parts[2] == "trainer.json")
+        or (len(parts) == 3 and parts[1].startswith("checkpoint_") and parts[2] == CHECKPOINT_META)
     )  # ancestry

@@ -24,11 +24,13 @@ import pandas as pd
 from pbt_lab import UserError
 from pbt_lab.config import STUDY_CNN
 from pbt_lab.names import (
+    BEST_VAL_ACC,
     BUILDER,
     CAPPED,
     DIVERGED,
     ERROR,
     FIGURES,
+    FINAL_VAL_ACC,
     HISTORY,
     LINEAGE,
     LR,
@@ -46,6 +48,7 @@ from pbt_lab.names import (
     TEST_ACC,
     TRAIN_ACC,
     TRAIN_SECONDS,
+    TRIAL_ID,
     TRIALS,
     VAL_ACC,
     WEIGHTS,
@@ -91,7 +94,7 @@ def read_trials(
         rows.append(
             {
                 # Final optimizer and rate (PBT changes them; a grid trial keeps its initial ones).
-                "trial_id": last.get("trial_id", trial_dir.name),
+                TRIAL_ID: last.get(TRIAL_ID, trial_dir.name),
                 OPTIMIZER: last.get(OPTIMIZER, params[OPTIMIZER]),
                 LR: last.get(LR, params[LR]),
                 "initial_optimizer": params[OPTIMIZER],
@@ -113,8 +116,8 @@ def read_trials(
                 "compute_train_seconds": last.get("compute_train_seconds", 0.0),
                 "compute_trial_seconds": last.get("compute_trial_seconds", 0.0),
                 "final_train_acc": last.get(TRAIN_ACC),
-                "final_val_acc": val.iloc[-1] if len(val) else None,
-                "best_val_acc": val.max() if len(val) else None,
+                FINAL_VAL_ACC: val.iloc[-1] if len(val) else None,
+                BEST_VAL_ACC: val.max() if len(val) else None,
                 # Evaluated once, on the final state of a trial that ended on its own and learned (not
                 # diverged or stalled); never used to choose.
                 TEST_ACC: last.get(TEST_ACC),
@@ -133,8 +136,8 @@ def read_trials(
             STEPS_TO_TARGET: "Int64",
             WEIGHTS: "Int64",
             SECONDS_TO_TARGET: float,
-            "final_val_acc": float,
-            "best_val_acc": float,
+            FINAL_VAL_ACC: float,
+            BEST_VAL_ACC: float,
             "final_train_acc": float,
             TEST_ACC: float,
         }
@@ -172,14 +175,14 @@ def best_trial(trials: pd.DataFrame) -> dict | None:
     """The fastest trial to the target (fewest steps, then seconds); if none reached it, the best
     validation accuracy."""
     reached = trials[trials[STATUS] == REACHED].sort_values([STEPS_TO_TARGET, SECONDS_TO_TARGET])
-    pool = reached if len(reached) else trials.sort_values("best_val_acc", ascending=False)
+    pool = reached if len(reached) else trials.sort_values(BEST_VAL_ACC, ascending=False)
     if not len(pool):
         return None
     row = pool.iloc[0]
     return {
         k: _plain(row[k])
         for k in (
-            "trial_id",
+            TRIAL_ID,
             OPTIMIZER,
             LR,
             SEED,
@@ -189,8 +192,8 @@ def best_trial(trials: pd.DataFrame) -> dict | None:
             STATUS,
             STEPS_TO_TARGET,
             SECONDS_TO_TARGET,
-            "best_val_acc",
-            "final_val_acc",
+            BEST_VAL_ACC,
+            FINAL_VAL_ACC,
             TEST_ACC,
             "trial_dir",
         )
@@ -347,18 +350,18 @@ def write_tables(
         )
         tables["lineage"].to_parquet(run_dir / LINEAGE, index=False)
         summary.update(pbt)
-        if pbt["winner"]["trial_id"]:
+        if pbt["winner"][TRIAL_ID]:
             summary["best"] = {
-                **best_trial(trials[trials["trial_id"] == pbt["winner"]["trial_id"]]),
+                **best_trial(trials[trials[TRIAL_ID] == pbt["winner"][TRIAL_ID]]),
                 "schedule": pbt["winner"].get("schedule", []),
             }
     if kind in ("pbt", "replay") and summary["best"]:
-        tables["winner_rows"] = member_schedule(history, summary["best"]["trial_id"])  # for the figure
+        tables["winner_rows"] = member_schedule(history, summary["best"][TRIAL_ID])  # for the figure
     if figures:
         from pbt_lab import plots
 
         made = plots.run_figures(kind, tables, run_dir / FIGURES)
-        summary["figures"] = [str(p.relative_to(run_dir)) for p in made]
+        summary[FIGURES] = [str(p.relative_to(run_dir)) for p in made]
     summary["disk_bytes"] = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
     return tables

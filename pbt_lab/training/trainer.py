@@ -30,6 +30,7 @@ from pbt_lab.names import (
     CAPPED,
     COMPILE,
     DIVERGED,
+    FINAL_VAL_ACC,
     LR,
     OPTIMIZER,
     REACHED,
@@ -342,7 +343,7 @@ class Trainer:
             SECONDS_TO_TARGET: p.seconds_to_target,
             TRAIN_SECONDS: p.train_seconds,
             "final_train_acc": p.last.get(TRAIN_ACC),
-            "final_val_acc": p.last.get(VAL_ACC),
+            FINAL_VAL_ACC: p.last.get(VAL_ACC),
             TEST_ACC: p.last.get(TEST_ACC),
         }
 

@@ -47,7 +47,6 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
 from pbt_lab.names import (
-    DIVERGED,
     DIVERGED_FLAG,
     EXPLOIT,
     EXPLOITED,
@@ -200,7 +199,7 @@ class LabPBT(PopulationBasedTraining):
             "iteration": state.last_train_time,
             "member": trial.trial_id,
             SCORE: _plain(state.last_score * self._metric_op) if state.last_score is not None else None,
-            DIVERGED: trial.trial_id in self._diverged,
+            DIVERGED_FLAG: trial.trial_id in self._diverged,
             **self._deciding["sizes"],
             "action": SAVED if trial in upper_quantile else KEPT,
         }
@@ -295,7 +294,7 @@ class LabPBT(PopulationBasedTraining):
                 "last_perturbation_time": s.last_perturbation_time,
                 "last_train_time": s.last_train_time,
                 "has_checkpoint": s.last_checkpoint is not None,
-                DIVERGED: trial.trial_id in self._diverged,
+                DIVERGED_FLAG: trial.trial_id in self._diverged,
                 "pending": trial.trial_id in self._pending,
                 "last_report": self._last_report.get(trial.trial_id, 0),
             }
@@ -362,7 +361,7 @@ class LabPBT(PopulationBasedTraining):
             s.last_result = latest.metrics
             if member["has_checkpoint"]:
                 s.last_checkpoint = latest.checkpoint
-        if member[DIVERGED]:
+        if member[DIVERGED_FLAG]:
             self._diverged.add(trial.trial_id)
         if member["pending"]:
             self._pending.add(trial.trial_id)

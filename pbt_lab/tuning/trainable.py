@@ -43,6 +43,8 @@ from pbt_lab.names import (
     ACTOR_START,
     ANCESTRY,
     AUDIT,
+    CHECK_SECONDS,
+    CHECK_STARTED_AT,
     CHECKPOINT_RESTORE,
     CHECKPOINT_SAVE,
     CHECKPOINT_TRANSFER,
@@ -177,8 +179,8 @@ class LabTrainable(tune.Trainable):
         # the report left): the gaps between one report and the next check on a worker are Tune's.
         result = {
             **row,
-            "check_seconds": self.trainer.progress.train_seconds - before,
-            "started_at": started_at,
+            CHECK_SECONDS: self.trainer.progress.train_seconds - before,
+            CHECK_STARTED_AT: started_at,
             DIVERGED_FLAG: diverged,
             # Under PBT a diverged member keeps its slot until it exploits a better one.
             "done": self.trainer.done and not (population and diverged),
@@ -228,7 +230,7 @@ class LabTrainable(tune.Trainable):
         self._waited += 1
         return {
             **self.trainer.progress.last,
-            "check_seconds": 0.0,
+            CHECK_SECONDS: 0.0,
             SCORE: self._score,
             DIVERGED_FLAG: True,
             "done": self._waited > population["rescue_checks"],
