@@ -7,7 +7,7 @@ import sys
 
 import pandas as pd
 
-from pbt_lab import bench
+from pbt_lab import bench, results
 from pbt_lab.names import (
     ACTOR_START,
     CAPPED,
@@ -117,9 +117,10 @@ def test_repeats_are_reported_as_median_and_range():
     assert bench.medians([{"y": None}, {"y": 0.5}]) == {"y": [None, 0.5]}  # a figure a repeat lacked
 
 
-def test_the_machine_is_named():
-    m = bench.machine()
-    assert m["cpu"] and m["cores"] >= 1 and m["tensorflow"] and m["ray"].startswith("2.")
+def test_the_machine_is_named_in_every_summary(quick_grid):
+    m = results.machine()
+    assert m["cpu"] and m["cores"] >= 1 and read_tables(quick_grid)[2]["machine"] == m
+    assert results.versions()["ray"].startswith("2.") and results.versions()["tensorflow"]
 
 
 def test_a_bench_of_no_repeats_is_one_line_and_exit_2():

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,23 @@ def test_a_population_stopped_at_the_target_says_so_and_its_first_member_there_w
     )
     rebuilt = write_tables(tmp_path / "stop", figures=False)["trials"]  # python -m pbt_lab.results RUN_DIR
     assert rebuilt.set_index("trial_id")["status"].equals(trials.set_index("trial_id")["status"])
+
+
+def test_a_comparisons_pbt_run_replays_from_the_sections_a_pbt_run_reads(tmp_path):
+    from types import SimpleNamespace
+
+    from pbt_lab.config import CompareExperiment, PBTExperiment, load_config
+    from pbt_lab.experiments.replay import source_config
+
+    config = asdict(CompareExperiment())  # what a comparison's PBT run records: every section
+    summary = {
+        "kind": "pbt",
+        "config": config,
+        "winner": {"trial_id": "t", "checkpoint": "t/checkpoint_000001"},
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    for table in ("trials.parquet", "history.parquet"):
+        pd.DataFrame({"trial_id": ["t"]}).to_parquet(tmp_path / table)
+    base = source_config(SimpleNamespace(replay=str(tmp_path)))
+    assert set(base) == {f.name for f in fields(PBTExperiment)} and "compare" not in base
+    assert load_config(PBTExperiment, base=base).train.max_steps == config["train"]["max_steps"]

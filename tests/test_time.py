@@ -8,11 +8,15 @@ import pytest
 from pbt_lab.names import (
     ACTOR_BORN_AT,
     ACTOR_START,
+    CHECKPOINT_SAVE,
+    NODE_ID,
     RAY,
+    REPORTED_AT,
     SECONDS_BY_PART,
     SLOT_IDLE,
     TIME_PARTS,
     TRAIN_PART,
+    TRIAL_ID,
     VALIDATE,
     WAITING,
 )
@@ -47,11 +51,11 @@ def test_a_clock_counts_every_second_once_nested_parts_exclusive():
 def report(trial: str, actor: str, born: float, at: float, **seconds) -> dict:
     node, pid = actor.split(":")
     return {
-        "trial_id": trial,
-        "node_id": node,
+        TRIAL_ID: trial,
+        NODE_ID: node,
         "pid": int(pid),
         ACTOR_BORN_AT: born,
-        "reported_at": at,
+        REPORTED_AT: at,
         SECONDS_BY_PART: seconds,
     }
 
@@ -60,10 +64,10 @@ def two_slot_run() -> dict:
     """Two actors on two slots over a 10 s run: the first lives 0–9 s, the second 2–10 s."""
     return {
         "a": [
-            report("a", "n:1", 100.0, 104.0, actor_start=1.0, train=3.0),
-            report("a", "n:1", 100.0, 109.0, train=4.0, checkpoint_save=0.5, ray=0.5),
+            report("a", "n:1", 100.0, 104.0, **{ACTOR_START: 1.0, TRAIN_PART: 3.0}),
+            report("a", "n:1", 100.0, 109.0, **{TRAIN_PART: 4.0, CHECKPOINT_SAVE: 0.5, RAY: 0.5}),
         ],
-        "b": [report("b", "n:2", 102.0, 110.0, actor_start=1.0, train=6.0, validate=1.0)],
+        "b": [report("b", "n:2", 102.0, 110.0, **{ACTOR_START: 1.0, TRAIN_PART: 6.0, VALIDATE: 1.0})],
     }
 
 
@@ -77,7 +81,7 @@ def test_the_breakdown_adds_the_actors_parts_and_the_slots_they_left_idle():
 
 
 def test_a_process_started_before_the_run_is_charged_from_the_run_start():
-    reports = {"a": [report("a", "n:1", 90.0, 110.0, actor_start=12.0, train=8.0)]}
+    reports = {"a": [report("a", "n:1", 90.0, 110.0, **{ACTOR_START: 12.0, TRAIN_PART: 8.0})]}
     b = time_breakdown(reports, started_at=100.0, wall_seconds=10.0, slots=1)
     assert b["parts"][ACTOR_START] == pytest.approx(2.0) and check_breakdown(b) == []
 
@@ -111,6 +115,10 @@ def test_a_quick_runs_breakdown_adds_up_to_its_slot_seconds(fixture, slots, requ
     # Training as the actors' clocks measured it is the training the trainer timed, check by check.
     assert b["parts"][TRAIN_PART] == pytest.approx(summary["compute"]["train_seconds"], rel=0.02)
     assert b["slot_seconds"] == pytest.approx(summary["compute"]["wall_seconds"] * slots)
+    # Against Ray's own timer of every step (time_this_iter_s, summed): training happens inside the
+    # steps, and the steps inside the actors' lives (the parts but the slots' idle time).
+    lives = b["slot_seconds"] - b["parts"][SLOT_IDLE]
+    assert b["parts"][TRAIN_PART] <= summary["compute"]["trial_seconds"] <= lives
     assert (run_dir / "figures" / "time_breakdown.png").is_file()
 
 

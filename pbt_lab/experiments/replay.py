@@ -12,10 +12,11 @@ Ray it dropped results around the pauses and once stopped the trial early.)
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from pbt_lab import UserError, cli, results
+from pbt_lab.config import PBTExperiment
 from pbt_lab.names import ANCESTRY, LR, OPTIMIZER, SEED, STEP, TRIAL_ID
 from pbt_lab.results.lineage import schedule
 from pbt_lab.tuning.launch import fit
@@ -31,7 +32,9 @@ def source_config(args) -> dict | None:
         raise UserError(
             f"--replay {args.replay}: not a finished PBT run (its summary.json names no winner's checkpoint)"
         )
-    return summary["config"]
+    # A comparison's PBT run records the comparison's whole config: keep what a PBT run reads.
+    sections = {f.name for f in fields(PBTExperiment)}
+    return {k: v for k, v in summary["config"].items() if k in sections}
 
 
 def check_same_data(source: str | Path, data) -> None:
