@@ -1,6 +1,7 @@
 """The exploit audit can fail: real trainables save and restore real checkpoints (no Tune run), the
-test tampers with what lies between, and the audit must say so. Also the tables' handling of a
-resumed recipient that carries out its exploit a second time."""
+test tampers with what lies between, and the audit must say so; each of its checks failing on its
+own, on hand-made rows. Also the tables' handling of a resumed recipient that carries out its
+exploit a second time."""
 
 import json
 import shutil
@@ -307,3 +308,82 @@ def test_a_resume_from_before_an_exploit_drops_the_exploit_it_will_redo_not_the_
     }
     history = read_history(runs)
     assert list(history["step"]) == [100, 200, 250] and not len(lineage.exploit_rows(history))
+
+
+# --- the audit's verdicts, on hand-made rows (no Ray, no training) ---------------------------
+
+
+def audited(switched: bool = False, decision: dict | None = None, saved: bool = True, **restored):
+    """One exploit of donor d's state s1 by recipient r, as its first report after the restore says,
+    with ``restored`` fields changed; returns its verdict row."""
+    from pbt_lab.names import (
+        FRESH_SLOTS_SHA256,
+        OPTIMIZER_STEPS,
+        RESTORED_ID,
+        RESTORED_LR,
+        RESTORED_OPTIMIZER,
+        RESTORED_OPTIMIZER_STEPS,
+        RESTORED_SHA256,
+        RESTORED_SLOTS_SHA256,
+        SEGMENT_FROM,
+        SLOTS_SHA256,
+        STATE_ID,
+        STATE_SHA256,
+        TRIAL_ID,
+    )
+
+    new = {OPTIMIZER: "momentum" if switched else "adam", LR: 0.05 if switched else 8e-4}
+    row = {
+        TRIAL_ID: "r",
+        EXPLOIT: 7,
+        SEGMENT_FROM: "d",
+        **new,
+        RESTORED_ID: "s1",
+        RESTORED_OPTIMIZER: "adam",
+        RESTORED_SHA256: "weights",
+        RESTORED_LR: new[LR],
+        RESTORED_SLOTS_SHA256: "fresh" if switched else "adam slots",
+        FRESH_SLOTS_SHA256: "fresh" if switched else "adam fresh",
+        RESTORED_OPTIMIZER_STEPS: 0 if switched else 20,
+        **restored,
+    }
+    saves = pd.DataFrame(
+        [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: "adam slots", OPTIMIZER_STEPS: 20}]
+    )
+    decided = {
+        "decision": 7,
+        "action": "exploit",
+        "member": "r",
+        "donor": "d",
+        "new": new,
+        "donor_state_id": "s1",
+    }
+    verdicts = lineage.audit(pd.DataFrame([row]), saves if saved else saves.iloc[:0], [decision or decided])
+    return verdicts.iloc[0]
+
+
+@pytest.mark.parametrize(
+    "switched, restored, problem",
+    [
+        (False, {}, None),
+        (True, {}, None),
+        (False, {"restored_sha256": "other"}, "weights differ from what the donor saved"),
+        (False, {"restored_lr": 1e-3}, "live rate is not the new config's"),
+        (False, {"restored_slots_sha256": "other"}, "optimizer slots differ from the donor's"),
+        (False, {"restored_optimizer_steps": 0}, "optimizer step counter is neither the donor's nor fresh"),
+        (True, {"restored_slots_sha256": "adam slots"}, "optimizer slots are not fresh"),
+        (True, {"restored_optimizer_steps": 20}, "optimizer step counter is neither the donor's nor fresh"),
+    ],
+)
+def test_each_check_of_the_audit_fails_on_its_own(switched, restored, problem):
+    verdict = audited(switched, **restored)
+    assert verdict["matched"] and verdict["problem"] == problem
+    assert verdict["verdict"] == ("mismatched" if problem else "verified")
+
+
+def test_the_audit_needs_the_decisions_state_and_the_donors_report():
+    no_state = {"decision": 7, "action": "exploit", "member": "r", "donor": "d"}
+    no_state["new"], no_state["donor_state_id"] = {OPTIMIZER: "adam", LR: 8e-4}, None
+    assert audited(decision=no_state)["problem"] == "not the state the decision meant"
+    assert audited(saved=False)["verdict"] == "unverifiable"
+    assert not audited(decision={**no_state, "donor_state_id": "s1", "member": "q"})["matched"]

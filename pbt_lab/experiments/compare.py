@@ -43,7 +43,7 @@ from pbt_lab.names import LR, LR_PLACE, LR_RANGES, OPTIMIZER, SCORE, STOPPED, TE
 from pbt_lab.storage import is_uri
 from pbt_lab.tuning.callbacks import BudgetStop
 from pbt_lab.tuning.launch import fit
-from pbt_lab.tuning.trainable import trial_space
+from pbt_lab.tuning.trainable import points_space, trial_space
 
 ASHA_SAMPLES = 20  # ASHA draws up to this many times the grid's trials: the budget stops it first
 
@@ -92,7 +92,7 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
     points = sampler(run, method, samples)
     searcher = BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.train.seed)
     if method == "random":
-        return space(optimizer=tune.choice(cfg.pbt.optimizers), lr=points[0][LR], seed=cfg.train.seed), {
+        return space(**points_space(points)), {
             "search_alg": searcher,
             "num_samples": len(points),
         }
@@ -105,8 +105,7 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
             grace_period=cfg.compare.asha_grace_checks,
             reduction_factor=cfg.compare.asha_reduction_factor,
         )
-        trials = space(optimizer=tune.choice(cfg.pbt.optimizers), lr=points[0][LR], seed=cfg.train.seed)
-        return {**trials, "population": scored, TEST_EVERY_CHECK: True}, {
+        return {**space(**points_space(points)), "population": scored, TEST_EVERY_CHECK: True}, {
             "scheduler": asha,
             "search_alg": searcher,
             "num_samples": len(points),
@@ -119,7 +118,7 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
         low, high = p.lr_ranges[m[OPTIMIZER]]
         m[LR_PLACE] = float(np.log(m[LR] / low) / np.log(high / low))
     run.cfg = replace(cfg, train=replace(cfg.train, max_steps=budget // p.population))
-    trials = space(optimizer=tune.choice(p.optimizers), lr=members[0][LR], seed=cfg.train.seed)
+    trials = space(**points_space(members))
     pb2 = PB2(
         time_attr="training_iteration",
         metric=SCORE,
@@ -128,8 +127,7 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
         hyperparam_bounds={LR_PLACE: [0.0, 1.0]},
         quantile_fraction=p.quantile_fraction,
     )
-    place = {LR_PLACE: members[0][LR_PLACE], LR_RANGES: p.lr_ranges}
-    return {**trials, **place, "population": scored, TEST_EVERY_CHECK: True}, {
+    return {**trials, LR_RANGES: p.lr_ranges, "population": scored, TEST_EVERY_CHECK: True}, {
         "scheduler": pb2,
         "search_alg": BasicVariantGenerator(points_to_evaluate=members, random_state=cfg.train.seed),
         "num_samples": p.population,

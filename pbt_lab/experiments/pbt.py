@@ -17,7 +17,6 @@ import math
 from dataclasses import replace
 
 import numpy as np
-from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from pbt_lab import UserError, cli
@@ -29,7 +28,7 @@ from pbt_lab.tuning.callbacks import KeepPBTState, PopulationStop
 from pbt_lab.tuning.explore import ExplorePolicy
 from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.scheduler import LabPBT
-from pbt_lab.tuning.trainable import trial_space
+from pbt_lab.tuning.trainable import points_space, trial_space
 
 CHECKPOINTS_PER_MEMBER = 3  # what the scheduler keeps at most, about (README, "What PBT does here")
 
@@ -105,9 +104,7 @@ def population_setup(run: cli.Run) -> tuple[dict, dict]:
         run.cfg.model,
         threads=run.cfg.resources.threads,
         population=population,
-        optimizer=tune.choice(p.optimizers),
-        lr=members[0][LR],
-        seed=train.seed,
+        **points_space(members),
     )
     scheduler = LabPBT(
         ExplorePolicy.of(p),

@@ -109,6 +109,13 @@ def trial_space(
     return {**searched, "train": fixed, "model": asdict(model), "threads": threads, "population": population}
 
 
+def points_space(points: list[dict]) -> dict:
+    """Tune domains for the keys ``points_to_evaluate`` sets: each a choice of exactly the points'
+    values, so Ray takes every point as given (a fixed value in the space that a point changes
+    makes Ray warn, once per point and key)."""
+    return {key: tune.choice(sorted({point[key] for point in points})) for key in points[0]}
+
+
 def train_config(config: dict) -> TrainConfig:
     """The TrainConfig of one trial's config. Where it carries ``lr_place`` (PB2, which searches a
     bounded number), the rate is that place in its optimizer's range, in log space."""
