@@ -13,7 +13,24 @@ import pandas as pd
 import pytest
 
 from pbt_lab.config import ModelConfig, TrainConfig
-from pbt_lab.names import EXPLOIT, LR, OPTIMIZER
+from pbt_lab.names import (
+    EXPLOIT,
+    FRESH_SLOTS_SHA256,
+    LR,
+    OPTIMIZER,
+    OPTIMIZER_STEPS,
+    RESTORED_ID,
+    RESTORED_LR,
+    RESTORED_OPTIMIZER,
+    RESTORED_OPTIMIZER_STEPS,
+    RESTORED_SHA256,
+    RESTORED_SLOTS_SHA256,
+    SEGMENT_FROM,
+    SLOTS_SHA256,
+    STATE_ID,
+    STATE_SHA256,
+    TRIAL_ID,
+)
 from pbt_lab.results import lineage
 from pbt_lab.results.tables import read_history, read_saved_states
 from pbt_lab.training.optimizers import OptimizerBank
@@ -82,19 +99,18 @@ def exploit(
     r.restore(str(copy))
     report = edit_report(r.train())
     r.stop()
-    decided = decision or {
-        "decision": 7,
-        "action": "exploit",
-        "member": "recipient",
-        "donor": "donor",
-        "new": {OPTIMIZER: optimizer, LR: lr},
-        "donor_state_id": reports[-1]["state_id"],
-    }
+    decision = decision or decided(new={OPTIMIZER: optimizer, LR: lr}, donor_state_id=reports[-1]["state_id"])
     runs = {"donor": reports if reported else reports[:1], "recipient": [report]}
     history = read_history(runs)
     exploits = lineage.exploit_rows(history)
-    verdicts = lineage.audit(exploits, read_saved_states(runs), [decided])
-    return verdicts.iloc[0], lineage.audit_counts(verdicts, [decided], exploits)
+    verdicts = lineage.audit(exploits, read_saved_states(runs), [decision])
+    return verdicts.iloc[0], lineage.audit_counts(verdicts, [decision], exploits)
+
+
+def decided(**changes) -> dict:
+    """The scheduler's record of decision 7: the recipient copies the donor at a new Adam rate."""
+    record = {"decision": 7, "action": "exploit", "member": "recipient", "donor": "donor"}
+    return {**record, "new": {OPTIMIZER: "adam", LR: 8e-4}, "donor_state_id": None, **changes}
 
 
 def change_arrays(checkpoint: Path, prefix: str) -> None:
@@ -157,29 +173,8 @@ def test_a_switch_that_kept_the_recipients_used_slots_is_mismatched(
     assert counts["exploits_verified"] == 0
 
 
-def test_a_decision_that_recorded_no_donor_state_is_not_verified(member_class, donor, tmp_path):
-    decision = {
-        "decision": 7,
-        "action": "exploit",
-        "member": "recipient",
-        "donor": "donor",
-        "new": {OPTIMIZER: "adam", LR: 8e-4},
-        "donor_state_id": None,
-    }
-    verdict, _ = exploit(member_class, donor, tmp_path, decision=decision)
-    assert verdict["matched"] and verdict["verdict"] == "mismatched"
-    assert verdict["problem"] == "not the state the decision meant"
-
-
 def test_a_checkpoint_other_than_the_decisions_is_mismatched(member_class, donor, tmp_path):
-    decision = {
-        "decision": 7,
-        "action": "exploit",
-        "member": "recipient",
-        "donor": "donor",
-        "new": {OPTIMIZER: "adam", LR: 8e-4},
-        "donor_state_id": "another state",
-    }
+    decision = decided(donor_state_id="another state")
     verdict, _ = exploit(member_class, donor, tmp_path, decision=decision)
     assert verdict["verdict"] == "mismatched" and "not the state the decision meant" in verdict["problem"]
 
@@ -190,14 +185,7 @@ def test_a_state_its_donor_never_reported_is_unverifiable_not_verified(member_cl
 
 
 def test_a_restore_no_decision_explains_is_unmatched(member_class, donor, tmp_path):
-    decision = {
-        "decision": 7,
-        "action": "exploit",
-        "member": "someone else",
-        "donor": "donor",
-        "new": {OPTIMIZER: "adam", LR: 8e-4},
-        "donor_state_id": None,
-    }
+    decision = decided(member="someone else", donor_state_id=None)
     verdict, counts = exploit(member_class, donor, tmp_path, decision=decision)
     assert not verdict["matched"] and counts["exploits_unmatched"] == 1
 
@@ -205,14 +193,7 @@ def test_a_restore_no_decision_explains_is_unmatched(member_class, donor, tmp_pa
 def test_the_restored_rate_must_be_the_new_configs(member_class, donor, tmp_path):
     # The decision says 5e-4; the recipient ran 8e-4 (Keras restoring an optimizer's old rate is the
     # classic way to lose a mutation): unmatched, as the config it ran is not the one decided.
-    decision = {
-        "decision": 7,
-        "action": "exploit",
-        "member": "recipient",
-        "donor": "donor",
-        "new": {OPTIMIZER: "adam", LR: 5e-4},
-        "donor_state_id": None,
-    }
+    decision = decided(new={OPTIMIZER: "adam", LR: 5e-4}, donor_state_id=None)
     verdict, _ = exploit(member_class, donor, tmp_path, decision=decision)
     assert not verdict["matched"]
 
@@ -314,29 +295,13 @@ def test_a_resume_from_before_an_exploit_drops_the_exploit_it_will_redo_not_the_
 
 
 def audited(switched: bool = False, decision: dict | None = None, saved: bool = True, **restored):
-    """One exploit of donor d's state s1 by recipient r, as its first report after the restore says,
-    with ``restored`` fields changed; returns its verdict row."""
-    from pbt_lab.names import (
-        FRESH_SLOTS_SHA256,
-        OPTIMIZER_STEPS,
-        RESTORED_ID,
-        RESTORED_LR,
-        RESTORED_OPTIMIZER,
-        RESTORED_OPTIMIZER_STEPS,
-        RESTORED_SHA256,
-        RESTORED_SLOTS_SHA256,
-        SEGMENT_FROM,
-        SLOTS_SHA256,
-        STATE_ID,
-        STATE_SHA256,
-        TRIAL_ID,
-    )
-
+    """Decision 7's exploit of the donor's state s1, as the recipient's first report after the
+    restore says, with ``restored`` fields changed; returns its verdict row."""
     new = {OPTIMIZER: "momentum" if switched else "adam", LR: 0.05 if switched else 8e-4}
     row = {
-        TRIAL_ID: "r",
+        TRIAL_ID: "recipient",
         EXPLOIT: 7,
-        SEGMENT_FROM: "d",
+        SEGMENT_FROM: "donor",
         **new,
         RESTORED_ID: "s1",
         RESTORED_OPTIMIZER: "adam",
@@ -350,16 +315,8 @@ def audited(switched: bool = False, decision: dict | None = None, saved: bool = 
     saves = pd.DataFrame(
         [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: "adam slots", OPTIMIZER_STEPS: 20}]
     )
-    decided = {
-        "decision": 7,
-        "action": "exploit",
-        "member": "r",
-        "donor": "d",
-        "new": new,
-        "donor_state_id": "s1",
-    }
-    verdicts = lineage.audit(pd.DataFrame([row]), saves if saved else saves.iloc[:0], [decision or decided])
-    return verdicts.iloc[0]
+    decision = decision or decided(new=new, donor_state_id="s1")
+    return lineage.audit(pd.DataFrame([row]), saves if saved else saves.iloc[:0], [decision]).iloc[0]
 
 
 @pytest.mark.parametrize(
@@ -382,8 +339,7 @@ def test_each_check_of_the_audit_fails_on_its_own(switched, restored, problem):
 
 
 def test_the_audit_needs_the_decisions_state_and_the_donors_report():
-    no_state = {"decision": 7, "action": "exploit", "member": "r", "donor": "d"}
-    no_state["new"], no_state["donor_state_id"] = {OPTIMIZER: "adam", LR: 8e-4}, None
-    assert audited(decision=no_state)["problem"] == "not the state the decision meant"
+    no_state = audited(decision=decided(donor_state_id=None))  # what the scheduler failed to record
+    assert no_state["matched"] and no_state["problem"] == "not the state the decision meant"
     assert audited(saved=False)["verdict"] == "unverifiable"
-    assert not audited(decision={**no_state, "donor_state_id": "s1", "member": "q"})["matched"]
+    assert not audited(decision=decided(member="someone else", donor_state_id="s1"))["matched"]
