@@ -114,7 +114,8 @@ class Run:
             raise UserError("--resume needs --name of the run to continue")
         if self.resume and not exists:
             raise UserError(f"--resume: there is no run {self.run_dir} (check --name and --storage-path)")
-        if self.resume and not file_exists(f"{self.run_dir}/{TUNER_FILE}"):
+        # (A comparison's directory holds its runs, not one: its own check says it starts afresh.)
+        if self.resume and self.kind != "compare" and not file_exists(f"{self.run_dir}/{TUNER_FILE}"):
             raise UserError(
                 f"--resume: {self.run_dir} holds no Ray Tune run ({TUNER_FILE} is missing): it cannot go on"
             )

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="where report.md and figures/ go")
     args = parser.parse_args(argv)
     try:
-        check_storage(args.out)
+        check_storage(str(Path(args.out).expanduser()), flag="--out")
         path = write_report(args.run_dirs, args.out)
     except UserError as e:
         parser.error(str(e))

@@ -57,18 +57,18 @@ def _nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
-def check_storage(storage: str) -> None:
-    """A storage path the run can write, tried without leaving anything behind."""
+def check_storage(storage: str, flag: str = "--storage-path") -> None:
+    """A storage path the run can write, tried without leaving anything behind (``flag`` names it)."""
     local = storage.removeprefix(LOCAL_URI)
     if is_uri(local):
         return  # listing it (the run-directory check) names a bad scheme, bucket or credentials
     existing = _nearest_existing(Path(local))
     if not existing.is_dir():
-        raise UserError(f"--storage-path {storage}: {existing} is a file, not a directory")
+        raise UserError(f"{flag} {storage}: {existing} is a file, not a directory")
     try:
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError as e:
-        raise UserError(f"--storage-path {storage}: cannot write in {existing} ({e.strerror or e})") from None
+        raise UserError(f"{flag} {storage}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def free_bytes(storage: str) -> int | None:

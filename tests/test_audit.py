@@ -343,3 +343,9 @@ def test_the_audit_needs_the_decisions_state_and_the_donors_report():
     assert no_state["matched"] and no_state["problem"] == "not the state the decision meant"
     assert audited(saved=False)["verdict"] == "unverifiable"
     assert not audited(decision=decided(member="someone else", donor_state_id="s1"))["matched"]
+
+
+def test_a_run_from_before_fresh_digests_keeps_the_step_counter_check_for_its_switches():
+    assert audited(True, fresh_slots_sha256=None)["verdict"] == "verified"
+    verdict = audited(True, fresh_slots_sha256=None, restored_optimizer_steps=20)
+    assert verdict["problem"] == "optimizer step counter is neither the donor's nor fresh"

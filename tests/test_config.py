@@ -103,3 +103,17 @@ def test_every_shipped_config_loads(path):
         for key, value in values.items():
             if isinstance(value, (int, float, bool, str)) or value is None:
                 assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+
+
+def test_the_optimizers_an_experiment_trains_are_those_optimizer_args_must_suit():
+    from pbt_lab.config import CompareConfig, CompareExperiment, GridConfig, PBTConfig, PBTExperiment
+
+    grid_only = CompareExperiment(
+        compare=CompareConfig(methods=["grid"]), grid=GridConfig(optimizers=["adam"])
+    )
+    assert grid_only.optimizers == {"adam"}  # the population's optimizers are never trained here
+    both = CompareExperiment(
+        grid=GridConfig(optimizers=["adam"]), pbt=PBTConfig(optimizers=["gd", "momentum"])
+    )
+    assert both.optimizers == {"adam", "gd", "momentum"}
+    assert PBTExperiment(pbt=PBTConfig(optimizers=["RMSProp"])).optimizers == {"rmsprop"}

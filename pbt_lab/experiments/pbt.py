@@ -30,7 +30,7 @@ from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.scheduler import LabPBT
 from pbt_lab.tuning.trainable import points_space, trial_space
 
-CHECKPOINTS_PER_MEMBER = 3  # what the scheduler keeps at most, about (README, "What PBT does here")
+CHECKPOINTS_PER_MEMBER = 4  # what the scheduler keeps at most (README, "What PBT does here")
 
 
 def seeds(p: PBTConfig) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:

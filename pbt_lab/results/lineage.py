@@ -135,7 +135,10 @@ def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
             same_optimizer = e[RESTORED_OPTIMIZER] == e[OPTIMIZER]
             # Same optimizer: the donor's slots; switched: the slots as built, which the recipient's own
             # optimizer may have moved from before the exploit (its step counter alone would not show it).
+            # Runs before fresh digests were reported lack one: their switches keep the step-counter check.
             slots = saved[SLOTS_SHA256] if same_optimizer else e[FRESH_SLOTS_SHA256]
+            if pd.isna(slots):
+                slots = e[RESTORED_SLOTS_SHA256]
             checks = [
                 (d is None or d.get("donor_state_id") == e[RESTORED_ID], "not the state the decision meant"),
                 (saved[STATE_SHA256] == e[RESTORED_SHA256], "weights differ from what the donor saved"),

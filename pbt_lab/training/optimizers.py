@@ -63,7 +63,7 @@ def check_optimizer_args(names: set[str], args: dict, variables: list) -> None:
         try:
             optimizer = make_optimizer(name, 1e-3, **args)
             optimizer.apply([keras.ops.zeros_like(v) for v in variables], variables)
-        except Exception as e:  # Keras raises TypeError or ValueError, TensorFlow its own errors
+        except (TypeError, ValueError) as e:  # what Keras raises for an argument or value it cannot use
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"train.optimizer_args={args}: {name} cannot use them ({why})") from None
 

@@ -80,7 +80,7 @@ def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
                 f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
             ) from None
     have = ray.cluster_resources()
-    if not address:  # a Ray this process already runs (the tests' fake GPUs); a cluster may grow
+    if not address and not started:  # a Ray this process ran before (tests' fake GPUs); clusters grow
         check_resources(res, have)
     run.session.slots = trial_slots(have, res.cpu, res.gpu, res.max_concurrent)
     return dict.fromkeys(slots, 1)
@@ -92,10 +92,10 @@ def local_resources() -> dict:
     from ray._private.accelerators import get_accelerator_manager_for_resource
     from ray._private.utils import get_num_cpus
 
-    return {
-        "CPU": get_num_cpus(),
-        "GPU": get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators(),
-    }
+    gpus = get_accelerator_manager_for_resource("GPU")
+    visible = gpus.get_current_process_visible_accelerator_ids()  # None: CUDA_VISIBLE_DEVICES unset
+    found = gpus.get_current_node_num_accelerators()
+    return {"CPU": get_num_cpus(), "GPU": found if visible is None else min(found, len(visible))}
 
 
 def check_resources(res, have: dict) -> None:
