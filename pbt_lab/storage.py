@@ -53,16 +53,22 @@ def file_exists(path: str | Path) -> bool:
         raise UserError(f"storage {path}: {str(e).splitlines()[0]}") from None
 
 
+def _local(storage: str) -> Path | None:
+    """The path a local storage path or ``file://`` URI names; None behind any other URI."""
+    local = storage.removeprefix(LOCAL_URI)
+    return None if is_uri(local) else Path(local)
+
+
 def _nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
 def check_storage(storage: str, flag: str = "--storage-path") -> None:
     """A storage path the run can write, tried without leaving anything behind (``flag`` names it)."""
-    local = storage.removeprefix(LOCAL_URI)
-    if is_uri(local):
+    local = _local(storage)
+    if local is None:
         return  # listing it (the run-directory check) names a bad scheme, bucket or credentials
-    existing = _nearest_existing(Path(local))
+    existing = _nearest_existing(local)
     if not existing.is_dir():
         raise UserError(f"{flag} {storage}: {existing} is a file, not a directory")
     try:
@@ -73,8 +79,8 @@ def check_storage(storage: str, flag: str = "--storage-path") -> None:
 
 def free_bytes(storage: str) -> int | None:
     """Free space where runs are stored (None behind a URI: object stores do not say)."""
-    local = storage.removeprefix(LOCAL_URI)
-    return None if is_uri(local) else shutil.disk_usage(_nearest_existing(Path(local))).free
+    local = _local(storage)
+    return None if local is None else shutil.disk_usage(_nearest_existing(local)).free
 
 
 @contextmanager

@@ -294,9 +294,16 @@ def test_a_resume_from_before_an_exploit_drops_the_exploit_it_will_redo_not_the_
 # --- the audit's verdicts, on hand-made rows (no Ray, no training) ---------------------------
 
 
-def audited(switched: bool = False, decision: dict | None = None, saved: bool = True, **restored):
+def audited(
+    switched: bool = False,
+    decision: dict | None = None,
+    saved: bool = True,
+    donor_slots="adam slots",
+    **restored,
+):
     """Decision 7's exploit of the donor's state s1, as the recipient's first report after the
-    restore says, with ``restored`` fields changed; returns its verdict row."""
+    restore says, with ``restored`` fields changed (and the slots digest the donor reported);
+    returns its verdict row."""
     new = {OPTIMIZER: "momentum" if switched else "adam", LR: 0.05 if switched else 8e-4}
     row = {
         TRIAL_ID: "recipient",
@@ -313,7 +320,7 @@ def audited(switched: bool = False, decision: dict | None = None, saved: bool = 
         **restored,
     }
     saves = pd.DataFrame(
-        [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: "adam slots", OPTIMIZER_STEPS: 20}]
+        [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: donor_slots, OPTIMIZER_STEPS: 20}]
     )
     decision = decision or decided(new=new, donor_state_id="s1")
     return lineage.audit(pd.DataFrame([row]), saves if saved else saves.iloc[:0], [decision]).iloc[0]
@@ -343,6 +350,10 @@ def test_the_audit_needs_the_decisions_state_and_the_donors_report():
     assert no_state["matched"] and no_state["problem"] == "not the state the decision meant"
     assert audited(saved=False)["verdict"] == "unverifiable"
     assert not audited(decision=decided(member="someone else", donor_state_id="s1"))["matched"]
+
+
+def test_a_donor_report_without_a_slots_digest_verifies_no_same_optimizer_exploit():
+    assert audited(donor_slots=None)["problem"] == "optimizer slots differ from the donor's"
 
 
 def test_a_run_from_before_fresh_digests_keeps_the_step_counter_check_for_its_switches():

@@ -137,7 +137,7 @@ def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
             # optimizer may have moved from before the exploit (its step counter alone would not show it).
             # Runs before fresh digests were reported lack one: their switches keep the step-counter check.
             slots = saved[SLOTS_SHA256] if same_optimizer else e[FRESH_SLOTS_SHA256]
-            if pd.isna(slots):
+            if not same_optimizer and pd.isna(slots):
                 slots = e[RESTORED_SLOTS_SHA256]
             checks = [
                 (d is None or d.get("donor_state_id") == e[RESTORED_ID], "not the state the decision meant"),
