@@ -14,6 +14,8 @@ VAL_LOSS = "val_loss"
 # never used to choose.
 TEST_ACC = "test_acc"
 LR = "lr"
+LR_USED = "lr_used"  # the rate the traced training call read: what the optimizer used in the check
+DATA_SEED = "data_seed"  # the seed of the data-order stream a check drew its batches from
 LR_PLACE = "lr_place"  # PB2's view of the rate: its place in the optimizer's range, 0..1 in log space
 LR_RANGES = "lr_ranges"  # a trial config's {optimizer: [low, high]}, where it carries LR_PLACE
 TEST_EVERY_CHECK = "test_every_check"  # a trial config flag: report test_acc at every check
@@ -90,13 +92,26 @@ SEGMENT_STEP = "segment_step"  # the step that checkpoint holds
 RESTORED_ID = "restored_id"
 RESTORED_SHA256 = "restored_sha256"
 RESTORED_SLOTS_SHA256 = "restored_slots_sha256"
-FRESH_SLOTS_SHA256 = "fresh_slots_sha256"  # the live optimizer's slots as built: a switch must restore these
+# The digest of a newly built optimizer of the live kind (built apart from the live one): what a switch must
+# restore. The rate that a restore must leave live is the LR_USED of its first check.
+FRESH_SLOTS_SHA256 = "fresh_slots_sha256"
 RESTORED_OPTIMIZER_STEPS = "restored_optimizer_steps"
 RESTORED_OPTIMIZER = "restored_optimizer"  # the optimizer the checkpoint was saved with
-RESTORED_LR = "restored_lr"  # the live rate after the restore (must be the new config's)
 EXPLOIT = "exploit_decision"  # the scheduler's decision number, carried in the recipient's config
 ANCESTRY = "ancestry"  # a checkpoint's lineage: segments of step, optimizer, lr, seed, trial since step 0
 SAVED_BY = "trial_id"  # a checkpoint's metadata: the trial that saved it
+# Why a trial restored a checkpoint (the driver names it in the first report after the restore):
+RESTORE_KIND = "restore_kind"
+EXPLOIT_RESTORE = "exploit"  # another member's checkpoint, as a PBT decision said
+PAUSE_RESTORE = "pause"  # its own, after a pause (PBT's turns)
+RESTART_RESTORE = "restart"  # its own, on a new worker after a failure
+RESUME_RESTORE = "resume"  # its own, in a driver that resumed the run
+RESTORE_KINDS = (EXPLOIT_RESTORE, PAUSE_RESTORE, RESTART_RESTORE, RESUME_RESTORE)
+# What the audit says of a restore:
+VERIFIED = "verified"  # what it loaded is what its saver reported
+MISMATCHED = "mismatched"  # it differs (the problem says how)
+UNVERIFIABLE = "unverifiable"  # the saver never reported that state
+VERDICTS = (VERIFIED, MISMATCHED, UNVERIFIABLE)
 
 # --- what a PBT decision did (pbt_state.json) -------------------------------------------------
 EXPLOITED = "exploit"  # the member copies a donor
@@ -106,6 +121,7 @@ NO_CHECKPOINT = "no checkpoint"  # it would copy, but the donor has no checkpoin
 
 # --- files the lab writes beside Ray's in a run directory ---------------------------------------
 TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet"
+RESTORES = "restores.parquet"  # every restore of a checkpoint, with the audit's verdict
 SUMMARY, FIGURES = "summary.json", "figures"
 TUNER_FILE = "tuner.pkl"  # Ray Tune's own record of a run: what --resume restores from
 PBT_STATE_FILE = "pbt_state.json"  # the scheduler's decisions and state, with every experiment snapshot

@@ -1,7 +1,8 @@
-"""The exploit audit can fail: real trainables save and restore real checkpoints (no Tune run), the
-test tampers with what lies between, and the audit must say so; each of its checks failing on its
-own, on hand-made rows. Also the tables' handling of a resumed recipient that carries out its
-exploit a second time."""
+"""The restore audit can fail: real trainables save and restore real checkpoints (no Tune run), the
+test tampers with what lies between or breaks the trainer the way a real defect would, and the
+audit must say so, for an exploit and for a member's restore of its own checkpoint; each of its
+checks failing on its own, on hand-made rows. Also: a copy draws its own batches; the tables'
+handling of a resumed recipient that carries out its exploit a second time; the audit fails closed."""
 
 import json
 import shutil
@@ -17,10 +18,11 @@ from pbt_lab.names import (
     EXPLOIT,
     FRESH_SLOTS_SHA256,
     LR,
+    LR_USED,
     OPTIMIZER,
     OPTIMIZER_STEPS,
+    RESTORE_KIND,
     RESTORED_ID,
-    RESTORED_LR,
     RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS,
     RESTORED_SHA256,
@@ -31,7 +33,7 @@ from pbt_lab.names import (
     STATE_SHA256,
     TRIAL_ID,
 )
-from pbt_lab.results import lineage
+from pbt_lab.results import audit, lineage
 from pbt_lab.results.tables import read_history, read_saved_states
 from pbt_lab.training.optimizers import OptimizerBank
 from pbt_lab.tuning.trainable import LabTrainable, trial_space
@@ -73,6 +75,13 @@ def donor(member_class, tmp_path_factory):
     return reports, kept
 
 
+def audited_reports(runs: dict, decisions: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The history of ``runs`` (trial -> reports) and the audit's verdict on each of its restores."""
+    history = read_history(runs)
+    restores = audit.restore_rows(history)
+    return restores, audit.audit(restores, read_saved_states(runs), decisions)
+
+
 def exploit(
     member_class,
     donor,
@@ -82,7 +91,6 @@ def exploit(
     lr=8e-4,
     decision=None,
     reported=True,
-    edit_report=lambda report: report,
     trained_before=False,
 ):
     """A recipient restores (a copy of) the donor's checkpoint, tampered with or not, and trains one
@@ -97,14 +105,12 @@ def exploit(
     if trained_before:
         r.train()
     r.restore(str(copy))
-    report = edit_report(r.train())
+    report = r.train()
     r.stop()
     decision = decision or decided(new={OPTIMIZER: optimizer, LR: lr}, donor_state_id=reports[-1]["state_id"])
     runs = {"donor": reports if reported else reports[:1], "recipient": [report]}
-    history = read_history(runs)
-    exploits = lineage.exploit_rows(history)
-    verdicts = lineage.audit(exploits, read_saved_states(runs), [decision])
-    return verdicts.iloc[0], lineage.audit_counts(verdicts, [decision], exploits)
+    _, verdicts = audited_reports(runs, [decision])
+    return verdicts.iloc[0], audit.exploit_counts(verdicts, [decision], [])
 
 
 def decided(**changes) -> dict:
@@ -191,17 +197,113 @@ def test_a_restore_no_decision_explains_is_unmatched(member_class, donor, tmp_pa
 
 
 def test_the_restored_rate_must_be_the_new_configs(member_class, donor, tmp_path):
-    # The decision says 5e-4; the recipient ran 8e-4 (Keras restoring an optimizer's old rate is the
-    # classic way to lose a mutation): unmatched, as the config it ran is not the one decided.
+    # The decision says 5e-4; the recipient ran 8e-4: unmatched, as the config it ran is not the one decided.
     decision = decided(new={OPTIMIZER: "adam", LR: 5e-4}, donor_state_id=None)
     verdict, _ = exploit(member_class, donor, tmp_path, decision=decision)
     assert not verdict["matched"]
 
 
-def test_a_live_rate_left_at_the_donors_is_mismatched(member_class, donor, tmp_path):
-    # What the recipient would report had it kept the rate Keras restores with the slots (the donor's).
-    verdict, _ = exploit(member_class, donor, tmp_path, edit_report=lambda r: {**r, "restored_lr": 1e-3})
-    assert verdict["verdict"] == "mismatched" and "live rate" in verdict["problem"]
+def test_a_rate_the_traced_call_never_saw_is_mismatched(member_class, donor, tmp_path, monkeypatch):
+    # A bank whose set_lr records the rate but never assigns the variable the traced call reads: the
+    # restore then leaves the donor's rate (Keras restores it with the slots), the classic way to lose
+    # a mutation. The rate is read inside the training call, so the recipient cannot report 8e-4.
+    monkeypatch.setattr(OptimizerBank, "set_lr", lambda bank, lr: setattr(bank, "lr", float(lr)))
+    verdict, _ = exploit(member_class, donor, tmp_path)
+    assert verdict["verdict"] == "mismatched" and verdict["problem"] == "live rate is not the new config's"
+
+
+def test_a_bank_that_remembers_used_slots_as_fresh_is_caught(member_class, donor, tmp_path, monkeypatch):
+    # A bank that, switching away from an optimizer, keeps its used slots as that optimizer's "fresh"
+    # ones: switching back restores them, and any digest taken of what the bank holds agrees with it.
+    # The audit compares with a newly built optimizer, built apart from the bank.
+    switch = OptimizerBank.switch
+
+    def switch_remembering_used_slots(bank, name, lr, **overrides):
+        if bank.built:
+            used = [v.numpy() for v in bank.optimizer.variables]
+            bank._built[bank._key] = bank._built[bank._key]._replace(fresh=used)
+        switch(bank, name, lr, **overrides)
+
+    monkeypatch.setattr(OptimizerBank, "switch", switch_remembering_used_slots)
+
+    reports, checkpoint = donor
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, copy)
+    r = member(member_class, "recipient", optimizer="momentum", lr=0.05, seed=2, **{EXPLOIT: 7})
+    r.train()  # momentum's slots are used now
+    r.trainer.optimizers.switch("adam", 1e-3)  # away from momentum: the bank remembers its used slots
+    r.trainer.optimizers.switch("momentum", 0.05)  # as a restore from an Adam checkpoint would
+    r.restore(str(copy))
+    report = r.train()
+    r.stop()
+    decision = decided(new={OPTIMIZER: "momentum", LR: 0.05}, donor_state_id=reports[-1]["state_id"])
+    _, verdicts = audited_reports({"donor": reports, "recipient": [report]}, [decision])
+    assert verdicts.iloc[0]["problem"] == "optimizer slots are not fresh"
+
+
+# --- a member's restore of its own checkpoint (a pause, a restart, a resume) ---------------------
+
+
+def own_restore(member_class, tmp_path, tamper=None, kind="pause"):
+    """A member trains 2 checks and saves (a PBT pause), its checkpoint is tampered with or not, and
+    the member (on a new worker) restores it and trains on; returns the verdict on that restore."""
+    m = member(member_class, "m", optimizer="adam", lr=1e-3, seed=1)
+    reports = [m.train(), m.train()]
+    checkpoint = Path(m.save().checkpoint.path)
+    m.stop()
+    if tamper:
+        tamper(checkpoint)
+    again = member(member_class, "m", optimizer="adam", lr=1e-3, seed=1)
+    again.restore(str(checkpoint))
+    reports.append({**again.train(), "restore_kind": kind})
+    again.stop()
+    restores, verdicts = audited_reports({"m": reports}, [])
+    assert len(restores) == 1
+    return verdicts.iloc[0]
+
+
+def scale_weights(checkpoint: Path, factor=1.001) -> None:
+    """What the issue's watcher did: one weight array × 1.001 (the file still loads)."""
+    with np.load(checkpoint / "trainer.npz") as f:
+        arrays = dict(f)
+    arrays["model/0"] = arrays["model/0"] * np.float32(factor)
+    np.savez(checkpoint / "trainer.npz", **arrays)
+
+
+def test_an_untouched_own_checkpoint_is_verified(member_class, tmp_path):
+    verdict = own_restore(member_class, tmp_path)
+    assert (verdict["kind"], verdict["matched"], verdict["verdict"]) == ("pause", True, "verified")
+
+
+def test_an_own_checkpoint_tampered_after_its_save_is_mismatched(member_class, tmp_path):
+    verdict = own_restore(member_class, tmp_path, tamper=scale_weights, kind="resume")
+    assert verdict["kind"] == "resume" and verdict["verdict"] == "mismatched"
+    assert verdict["problem"] == "weights differ from what the member saved"
+    slots = own_restore(member_class, tmp_path / "slots", tamper=lambda c: change_arrays(c, "optimizer/"))
+    assert slots["problem"] == "optimizer slots differ from what the member saved"
+
+
+# --- a copy draws its own batches --------------------------------------------------------------
+
+
+def test_a_copy_keeps_its_donors_state_but_draws_its_own_batches(member_class, donor, tmp_path):
+    from pbt_lab.training.state import stream_seed
+
+    _, checkpoint = donor
+    copies = []
+    for _ in range(2):
+        r = member(member_class, "recipient", optimizer="adam", lr=8e-4, seed=2, **{EXPLOIT: 7})
+        r.restore(str(checkpoint))
+        copies.append((r.trainer.order.state(), r.trainer.order.take(3, 100)))
+        r.stop()
+    d = member(member_class, "donor", optimizer="adam", lr=1e-3, seed=1)
+    d.restore(str(checkpoint))  # the donor going on from the state it saved
+    donor_batches = d.trainer.order.take(3, 100)
+    d.stop()
+    (state, batches), (again, batches_again) = copies
+    assert state == [stream_seed(2, 7), 0, 0]  # its own seed and the decision: a stream of its own
+    assert not np.array_equal(batches, donor_batches)
+    assert again == state and np.array_equal(batches, batches_again)  # the same decision, the same stream
 
 
 # --- the tables, on hand-made reports ----------------------------------------------------------
@@ -238,7 +340,7 @@ def test_a_resumed_recipient_repeating_its_exploit_counts_once_and_a_real_second
         ]
     }
     history = read_history(runs)
-    exploits = lineage.exploit_rows(history)
+    exploits = audit.exploit_rows(history)
     assert list(exploits[EXPLOIT]) == [4, 9]
     assert list(history["iteration"]) == [1, 2, 3, 4, 5, 6, 7]
     assert history["compute_train_seconds"].iloc[0] == 9.0  # the repeated checks were still spent
@@ -288,7 +390,7 @@ def test_a_resume_from_before_an_exploit_drops_the_exploit_it_will_redo_not_the_
         ]
     }
     history = read_history(runs)
-    assert list(history["step"]) == [100, 200, 250] and not len(lineage.exploit_rows(history))
+    assert list(history["step"]) == [100, 200, 250] and not len(audit.exploit_rows(history))
 
 
 # --- the audit's verdicts, on hand-made rows (no Ray, no training) ---------------------------
@@ -299,31 +401,33 @@ def audited(
     decision: dict | None = None,
     saved: bool = True,
     donor_slots="adam slots",
+    own: bool = False,
     **restored,
 ):
-    """Decision 7's exploit of the donor's state s1, as the recipient's first report after the
-    restore says, with ``restored`` fields changed (and the slots digest the donor reported);
-    returns its verdict row."""
+    """Decision 7's exploit of the donor's state s1 (``own``: the member's restore of its own s1), as
+    the restoring trial's first report after the restore says, with ``restored`` fields changed (and
+    the slots digest the saver reported); returns its verdict row."""
     new = {OPTIMIZER: "momentum" if switched else "adam", LR: 0.05 if switched else 8e-4}
     row = {
         TRIAL_ID: "recipient",
-        EXPLOIT: 7,
-        SEGMENT_FROM: "donor",
+        EXPLOIT: None if own else 7,
+        SEGMENT_FROM: "recipient" if own else "donor",
         **new,
         RESTORED_ID: "s1",
         RESTORED_OPTIMIZER: "adam",
         RESTORED_SHA256: "weights",
-        RESTORED_LR: new[LR],
+        LR_USED: new[LR],
         RESTORED_SLOTS_SHA256: "fresh" if switched else "adam slots",
-        FRESH_SLOTS_SHA256: "fresh" if switched else "adam fresh",
+        FRESH_SLOTS_SHA256: "fresh" if switched else None,
         RESTORED_OPTIMIZER_STEPS: 0 if switched else 20,
+        RESTORE_KIND: "pause" if own else "exploit",
         **restored,
     }
     saves = pd.DataFrame(
         [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: donor_slots, OPTIMIZER_STEPS: 20}]
     )
     decision = decision or decided(new=new, donor_state_id="s1")
-    return lineage.audit(pd.DataFrame([row]), saves if saved else saves.iloc[:0], [decision]).iloc[0]
+    return audit.audit(pd.DataFrame([row]), saves if saved else saves.iloc[:0], [decision]).iloc[0]
 
 
 @pytest.mark.parametrize(
@@ -332,8 +436,8 @@ def audited(
         (False, {}, None),
         (True, {}, None),
         (False, {"restored_sha256": "other"}, "weights differ from what the donor saved"),
-        (False, {"restored_lr": 1e-3}, "live rate is not the new config's"),
-        (False, {"restored_slots_sha256": "other"}, "optimizer slots differ from the donor's"),
+        (False, {"lr_used": 1e-3}, "live rate is not the new config's"),
+        (False, {"restored_slots_sha256": "other"}, "optimizer slots differ from what the donor saved"),
         (False, {"restored_optimizer_steps": 0}, "optimizer step counter is neither the donor's nor fresh"),
         (True, {"restored_slots_sha256": "adam slots"}, "optimizer slots are not fresh"),
         (True, {"restored_optimizer_steps": 20}, "optimizer step counter is neither the donor's nor fresh"),
@@ -345,18 +449,88 @@ def test_each_check_of_the_audit_fails_on_its_own(switched, restored, problem):
     assert verdict["verdict"] == ("mismatched" if problem else "verified")
 
 
-def test_the_audit_needs_the_decisions_state_and_the_donors_report():
+@pytest.mark.parametrize(
+    "restored, problem",
+    [
+        ({}, None),
+        ({"lr_used": None}, None),  # a diverged member waiting for a donor trains nothing: no rate used
+        ({"restored_sha256": "other"}, "weights differ from what the member saved"),
+        ({"lr_used": 1e-3}, "live rate is not its config's"),
+        ({"restored_slots_sha256": "other"}, "optimizer slots differ from what the member saved"),
+        ({"restored_optimizer_steps": 0}, "optimizer step counter is neither the member's nor fresh"),
+        ({"restored_optimizer": "momentum"}, "its checkpoint holds another optimizer than its own"),
+    ],
+)
+def test_each_check_of_an_own_restore_fails_on_its_own(restored, problem):
+    verdict = audited(own=True, **restored)
+    assert verdict["kind"] == "pause" and verdict["matched"] and verdict["problem"] == problem
+    assert verdict["verdict"] == ("mismatched" if problem else "verified")
+
+
+def test_the_audit_needs_the_decisions_state_and_the_savers_report():
     no_state = audited(decision=decided(donor_state_id=None))  # what the scheduler failed to record
     assert no_state["matched"] and no_state["problem"] == "not the state the decision meant"
     assert audited(saved=False)["verdict"] == "unverifiable"
+    assert audited(own=True, saved=False)["verdict"] == "unverifiable"
     assert not audited(decision=decided(member="someone else", donor_state_id="s1"))["matched"]
+    # An exploit whose first check did not say which rate it used cannot be verified.
+    assert audited(lr_used=None)["verdict"] == "unverifiable"
 
 
 def test_a_donor_report_without_a_slots_digest_verifies_no_same_optimizer_exploit():
-    assert audited(donor_slots=None)["problem"] == "optimizer slots differ from the donor's"
+    assert audited(donor_slots=None)["problem"] == "optimizer slots differ from what the donor saved"
 
 
 def test_a_run_from_before_fresh_digests_keeps_the_step_counter_check_for_its_switches():
     assert audited(True, fresh_slots_sha256=None)["verdict"] == "verified"
     verdict = audited(True, fresh_slots_sha256=None, restored_optimizer_steps=20)
     assert verdict["problem"] == "optimizer step counter is neither the donor's nor fresh"
+
+
+# --- the audit fails closed ----------------------------------------------------------------------
+
+
+def summary_of(verdicts: list[str], kind="pause", undone=(), allow=False) -> dict:
+    """A summary's audit parts for restores of ``kind`` with ``verdicts``, and exploits left undone."""
+    rows = pd.DataFrame({"kind": kind, "matched": True, "verdict": verdicts, "problem": None})
+    return {
+        "restores": {**audit.restore_counts(rows), "allow_unverified": allow},
+        "exploits": audit.exploit_counts(rows.iloc[:0], [], list(undone)),
+    }
+
+
+def test_the_audit_fails_closed_unless_unverified_restores_are_allowed():
+    assert audit.audit_failures(summary_of(["verified", "verified"])) == []
+    assert audit.audit_failures(summary_of(["verified", "mismatched"])) == ["1 pause restore(s) mismatched"]
+    assert audit.audit_failures(summary_of(["unverifiable"], kind="exploit")) == [
+        "1 exploit restore(s) unverifiable"
+    ]
+    assert audit.audit_failures(summary_of(["unverifiable"], allow=True)) == []
+    assert audit.audit_failures(summary_of(["mismatched"], allow=True)) == ["1 pause restore(s) mismatched"]
+    undone = {
+        "decision": 3,
+        "member": "m",
+        "why": "the run ended first, its member running",
+        "explained": False,
+    }
+    assert audit.audit_failures(summary_of([], undone=[undone])) == [
+        "exploit decision 3 (m) never carried out: the run ended first, its member running"
+    ]
+    assert audit.audit_failures(summary_of([], undone=[{**undone, "explained": True}])) == []
+    assert audit.audit_failures(summary_of([], undone=[undone], allow=True)) == []
+
+
+def test_an_exploit_left_undone_is_explained_only_by_the_runs_end():
+    decisions = [
+        {"decision": 0, "action": "exploit", "member": "a"},
+        {"decision": 1, "action": "exploit", "member": "b"},
+        {"decision": 2, "action": "exploit", "member": "c", "carried_out": False},
+        {"decision": 3, "action": "exploit", "member": "d"},
+        {"decision": 4, "action": "keep", "member": "e"},
+    ]
+    done = pd.DataFrame({EXPLOIT: [3]})
+    undone = audit.undone_exploits(
+        decisions, done, {"a": "stopped", "b": "running", "c": "capped", "d": "capped"}
+    )
+    assert [(u["decision"], u["explained"]) for u in undone] == [(0, True), (1, False), (2, False)]
+    assert undone[2]["why"] == "its member reported again without carrying it out"

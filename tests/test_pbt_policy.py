@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pyarrow.fs import LocalFileSystem
 
 from pbt_lab.config import PBTConfig
 from pbt_lab.names import LR, OPTIMIZER
@@ -75,11 +76,6 @@ def test_diverged_members_are_all_replaced_and_never_donate_whatever_their_score
     assert upper == ["c"]
     healthy = truncate(scores, set(), 0.2, np.random.default_rng(0))
     assert healthy == (["a"], ["e"])
-
-
-def test_members_that_may_not_donate_are_ranked_and_the_next_best_donates():
-    scores = {"a": 0.1, "b": 0.5, "c": 0.99}
-    assert truncate(scores, set(), 0.34, np.random.default_rng(0), not_donors={"c"}) == (["a"], ["b"])
 
 
 def test_nobody_left_to_copy_means_no_decision():
@@ -241,29 +237,6 @@ def waiting_population(scheduler: LabPBT, train_times: dict, reported: dict):
     return SimpleNamespace(get_trials=lambda: trials)
 
 
-def test_a_recipient_whose_copy_is_pending_keeps_its_reported_score_and_donates_nothing():
-    from types import SimpleNamespace
-    from unittest import mock
-
-    from ray.tune.schedulers import PopulationBasedTraining
-
-    class Member(SimpleNamespace):
-        __hash__ = object.__hash__
-
-        def is_finished(self):
-            return False
-
-    s = scheduler()
-    members = {name: Member(trial_id=name) for name in "abcde"}
-    for name, score in zip("abcde", (0.1, 0.5, 0.6, 0.95, 0.97)):
-        s._trial_state[members[name]] = SimpleNamespace(last_score=score)
-    with mock.patch.object(PopulationBasedTraining, "_exploit"):  # Ray's part: pause, new config, checkpoint
-        s._exploit(None, members["e"], members["d"])  # "e" copies "d" (a hand-made case: e reported best)
-    lower, upper = s._quantiles()
-    assert [m.trial_id for m in lower] == ["a"] and s._trial_state[members["e"]].last_score == 0.97
-    assert [m.trial_id for m in upper] == ["d"]  # e ranks by what it reported, but holds d's checkpoint
-
-
 def test_turns_go_to_the_least_trained_then_to_who_reported_longest_ago():
     s = scheduler()
     controller = waiting_population(s, {"a": 4, "b": 2, "c": 2}, {"a": 1, "b": 9, "c": 3})
@@ -305,3 +278,182 @@ def test_keep_state_shares_the_scheduler_through_a_pickle_as_tuner_pkl_does():
     s = scheduler()
     scheduler_copy, keeper = pickle.loads(pickle.dumps((s, KeepPBTState(s))))
     assert keeper.scheduler is scheduler_copy  # what set_state restores is the scheduler Tune runs
+
+
+# --- decision sequences on a hand-made controller (no Ray run) --------------------------------
+
+
+class Manager:
+    """A trial's checkpoint manager as LabPBT reads it: the latest checkpoint and the registered ones."""
+
+    def __init__(self):
+        self._latest_checkpoint_result = None
+        self.best_checkpoint_results = []
+        self.checkpoint_config = SimpleNamespace(num_to_keep=None)
+
+    @property
+    def latest_checkpoint_result(self):
+        return self._latest_checkpoint_result
+
+
+class Member:
+    """A trial as LabPBT and Ray's PBT use it (status, config, tags, checkpoint manager)."""
+
+    def __init__(self, name: str, lr: float):
+        from ray.tune.experiment import Trial
+
+        self.trial_id = self.experiment_tag = name
+        self.config = {OPTIMIZER: "adam", LR: lr, "seed": 1}
+        self.evaluated_params, self.status = {}, Trial.RUNNING
+        self.run_metadata = SimpleNamespace(checkpoint_manager=Manager())
+        self.temporary_state = SimpleNamespace(saving_to=None)
+        # No experiment snapshot in storage yet: reading one fails as a missing file does.
+        self.storage = SimpleNamespace(
+            storage_filesystem=LocalFileSystem(), experiment_fs_path="/nonexistent"
+        )
+
+    def is_finished(self):
+        return self.status in ("TERMINATED", "ERROR")
+
+    @property
+    def checkpoint(self):
+        latest = self.run_metadata.checkpoint_manager.latest_checkpoint_result
+        return latest and latest.checkpoint
+
+    def set_experiment_tag(self, tag):
+        self.experiment_tag = tag
+
+    def set_config(self, config):
+        self.config = config
+
+
+class Controller:
+    """The calls LabPBT and Ray's PBT make on Tune's controller, on hand-made members: a save returns a
+    checkpoint at once; a pause pauses."""
+
+    search_alg = None
+
+    def __init__(self, members: list[Member]):
+        self.members = members
+
+    def get_trials(self):
+        return self.members
+
+    def get_live_trials(self):
+        return {m for m in self.members if not m.is_finished()}
+
+    def _schedule_trial_save(self, trial, result=None):
+        checkpoint = SimpleNamespace(path=f"{trial.trial_id}/{result['training_iteration']}", filesystem=None)
+        trial.run_metadata.checkpoint_manager._latest_checkpoint_result = SimpleNamespace(
+            checkpoint=checkpoint, metrics=result
+        )
+        return checkpoint
+
+    def pause_trial(self, trial, should_checkpoint=True):
+        if should_checkpoint:  # a pause saves the state the member last reported
+            self._schedule_trial_save(trial, {"training_iteration": trial.last_iteration})
+        trial.status = "PAUSED"
+
+
+def population(s: LabPBT, lrs: dict) -> tuple[Controller, dict]:
+    members = {name: Member(name, lr) for name, lr in lrs.items()}
+    controller = Controller(list(members.values()))
+    for m in members.values():
+        s.on_trial_add(controller, m)
+    return controller, members
+
+
+def report(s: LabPBT, controller, member: Member, iteration: int, score: float, **extra) -> str:
+    result = {"training_iteration": iteration, "score": score, "diverged": False, **extra}
+    member.status, member.last_iteration = "RUNNING", iteration  # a member that reports runs
+    return s.on_trial_result(controller, member, result)
+
+
+def test_a_recipient_is_neither_ranked_nor_a_donor_until_it_reports_a_fresh_score():
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score)
+    assert s.decisions[-1]["action"] == "save" and s.decisions[-1]["ranked"] == 5  # e, on top
+    report(s, controller, m["a"], 2, 0.10)  # the bottom one: it copies e, the only top member
+    assert s.decisions[-1]["action"] == "exploit" and s.decisions[-1]["donor"] == "e"
+    # "b" is now the real laggard among the fresh scores: the recipient's old 0.10 does not shield it
+    report(s, controller, m["b"], 2, 0.55)
+    assert s.decisions[-1]["ranked"] == 4 and s.decisions[-1]["action"] == "exploit"
+    # With a's stale 0.10 ranked, b would have been kept (the only bottom slot filled): check it would.
+    s._pending.clear()
+    assert [t.trial_id for t in s._quantiles()[0]] == ["a"]
+
+
+def test_a_rescued_member_with_an_old_top_score_donates_nothing_until_it_reports_again():
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.95)):
+        report(s, controller, m[name], 1, score)
+    report(s, controller, m["e"], 2, 0.95, diverged=True)  # e diverged after its top score: rescued
+    assert s.decisions[-1]["action"] == "exploit" and s.decisions[-1]["member"] == "e"
+    for name, score in zip("bcd", (0.6, 0.7, 0.8)):  # a, still the lowest, stays in the bottom slot
+        report(s, controller, m[name], 2, score)
+        assert s.decisions[-1]["ranked"] == 4  # e's 0.95 is not ranked: it holds another state now
+    assert s.decisions[-1]["action"] == "save"  # d, the top of the fresh scores, not e
+    report(s, controller, m["e"], 3, 0.97)  # its first score since the copy: ranked again
+    assert s.decisions[-1]["ranked"] == 5 and s.decisions[-1]["action"] == "save"
+
+
+def test_the_next_report_records_whether_an_exploit_was_carried_out():
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score)
+    report(s, controller, m["a"], 2, 0.10)
+    decision = s.decisions[-1]
+    report(s, controller, m["a"], 2, 0.85, segment_from="e", exploit_decision=decision["decision"])
+    assert decision["carried_out"] is True
+    report(s, controller, m["b"], 3, 0.10)
+    other = s.decisions[-1]
+    report(s, controller, m["b"], 4, 0.60)  # it trained on from its own state: not carried out
+    assert other["action"] == "exploit" and other["carried_out"] is False
+
+
+def synchronous(n=3) -> tuple[LabPBT, Controller, dict]:
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=2, quantile_fraction=0.34, synch=True)
+    controller, m = population(s, {name: 1e-3 for name in "abc"[:n]})
+    return s, controller, m
+
+
+@pytest.mark.parametrize("leaves", ["on_trial_complete", "on_trial_error", "on_trial_remove"])
+def test_synchronous_pbt_decides_when_a_member_ends_before_the_sync_point(leaves):
+    """A member capped (its budget: Ray's done result never reaches the scheduler), failed or removed
+    before the sync point: the others wait there, and the decision is made when it leaves."""
+    s, controller, m = synchronous()
+    for name, score in (("a", 0.9), ("b", 0.5)):
+        assert report(s, controller, m[name], 2, score) == "PAUSE"
+        controller.pause_trial(m[name])
+    assert not s.decisions and s.choose_trial_to_run(controller) is None  # they wait for c
+    if leaves == "on_trial_remove":
+        getattr(s, leaves)(controller, m["c"])
+    elif leaves == "on_trial_error":
+        s.on_trial_error(controller, m["c"])
+    else:
+        s.on_trial_complete(controller, m["c"], {"training_iteration": 1, "done": True})
+    m["c"].status = "TERMINATED" if leaves != "on_trial_error" else "ERROR"
+    assert sorted(d["member"] for d in s.decisions) == ["a", "b"]
+    assert {d["action"] for d in s.decisions} == {"save", "exploit"}  # b copies a
+    assert s._next_perturbation_sync == 4
+    assert s.choose_trial_to_run(controller) is not None  # the population goes on
+
+
+def test_synchronous_pbt_when_the_last_to_report_is_the_one_exploited():
+    """Ray's testSynchPass order: the member that arrives last at the sync point is the bottom one; it is
+    exploited as it reports (paused with the donor's checkpoint), and every member runs on."""
+    s, controller, m = synchronous()
+    for name, score in (("a", 0.9), ("b", 0.7)):
+        report(s, controller, m[name], 2, score)
+        controller.pause_trial(m[name])
+    assert report(s, controller, m["c"], 2, 0.1) == "NOOP"  # Ray paused it for the exploit
+    assert m["c"].status == "PAUSED" and m["c"].config["exploit_decision"] is not None
+    exploit = next(d for d in s.decisions if d["action"] == "exploit")
+    assert (exploit["member"], exploit["donor"]) == ("c", "a")
+    assert s._next_perturbation_sync == 4
+    chosen = {s.choose_trial_to_run(controller).trial_id for _ in range(3)}
+    assert chosen <= {"a", "b", "c"} and chosen

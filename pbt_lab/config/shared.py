@@ -153,6 +153,9 @@ class TuneRunConfig:
     """Checkpoints kept per trial (null: all); PBT ignores it and keeps what exploits can still need."""
     max_failures: int = 0
     """Times a trial whose worker died is restarted from its last checkpoint."""
+    allow_unverified: bool = False
+    """Let restores the audit cannot verify (their saver reported no digests) and exploits decided but
+    never carried out pass instead of failing the run; the summary records that it was used."""
 
     def __post_init__(self):
         require(
@@ -163,6 +166,10 @@ class TuneRunConfig:
         require(
             isinstance(self.max_failures, int) and self.max_failures >= -1,
             f"run.max_failures must be an integer ≥ -1 (-1: forever), got {self.max_failures!r}",
+        )
+        require(
+            isinstance(self.allow_unverified, bool),
+            f"run.allow_unverified must be true or false, got {self.allow_unverified!r}",
         )
 
 

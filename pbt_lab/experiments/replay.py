@@ -3,10 +3,10 @@
     python -m pbt_lab.pbt --replay RUN_DIR --set model.scale=1      # the winner, wider
     python -m pbt_lab.pbt --replay RUN_DIR --member TRIAL_ID        # any member
 
-The schedule is the ancestry in the member's last checkpoint (segments of step, optimizer and
-rate since step 0), not rebuilt from the tables. One trial whose trainable switches optimizer and
-rate at the schedule's steps, from the seed its lineage started with (weights, dropout, data
-order). (Ray's PopulationBasedTrainingReplay pauses and restores the trial at each change; on this
+The schedule is the ancestry in the member's last checkpoint (segments of step, optimizer, rate and
+data-order stream since step 0), not rebuilt from the tables. One trial whose trainable switches
+optimizer, rate and data stream at the schedule's steps, from the seed its lineage started with
+(weights, dropout, data order). (Ray's PopulationBasedTrainingReplay pauses and restores the trial at each change; on this
 Ray it dropped results around the pauses and once stopped the trial early.)
 """
 
@@ -49,7 +49,7 @@ def check_same_data(source: str | Path, data) -> None:
 
 
 def replay_schedule(source: str | Path, member: str | None = None) -> tuple[str, int, list[dict]]:
-    """A PBT run's winner (or ``member``), its lineage's seed and its schedule [{step, optimizer, lr}],
+    """A PBT run's winner (or ``member``), its lineage's seed and its schedule [{step, optimizer, lr, seed}],
     read from the ancestry in the member's last checkpoint."""
     trials, _, summary = results.read_tables(source)
     member = member or summary["winner"][TRIAL_ID]
@@ -79,7 +79,7 @@ def run_replay(run: cli.Run) -> int:
             lr=changes[0][LR],
             seed=seed,
         ),
-        "schedule": [[c[STEP], c[OPTIMIZER], c[LR]] for c in changes],
+        "schedule": [[c[STEP], c[OPTIMIZER], c[LR], c[SEED]] for c in changes],
     }
     with cli.one_line_errors(run):
         fit(run, space)

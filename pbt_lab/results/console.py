@@ -15,13 +15,17 @@ from pbt_lab.names import (
     SECONDS_TO_TARGET,
     STALLED,
     STATUS,
+    STEP,
     STEPS_TO_TARGET,
     SUMMARY,
     TEST_ACC,
     TRAIN_SECONDS,
     TRIAL_ID,
     TRIALS,
+    VERDICTS,
+    VERIFIED,
 )
+from pbt_lab.results.audit import audit_failures
 from pbt_lab.results.breakdown import breakdown_table
 
 
@@ -78,13 +82,13 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     if "exploits" in s:
         e = s["exploits"]
         lines.append(
-            f"exploits: {e['exploits']} carried out, {e['exploits_matched']} matched to a decision, "
-            f"{e['exploits_verified']} verified, {e['exploits_mismatched']} mismatched, "
-            f"{e['exploits_unverifiable']} unverifiable; checkpoints kept: {s['checkpoints']['count']} "
-            f"({s['checkpoints']['bytes'] / 1e6:.1f} MB)"
+            f"exploits: {e['exploits']} carried out of {e['exploits_decided']} decided, "
+            f"{e['exploits_matched']} matched to a decision, {e['exploits_verified']} verified, "
+            f"{e['exploits_mismatched']} mismatched, {e['exploits_unverifiable']} unverifiable; "
+            f"checkpoints kept: {s['checkpoints']['count']} ({s['checkpoints']['bytes'] / 1e6:.1f} MB)"
         )
-        for problem in e["problems"]:
-            lines.append(f"AUDIT: an exploit's {problem}: see lineage.parquet (verdict, problem)")
+    lines += restore_lines(s.get("restores"), tables.get("restores"))
+    lines += [f"AUDIT: {line}" for line in audit_failures(s)]
     failed = tables["trials"][tables["trials"][STATUS] == ERROR]
     for _, t in failed.iterrows():
         lines.append(f"FAILED {t['trial_id']} ({t[OPTIMIZER]}, lr {t[LR]:.3g}): {t[ERROR]}")
@@ -92,6 +96,31 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     lines.append(f"figures: {run_dir}/{FIGURES}/")
     lines.append(f"tensorboard --logdir {run_dir}")
     return "\n".join(lines)
+
+
+def restore_lines(counts: dict | None, restores) -> list[str]:
+    """The restores by kind and verdict in one line, then each mismatched or unverifiable one named
+    (the first few of each problem)."""
+    if not counts or not counts["count"]:
+        return []
+    kinds = ", ".join(f"{sum(v.values())} {kind}" for kind, v in counts["by_kind"].items())
+    verdicts = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v])
+    allowed = " (run.allow_unverified: unverifiable ones pass)" if counts["allow_unverified"] else ""
+    lines = [f"restores: {counts['count']} ({kinds}): {verdicts}{allowed}"]
+    failed = restores[restores["verdict"] != VERIFIED] if restores is not None else restores
+    for (verdict, problem), group in [] if failed is None else failed.groupby(["verdict", "problem"]):
+        named = ", ".join(f"{r[TRIAL_ID]} ({r['kind']}, step {r[STEP]})" for _, r in group.head(3).iterrows())
+        more = f" and {len(group) - 3} more" if len(group) > 3 else ""
+        lines.append(f"{verdict.upper()}: {problem}: {named}{more} (restores.parquet)")
+    return lines
+
+
+def _allowed(counts: dict) -> str:
+    return (
+        " (run.allow_unverified: unverifiable restores do not fail the run)"
+        if counts["allow_unverified"]
+        else ""
+    )
 
 
 def time_line(breakdown: dict) -> str:
@@ -106,11 +135,6 @@ def time_line(breakdown: dict) -> str:
 
 
 def exit_status(tables: dict) -> int:
-    """A run's exit code: 1 when a trial failed or an exploit failed the audit (the console names
-    them), else 0."""
-    audit = tables["summary"].get("exploits", {})
-    return int(
-        (tables["trials"][STATUS] == ERROR).any()
-        or audit.get("exploits_mismatched", 0) > 0
-        or audit.get("exploits_unmatched", 0) > 0
-    )
+    """A run's exit code: 1 when a trial failed or the restores failed the audit (the console names
+    them: ``audit_failures``), else 0."""
+    return int((tables["trials"][STATUS] == ERROR).any() or bool(audit_failures(tables["summary"])))

@@ -1,21 +1,13 @@
-"""PBT's record read back: the lineage table, the exploit audit, the decisions' quantile sizes, the winner.
+"""PBT's record read back: the lineage table, the decisions' quantile sizes, the winner and its schedule.
 
 Pure pandas on the history table and the scheduler's ``pbt_state.json``: no Ray, no TensorFlow, so
-every check here is unit-tested on hand-made rows, wrong ones included.
-
-The audit joins three independent records of each exploit:
-
-- the scheduler's decision (``pbt_state.json``): recipient, donor, the donor state it meant to
-  copy and the new hyperparameters;
-- the donor's report of the state it was in when the checkpoint was taken (its digests);
-- the recipient's report of what it restored (the checkpoint's state id and the digests of the
-  state as loaded, the live rate, the optimizer's step counter).
+every check here is unit-tested on hand-made rows. The exploits are audited as every restore is
+(``audit.py``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -25,28 +17,20 @@ from pbt_lab.config import quantile_size
 from pbt_lab.names import (
     ANCESTRY,
     CHECK_SECONDS,
+    DATA_SEED,
     EXPLOIT,
-    EXPLOITED,
     FINAL_VAL_ACC,
-    FRESH_SLOTS_SHA256,
     LR,
     OPTIMIZER,
-    OPTIMIZER_STEPS,
     PBT_STATE_FILE,
     REPORTED_AT,
-    RESTORED_ID,
-    RESTORED_LR,
     RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS,
-    RESTORED_SHA256,
-    RESTORED_SLOTS_SHA256,
     SCORE,
     SECONDS_TO_TARGET,
+    SEED,
     SEGMENT_FROM,
     SEGMENT_STEP,
-    SLOTS_SHA256,
-    STATE_ID,
-    STATE_SHA256,
     STATUS,
     STEP,
     STEPS_TO_TARGET,
@@ -55,9 +39,9 @@ from pbt_lab.names import (
     TRIAL_ID,
     VAL_ACC,
 )
+from pbt_lab.results.audit import exploit_counts, exploit_rows, exploited_decisions, undone_exploits
 from pbt_lab.results.ray_files import read_checkpoint_meta
 
-VERDICTS = ("verified", "mismatched", "unverifiable")
 LINEAGE_COLUMNS = [
     STEP,
     "recipient",
@@ -89,94 +73,6 @@ def read_pbt_state(run_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def exploit_rows(history: pd.DataFrame) -> pd.DataFrame:
-    """The first report after each restore of another member's checkpoint: one per exploit."""
-    return history[history[SEGMENT_FROM].notna() & (history[SEGMENT_FROM] != history[TRIAL_ID])]
-
-
-def _same_lr(a, b) -> bool:
-    return (
-        a is not None
-        and b is not None
-        and not pd.isna(a)
-        and not pd.isna(b)
-        and math.isclose(a, b, rel_tol=1e-6)
-    )
-
-
-def audit(exploits: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) -> pd.DataFrame:
-    """One verdict per exploit (index of ``exploits``): ``matched`` (the scheduler decided it: this
-    recipient, this donor's checkpoint, this new optimizer and rate), and
-    ``verdict``: verified, mismatched (with the ``problem``) or unverifiable (the donor never
-    reported the state it saved).
-
-    Verified means: the restored state is the one the decision meant (same state id), its digest
-    equals the donor's report of that state, the live rate is the new config's, and the optimizer's
-    slots are the donor's (same optimizer: equal digest and step counter) or fresh (switched: the
-    digest of its slots as built, and 0 steps). A decision that recorded no donor state meant none.
-    """
-    decided = {d["decision"]: d for d in decisions if d.get("action") == EXPLOITED}
-    reported = saves.drop_duplicates(STATE_ID).set_index(STATE_ID) if len(saves) else pd.DataFrame()
-    rows = []
-    for index, e in exploits.iterrows():
-        d = decided.get(int(e[EXPLOIT])) if pd.notna(e[EXPLOIT]) else None
-        matched = (
-            d is not None
-            and d["member"] == e[TRIAL_ID]
-            and d["donor"] == e[SEGMENT_FROM]
-            and d["new"][OPTIMIZER] == e[OPTIMIZER]
-            and _same_lr(d["new"][LR], e[LR])
-        )
-        saved = reported.loc[e[RESTORED_ID]] if e[RESTORED_ID] in reported.index else None
-        problem = None
-        if saved is None:
-            verdict = "unverifiable"
-        else:
-            same_optimizer = e[RESTORED_OPTIMIZER] == e[OPTIMIZER]
-            # Same optimizer: the donor's slots; switched: the slots as built, which the recipient's own
-            # optimizer may have moved from before the exploit (its step counter alone would not show it).
-            # Runs before fresh digests were reported lack one: their switches keep the step-counter check.
-            slots = saved[SLOTS_SHA256] if same_optimizer else e[FRESH_SLOTS_SHA256]
-            if not same_optimizer and pd.isna(slots):
-                slots = e[RESTORED_SLOTS_SHA256]
-            checks = [
-                (d is None or d.get("donor_state_id") == e[RESTORED_ID], "not the state the decision meant"),
-                (saved[STATE_SHA256] == e[RESTORED_SHA256], "weights differ from what the donor saved"),
-                (_same_lr(e[RESTORED_LR], e[LR]), "live rate is not the new config's"),
-                (
-                    e[RESTORED_SLOTS_SHA256] == slots,
-                    "optimizer slots differ from the donor's"
-                    if same_optimizer
-                    else "optimizer slots are not fresh",
-                ),
-                (
-                    e[RESTORED_OPTIMIZER_STEPS] == (saved[OPTIMIZER_STEPS] if same_optimizer else 0),
-                    "optimizer step counter is neither the donor's nor fresh",
-                ),
-            ]
-            problem = next((why for ok, why in checks if not ok), None)
-            verdict = "mismatched" if problem else "verified"
-        rows.append({"index": index, "matched": matched, "verdict": verdict, "problem": problem})
-    return pd.DataFrame(rows, columns=["index", "matched", "verdict", "problem"]).set_index("index")
-
-
-def audit_counts(verdicts: pd.DataFrame, decisions: list[dict], exploits: pd.DataFrame) -> dict:
-    """What summary.json reports: the counts add up to ``exploits`` twice (matched + unmatched, and
-    verified + mismatched + unverifiable)."""
-    decided = {d["decision"] for d in decisions if d.get("action") == EXPLOITED}
-    carried_out = set(exploits[EXPLOIT].dropna().astype(int))
-    return {
-        "exploits": len(verdicts),
-        "exploits_matched": int(verdicts["matched"].sum()),
-        "exploits_unmatched": int((~verdicts["matched"].astype(bool)).sum()),
-        **{f"exploits_{v}": int((verdicts["verdict"] == v).sum()) for v in VERDICTS},
-        "exploits_decided": len(decided),
-        # Decided, never carried out: the recipient was still paused when the run ended.
-        "exploits_not_carried_out": len(decided - carried_out),
-        "problems": sorted({p for p in verdicts["problem"].dropna()}),
-    }
-
-
 def lineage_table(
     exploits: pd.DataFrame,
     verdicts: pd.DataFrame,
@@ -184,7 +80,7 @@ def lineage_table(
     winner_ancestry: list[dict] | None = None,
 ) -> pd.DataFrame:
     """One row per exploit (DESIGN §3's parquet), in the order they were carried out."""
-    decided = {d["decision"]: d for d in decisions if d.get("action") == EXPLOITED}
+    decided = exploited_decisions(decisions)
     on_winner = {(s["trial"], s[STEP]) for s in (winner_ancestry or [])[1:]}  # the segments a copy began
     rows = []
     for index, e in exploits.iterrows():
@@ -262,12 +158,16 @@ def choose_winner(trials: pd.DataFrame, history: pd.DataFrame, stopped_at_target
     return ranked.iloc[0][TRIAL_ID] if len(ranked) else None
 
 
+SCHEDULED = (OPTIMIZER, LR, SEED)  # what a schedule entry sets: optimizer, rate and data-order stream
+
+
 def schedule(ancestry: list[dict]) -> list[dict]:
-    """The ancestry as a schedule: [{step, optimizer, lr}], one entry per change, from step 0."""
+    """The ancestry as a schedule: [{step, optimizer, lr, seed}], one entry per change, from step 0
+    (``seed``: the data-order stream the lineage drew from there on)."""
     out = []
     for s in ancestry:
-        if not out or (out[-1][OPTIMIZER], out[-1][LR]) != (s[OPTIMIZER], s[LR]):
-            out.append({STEP: int(s[STEP]), OPTIMIZER: s[OPTIMIZER], LR: float(s[LR])})
+        if not out or tuple(out[-1][k] for k in SCHEDULED) != tuple(s[k] for k in SCHEDULED):
+            out.append({STEP: int(s[STEP]), OPTIMIZER: s[OPTIMIZER], LR: float(s[LR]), SEED: int(s[SEED])})
     return out
 
 
@@ -297,7 +197,8 @@ def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None =
 
 
 def schedule_changes(rows: pd.DataFrame) -> list[dict]:
-    """Where the (optimizer, rate) of a run of rows changes: [{step, optimizer, lr}, …], from step 0.
+    """Where the (optimizer, rate, data seed) of a run of rows changes: [{step, optimizer, lr, seed}, …],
+    from step 0: ``schedule`` as the reports recorded it.
 
     A change always comes with a restore (or a replay's switch), whose row names the step it
     started from; that step is used, not the previous row's.
@@ -306,21 +207,26 @@ def schedule_changes(rows: pd.DataFrame) -> list[dict]:
     for _, r in rows.iterrows():
         if pd.notna(r[SEGMENT_STEP]):
             start = int(r[SEGMENT_STEP])
-        if (r[OPTIMIZER], r[LR]) != current:
-            changes.append({STEP: start, OPTIMIZER: r[OPTIMIZER], LR: float(r[LR])})
-            current = (r[OPTIMIZER], r[LR])
+        here = (r[OPTIMIZER], r[LR], r[DATA_SEED])
+        if here != current:
+            changes.append({STEP: start, OPTIMIZER: r[OPTIMIZER], LR: float(r[LR]), SEED: int(r[DATA_SEED])})
+            current = here
         start = int(r[STEP])
     return changes
 
 
 def pbt_summary(
-    run_dir: Path, config: dict, trials: pd.DataFrame, history: pd.DataFrame, saves: pd.DataFrame
+    run_dir: Path,
+    config: dict,
+    trials: pd.DataFrame,
+    history: pd.DataFrame,
+    decisions: list[dict],
+    verdicts: pd.DataFrame,
 ) -> tuple[dict, pd.DataFrame]:
     """The PBT parts of summary.json, and the lineage table: the winner (chosen on validation,
     reported on test, its ancestry read from its last checkpoint), the first member to reach the
-    target, the decisions' quantile sizes, the exploit audit, the checkpoints left on disk."""
-    state = read_pbt_state(run_dir)
-    decisions = state.get("decisions", [])
+    target, the decisions' quantile sizes, the exploits' audit (``verdicts``: every restore's), the
+    checkpoints left on disk."""
     p = config["pbt"]
     winner_id = choose_winner(trials, history, p["stop_at_target"])
     winner = {TRIAL_ID: winner_id}
@@ -338,7 +244,8 @@ def pbt_summary(
             ancestry = read_checkpoint_meta(run_dir, row["checkpoint"]).get(ANCESTRY, [])
             winner.update(checkpoint=row["checkpoint"], ancestry=ancestry, schedule=schedule(ancestry))
     exploits = exploit_rows(history)
-    verdicts = audit(exploits, saves, decisions)
+    verdicts = verdicts.loc[exploits.index]
+    undone = undone_exploits(decisions, exploits, trials.set_index(TRIAL_ID)[STATUS].to_dict())
     table = lineage_table(exploits, verdicts, decisions, winner.get(ANCESTRY))
     reached = history[history[STEPS_TO_TARGET].notna()].sort_values(["timestamp", TRAIN_SECONDS])
     first = None
@@ -359,12 +266,12 @@ def pbt_summary(
         "first_to_target": first,
         "decisions": {
             "count": len(decisions),
-            "exploits_decided": sum(d.get("action") == EXPLOITED for d in decisions),
+            "exploits_decided": len(exploited_decisions(decisions)),
             "quantile_fraction": p["quantile_fraction"],
             "quantile_sizes": quantile_sizes(decisions, p["quantile_fraction"]),
         },
         "exploits": {
-            **audit_counts(verdicts, decisions, exploits),
+            **exploit_counts(verdicts, decisions, undone),
             "optimizer_switches": int((table[RESTORED_OPTIMIZER] != table["new_optimizer"]).sum()),
         },
         "checkpoints": {

@@ -37,6 +37,7 @@ from pbt_lab.names import (
     NODE_ID,
     OPTIMIZER,
     REACHED,
+    RESTORES,
     RUNNING,
     SECONDS_TO_TARGET,
     SEED,
@@ -54,9 +55,10 @@ from pbt_lab.names import (
     WEIGHTS,
 )
 from pbt_lab.results.analysis import scaling_summary
+from pbt_lab.results.audit import audit, restore_counts, restore_rows, restore_table
 from pbt_lab.results.breakdown import check_breakdown, time_breakdown
 from pbt_lab.results.history import PER_TRIAL, read_history, read_saved_states
-from pbt_lab.results.lineage import member_schedule, pbt_summary
+from pbt_lab.results.lineage import member_schedule, pbt_summary, read_pbt_state
 from pbt_lab.results.lineage import plain as _plain
 from pbt_lab.results.ray_files import (
     last_checkpoint,
@@ -84,6 +86,8 @@ def read_trials(
         params = trial_params(trial_dir, ray_state.get("config"))
         h = by_dir.get(trial_dir.name, history.iloc[:0])
         last = h.iloc[-1] if len(h) else pd.Series(dtype=object)
+        # Ray rewrites params.json at every exploit: the first report says what the member started with.
+        first = h.iloc[0] if len(h) else pd.Series(params)
         val = h[VAL_ACC].dropna()
         # Ray's own final status: a trial that failed and was restarted from a checkpoint recovered.
         errored = (
@@ -97,8 +101,8 @@ def read_trials(
                 TRIAL_ID: last.get(TRIAL_ID, trial_dir.name),
                 OPTIMIZER: last.get(OPTIMIZER, params[OPTIMIZER]),
                 LR: last.get(LR, params[LR]),
-                "initial_optimizer": params[OPTIMIZER],
-                "initial_lr": params[LR],
+                "initial_optimizer": first[OPTIMIZER],
+                "initial_lr": first[LR],
                 BUILDER: params["model"].get(BUILDER, STUDY_CNN),
                 "scale": params["model"]["scale"],
                 WEIGHTS: last.get(WEIGHTS),  # as the trainable counted its built model
@@ -279,7 +283,7 @@ def write_tables(
     A URI run directory (``s3://…``) is read and written through pyarrow.fs.
     """
     if is_uri(run_dir):
-        outputs = (TRIALS, HISTORY, LINEAGE, SUMMARY, FIGURES)
+        outputs = (TRIALS, HISTORY, LINEAGE, RESTORES, SUMMARY, FIGURES)
         with staged(str(run_dir), tables_inputs, upload=outputs) as (local, sizes):
             try:
                 tables = write_tables(
@@ -321,6 +325,11 @@ def write_tables(
     history.drop(columns=PER_TRIAL).to_parquet(run_dir / HISTORY, index=False)
     trials.to_parquet(run_dir / TRIALS, index=False)
     kind = kind or previous.get("kind")
+    decisions = read_pbt_state(run_dir).get("decisions", []) if kind == "pbt" else []
+    restores = restore_rows(history)
+    verdicts = audit(restores, read_saved_states(reports), decisions)
+    restored = restore_table(restores, verdicts)
+    restored.to_parquet(run_dir / RESTORES, index=False)
     session = session or {k: previous.get("compute", {}).get(k) for k in SESSION}
     breakdown = time_breakdown(reports, **session)
     if breakdown:
@@ -338,16 +347,18 @@ def write_tables(
         "optimizers": per_optimizer(trials, config_value(config, previous, "train", "steps_per_check")),
         "compute": compute_totals(trials, session),
         "time_breakdown": breakdown,
+        "restores": {
+            **restore_counts(verdicts),
+            "allow_unverified": bool(config_value(config, previous, "run", "allow_unverified")),
+        },
         **{k: previous[k] for k in ("replay_of", "trace_of") if k in previous},
         **(extra or {}),
     }
-    tables = {"trials": trials, "history": history, "summary": summary}
+    tables = {"trials": trials, "history": history, "summary": summary, "restores": restored}
     if kind == "scaling":
         summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
     if kind == "pbt":
-        pbt, tables["lineage"] = pbt_summary(
-            run_dir, summary["config"], trials, history, read_saved_states(reports)
-        )
+        pbt, tables["lineage"] = pbt_summary(run_dir, summary["config"], trials, history, decisions, verdicts)
         tables["lineage"].to_parquet(run_dir / LINEAGE, index=False)
         summary.update(pbt)
         if pbt["winner"][TRIAL_ID]:

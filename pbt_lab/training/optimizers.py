@@ -68,22 +68,28 @@ def check_optimizer_args(names: set[str], args: dict, variables: list) -> None:
             raise UserError(f"train.optimizer_args={args}: {name} cannot use them ({why})") from None
 
 
-def slots_sha256(optimizer: keras.optimizers.Optimizer, values: list | None = None) -> str:
-    """SHA-256 of the optimizer's variables (``values`` in their order, else the live ones) with its
-    step counter but without its learning rate: an exploit changes the rate, not the slots."""
-    if values is None:
-        values = [v.numpy() for v in optimizer.variables]
+def slots_sha256(optimizer: keras.optimizers.Optimizer) -> str:
+    """SHA-256 of the optimizer's variables with its step counter but without its learning rate: an
+    exploit changes the rate, not the slots."""
     digest = hashlib.sha256()
-    for variable, value in zip(optimizer.variables, values, strict=True):
+    for variable in optimizer.variables:
         if variable is not optimizer.learning_rate:
-            digest.update(np.ascontiguousarray(value))  # the array's own buffer: no copy to bytes
+            digest.update(np.ascontiguousarray(variable.numpy()))  # the array's own buffer: no copy to bytes
     return digest.hexdigest()
+
+
+def new_slots_sha256(name: str, variables: list, **overrides) -> str:
+    """``slots_sha256`` of a newly built ``name`` optimizer on ``variables``: what an optimizer switched
+    to must hold. Built here, apart from any bank, so that a bank whose switch keeps stale slots (or
+    remembers wrong ones as fresh) cannot agree with itself."""
+    optimizer = make_optimizer(name, 1.0, **overrides)
+    optimizer.build(variables)
+    return slots_sha256(optimizer)
 
 
 class _Built(NamedTuple):
     optimizer: keras.optimizers.Optimizer
     fresh: list  # its variables' values as built: what a switch to it assigns
-    fresh_sha256: str  # their digest (slots_sha256), taken at build
     train_fn: object  # its traced training call
 
 
@@ -98,6 +104,7 @@ class OptimizerBank:
         self._variables, self._trace = variables, trace
         self._built: dict[str, _Built] = {}
         self._key, self.name, self.lr = "", "", 0.0
+        self.overrides: dict = {}  # the live optimizer's Keras arguments beside the TF1 defaults
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
@@ -108,21 +115,16 @@ class OptimizerBank:
         """The traced training call of the live optimizer."""
         return self._built[self._key].train_fn
 
-    @property
-    def fresh_slots_sha256(self) -> str:
-        """The digest of the live optimizer's slots as built: what they must equal after a switch."""
-        return self._built[self._key].fresh_sha256
-
     def switch(self, name: str, lr: float, **overrides) -> None:
         """Make ``name`` live with fresh slots and rate ``lr``."""
         name = canonical_name(name)
+        self.overrides = overrides
         key = f"{name} {sorted(overrides.items())}"
         if key not in self._built:
             optimizer = make_optimizer(name, lr, **overrides)
             optimizer.build(self._variables)
             fresh = [v.numpy() for v in optimizer.variables]
-            digest = slots_sha256(optimizer, fresh)
-            self._built[key] = _Built(optimizer, fresh, digest, self._trace(optimizer))
+            self._built[key] = _Built(optimizer, fresh, self._trace(optimizer))
         optimizer, fresh = self._built[key].optimizer, self._built[key].fresh
         for variable, value in zip(optimizer.variables, fresh):
             variable.assign(value)

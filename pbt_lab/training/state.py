@@ -45,6 +45,16 @@ class DataOrder:
         self.seed, self.epoch, self.position = map(int, state)
         self._perm = self._permutation()
 
+    def reseed(self, seed: int) -> None:
+        """Start a new stream: ``seed``'s first epoch, from its first image."""
+        self.restore([seed, 0, 0])
+
+
+def stream_seed(seed: int, decision: int) -> int:
+    """The data-order seed of a PBT recipient after ``decision``: its own, from its seed and the decision
+    (a copy that kept its donor's stream would see the donor's batches in the donor's order)."""
+    return int(np.random.SeedSequence([seed, decision]).generate_state(1)[0])
+
 
 def at_chance(loss: float, num_classes: int, tolerance: float) -> bool:
     """A check's mean training loss no lower than chance, ln K, less ``tolerance``: nothing learned.

@@ -29,9 +29,11 @@ from pbt_lab.names import (
     BUILDER,
     CAPPED,
     COMPILE,
+    DATA_SEED,
     DIVERGED,
     FINAL_VAL_ACC,
     LR,
+    LR_USED,
     OPTIMIZER,
     REACHED,
     RUNNING,
@@ -175,6 +177,8 @@ class Trainer:
         def train_steps(batches):
             done, loss_sum, correct = tf.constant(0), tf.constant(0.0), tf.constant(0)
             diverged = tf.constant(False)
+            # The rate this call's updates read, returned as read here: what a restore must have left live.
+            lr_used = tf.identity(optimizer.learning_rate)
             for i in tf.range(tf.shape(batches)[0]):
                 xb = model_inputs(tf.gather(x, batches[i]))
                 yb = tf.gather(y, batches[i])
@@ -189,7 +193,7 @@ class Trainer:
                 done += 1
                 loss_sum += loss
                 correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1, output_type=tf.int32) == yb, tf.int32))
-            return done, loss_sum, correct, diverged
+            return done, loss_sum, correct, diverged, lr_used
 
         self._compile(train_steps, run=not self.cfg.jit_compile)  # XLA compiles per shape: on real calls
         return train_steps
@@ -236,7 +240,7 @@ class Trainer:
         batches = self.order.take(steps, self.cfg.batch_size)
         with self._part(TRAIN_PART):
             start = time.perf_counter()
-            done, loss_sum, correct, diverged = self.optimizers.train_fn(batches)
+            done, loss_sum, correct, diverged, lr_used = self.optimizers.train_fn(batches)
             done = int(done)  # note: a device-to-host sync point, so the time below is the real one
             self.progress.train_seconds += time.perf_counter() - start
         self.progress.step += done
@@ -244,6 +248,7 @@ class Trainer:
             TRAIN_ACC: float(correct) / (done * self.cfg.batch_size) if done else float("nan"),
             TRAIN_LOSS: float(loss_sum) / done if done else float("nan"),
             DIVERGED: bool(diverged),
+            LR_USED: float(lr_used),
         }
 
     def evaluate(self, x=None, y=None) -> tuple[float, float]:
@@ -277,6 +282,8 @@ class Trainer:
             VAL_LOSS: None,
             OPTIMIZER: self.optimizers.name,
             LR: self.optimizers.lr,
+            LR_USED: result[LR_USED],
+            DATA_SEED: self.order.seed,
         }
         if result[DIVERGED] and cfg.stop_on_divergence:
             p.status = DIVERGED

@@ -1,11 +1,51 @@
-"""Tune callbacks beside LabPBT: its state kept across a resume, and the population's own stop."""
+"""Tune callbacks: why each restore happened; beside LabPBT, its state kept across a resume, and the
+population's own stop."""
 
 from __future__ import annotations
 
 from ray import tune
 
-from pbt_lab.names import SEGMENT_STEP, STEP, STEPS_TO_TARGET
+from pbt_lab.names import (
+    EXPLOIT_RESTORE,
+    PAUSE_RESTORE,
+    RESTART_RESTORE,
+    RESTORE_KIND,
+    RESTORED_SHA256,
+    RESUME_RESTORE,
+    SEGMENT_FROM,
+    SEGMENT_STEP,
+    STEP,
+    STEPS_TO_TARGET,
+)
 from pbt_lab.tuning.scheduler import LabPBT
+
+
+class NameRestores(tune.Callback):
+    """Names why a trial restored a checkpoint, in the first report after the restore (Ray lets a
+    callback add to a result before its loggers write it): another member's checkpoint is an exploit;
+    its own is a restart after a failure (Ray's ``on_trial_recover``), a resume (its first report to
+    this driver) or else a pause (PBT's turns). The audit counts restores by kind."""
+
+    def __init__(self):
+        self._recovering: set[str] = set()
+        self._reported: set[str] = set()  # trials that reported to this driver
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._recovering.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        first = trial.trial_id not in self._reported
+        self._reported.add(trial.trial_id)
+        recovering = trial.trial_id in self._recovering
+        self._recovering.discard(trial.trial_id)  # a restart without a checkpoint restored nothing
+        if result.get(RESTORED_SHA256) is None:
+            return
+        if result.get(SEGMENT_FROM) != trial.trial_id:
+            result[RESTORE_KIND] = EXPLOIT_RESTORE
+        elif recovering:
+            result[RESTORE_KIND] = RESTART_RESTORE
+        else:
+            result[RESTORE_KIND] = RESUME_RESTORE if first else PAUSE_RESTORE
 
 
 class KeepPBTState(tune.Callback):

@@ -83,15 +83,13 @@ def truncate(
     diverged: set,
     fraction: float,
     rng: np.random.Generator,
-    not_donors: set = frozenset(),
     name=str,
 ) -> tuple[list, list]:
     """(lower, upper): who is replaced and who may donate, from ``scores`` (member -> score, higher
     better; ``None`` or NaN: not ranked).
 
     ``n = max(1, floor(fraction × ranked))``. Diverged members rank last and are all replaced, even
-    when there are more than ``n``; the top ``n`` healthy members donate (``not_donors`` are ranked
-    but never donate). Ties break in an order
+    when there are more than ``n``; the top ``n`` healthy members donate. Ties break in an order
     drawn from ``rng`` over the members sorted by ``name`` (not by how they happen to be listed).
     Empty lists when fewer than two are ranked or no healthy member is left to copy.
     """
@@ -104,5 +102,5 @@ def truncate(
         key=lambda m: (m not in diverged, scores[m] if m not in diverged else 0.0)
     )  # stable: ties stay shuffled
     lower = order[: max(n, sum(m in diverged for m in order))]
-    upper = [m for m in order if m not in diverged and m not in not_donors and m not in lower][-n:]
+    upper = [m for m in order if m not in diverged and m not in lower][-n:]
     return (lower, upper) if upper else ([], [])

@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pbt_lab import UserError
+from pbt_lab.tuning.callbacks import NameRestores
 from pbt_lab.tuning.trainable import LabTrainable
 
 TRIAL_SLOT = "pbt_lab_trial_slot"  # a local Ray's custom resource: resources.max_concurrent of them
@@ -161,7 +162,8 @@ def fit(
                 name=run.name,
                 storage_path=run.storage_path,
                 stop=stop,
-                callbacks=[JsonLog(), CSVLog(), *callbacks],
+                # NameRestores first: it adds to the results that the loggers after it write.
+                callbacks=[NameRestores(), JsonLog(), CSVLog(), *callbacks],
                 # No checkpoint at the end unless asked: a finished grid trial never resumes, and
                 # 288 final checkpoints of the full model would take 11 GB.
                 checkpoint_config=tune.CheckpointConfig(

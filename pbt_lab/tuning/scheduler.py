@@ -57,6 +57,8 @@ from pbt_lab.names import (
     PBT_STATE_FILE,
     SAVED,
     SCORE,
+    SEED,
+    SEGMENT_FROM,
     STATE_ID,
 )
 from pbt_lab.tuning.explore import ExplorePolicy, explore, ranked_members, truncate
@@ -101,7 +103,10 @@ class LabPBT(PopulationBasedTraining):
         self._policy = policy
         self._rng = np.random.default_rng(seed)
         self._diverged: set[str] = set()  # members whose last result was diverged
-        self._pending: set[str] = set()  # recipients that have not reported since their exploit
+        # Recipients whose score is not fresh: not ranked, not donors, until they report a score again.
+        self._pending: set[str] = set()
+        self._awaiting: dict[str, int] = {}  # recipient -> its exploit decision, until its next report
+        self._gone: set[str] = set()  # members that completed, failed or were removed
         self._reports = 0
         self._last_report: dict[str, int] = {}
         self._handed: set[str] = set()  # members handed to Ray to start that have not reported since
@@ -127,7 +132,12 @@ class LabPBT(PopulationBasedTraining):
             self._diverged.add(trial.trial_id)
         else:
             self._diverged.discard(trial.trial_id)
-        self._pending.discard(trial.trial_id)
+        if trial.trial_id in self._awaiting:
+            # The member's next report says whether it carried out its exploit: the donor's checkpoint.
+            number = self._awaiting.pop(trial.trial_id)
+            self.decisions[number]["carried_out"] = (
+                result.get(EXPLOIT) == number and result.get(SEGMENT_FROM) != trial.trial_id
+            )
         self._handed.discard(trial.trial_id)
         decided = len(self.decisions)
         decision = super().on_trial_result(tune_controller, trial, result)
@@ -135,9 +145,49 @@ class LabPBT(PopulationBasedTraining):
             self.prune(tune_controller.get_trials())
         return decision
 
+    def _save_trial_state(self, state, time, result, trial):
+        # Ray records a member's score only where it is ranked: from here on its score is fresh.
+        self._pending.discard(trial.trial_id)
+        return super()._save_trial_state(state, time, result, trial)
+
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
         super().on_trial_complete(tune_controller, trial, result)
+        self._leaves(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial: Trial):
+        super().on_trial_error(tune_controller, trial)
+        self._leaves(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial: Trial):
+        super().on_trial_remove(tune_controller, trial)
+        self._leaves(tune_controller, trial)
+
+    def _leaves(self, tune_controller, trial: Trial) -> None:
+        """A member ended (its budget, the target, an error, stopped). Ray makes a synchronous decision
+        only when the last member still training reports at the sync point: one that ends before it
+        never reports there, and the others would wait at the point for ever. Decide now if everyone
+        left has arrived."""
+        self._gone.add(trial.trial_id)
+        if self._synch:
+            self._decide_if_all_arrived(tune_controller)
         self.prune(tune_controller.get_trials())
+
+    def _decide_if_all_arrived(self, tune_controller) -> None:
+        """Ray's synchronous decision (``on_trial_result``'s), made for the members still in the run
+        once all of them wait at the sync point."""
+        members = [
+            t for t in tune_controller.get_trials() if not t.is_finished() and t.trial_id not in self._gone
+        ]
+        times = [self._trial_state[t].last_train_time for t in members]
+        if not members or min(times) < self._next_perturbation_sync:
+            return
+        lower, upper = self._quantiles()
+        for t in [*upper, *(t for t in members if t not in lower and t not in upper), *lower]:
+            self._trial_state[t].last_perturbation_time = max(times)
+            self._checkpoint_or_exploit(t, tune_controller, upper, lower)
+        self._next_perturbation_sync = max(
+            self._next_perturbation_sync + self._perturbation_interval, max(times)
+        )
 
     def choose_trial_to_run(self, tune_controller):
         waiting = sorted(
@@ -169,20 +219,18 @@ class LabPBT(PopulationBasedTraining):
     # --- decisions --------------------------------------------------------------------------
 
     def _quantiles(self):
-        scores = {t: s.last_score for t, s in self._trial_state.items() if not t.is_finished()}
+        # Every member ranks by the score it last reported, if that score is fresh: a recipient (a
+        # rescued diverged member too) holds another state than the one it was scored on until it
+        # reports a score again, so it is neither ranked nor a donor (its stale score would fill the
+        # bottom slot and shield the real laggard, or a rescued member's old top score make it a donor).
+        scores = {
+            t: s.last_score
+            for t, s in self._trial_state.items()
+            if not t.is_finished() and t.trial_id not in self._gone and t.trial_id not in self._pending
+        }
         diverged = {t for t in scores if t.trial_id in self._diverged}
-        # Every member ranks by the score it last reported. A recipient whose copy is pending still
-        # holds its old one (scoring it as its donor made each copy push the next member to the
-        # bottom: half of all decisions became exploits, not a fifth); it is nobody's donor until it
-        # has reported, as its checkpoint is still its donor's.
-        pending = {t for t in scores if t.trial_id in self._pending}
         lower, upper = truncate(
-            scores,
-            diverged,
-            self._quantile_fraction,
-            self._rng,
-            not_donors=pending,
-            name=lambda t: t.trial_id,
+            scores, diverged, self._quantile_fraction, self._rng, name=lambda t: t.trial_id
         )
         self._deciding["sizes"] = {
             "ranked": len(ranked_members(scores, diverged)),
@@ -239,13 +287,21 @@ class LabPBT(PopulationBasedTraining):
             operation=new["operation"],
             donor_state_id=(self._trial_state[trial_to_clone].last_result or {}).get(STATE_ID),
         )
-        config = {**donor, OPTIMIZER: new[OPTIMIZER], LR: new[LR], EXPLOIT: record["decision"]}
+        # The recipient keeps its own seed: its data stream after the copy derives from it (trainable).
+        config = {
+            **donor,
+            OPTIMIZER: new[OPTIMIZER],
+            LR: new[LR],
+            SEED: trial.config[SEED],
+            EXPLOIT: record["decision"],
+        }
         return config, {OPTIMIZER: new["operation"], LR: new["operation"]}
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
         super()._exploit(tune_controller, trial, trial_to_clone)
         self._diverged.discard(trial.trial_id)  # it now holds the donor's healthy state
         self._pending.add(trial.trial_id)
+        self._awaiting[trial.trial_id] = self._deciding["exploit"]["decision"]
 
     # --- disk -------------------------------------------------------------------------------
 
@@ -296,6 +352,7 @@ class LabPBT(PopulationBasedTraining):
                 "has_checkpoint": s.last_checkpoint is not None,
                 DIVERGED_FLAG: trial.trial_id in self._diverged,
                 "pending": trial.trial_id in self._pending,
+                "awaiting": self._awaiting.get(trial.trial_id),
                 "last_report": self._last_report.get(trial.trial_id, 0),
             }
         # "snapshot" first: prune() reads the stored file's first bytes only.
@@ -365,6 +422,8 @@ class LabPBT(PopulationBasedTraining):
             self._diverged.add(trial.trial_id)
         if member["pending"]:
             self._pending.add(trial.trial_id)
+        if member.get("awaiting") is not None:
+            self._awaiting[trial.trial_id] = member["awaiting"]
         self._last_report[trial.trial_id] = member["last_report"]
 
     def write_state(self, state: dict) -> None:

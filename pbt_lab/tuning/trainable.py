@@ -55,13 +55,13 @@ from pbt_lab.names import (
     LR,
     LR_PLACE,
     LR_RANGES,
+    LR_USED,
     NODE_ID,
     OPTIMIZER,
     OPTIMIZER_STEPS,
     RAY,
     REPORTED_AT,
     RESTORED_ID,
-    RESTORED_LR,
     RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS,
     RESTORED_SHA256,
@@ -83,6 +83,7 @@ from pbt_lab.names import (
     WEIGHTS,
 )
 from pbt_lab.training.clock import PartClock
+from pbt_lab.training.state import stream_seed
 
 SEARCHED = (OPTIMIZER, LR, SEED)
 STATE_KEYS = (STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS)
@@ -95,7 +96,6 @@ RESTORE_KEYS = (
     FRESH_SLOTS_SHA256,
     RESTORED_OPTIMIZER_STEPS,
     RESTORED_OPTIMIZER,
-    RESTORED_LR,
     EXPLOIT,
 )
 
@@ -144,6 +144,7 @@ class LabTrainable(tune.Trainable):
             trainer.configure_tensorflow(self.threads)
             # Kept: a reused actor may need a Trainer of another shape.
             self.data, self.builder = data, builder
+            self._fresh_digests: dict = {}
             # Its training, validation and compiling count to their own parts of this actor's clock.
             self.trainer = trainer.Trainer(
                 data, train_config(config), ModelConfig(**config["model"]), builder, self.clock
@@ -238,24 +239,28 @@ class LabTrainable(tune.Trainable):
         return {
             **self.trainer.progress.last,
             CHECK_SECONDS: 0.0,
+            LR_USED: None,  # nothing trained: no rate was used
             SCORE: self._score,
             DIVERGED_FLAG: True,
             "done": self._waited > population["rescue_checks"],
         }
 
     def _follow_schedule(self) -> None:
-        """A replay's trial carries ``schedule`` [[step, optimizer, lr], …]: switch when a step is reached."""
+        """A replay's trial carries ``schedule`` [[step, optimizer, lr, data seed], …]: switch when a step is
+        reached (a new data seed: the new stream an exploit gave the member there)."""
         schedule = self.config.get("schedule")
         if not schedule:
             return
-        bank = self.trainer.optimizers
-        _, optimizer, lr = [c for c in schedule if c[0] <= self.trainer.progress.step][-1]
+        t, bank = self.trainer, self.trainer.optimizers
+        _, optimizer, lr, seed = [c for c in schedule if c[0] <= t.progress.step][-1]
+        if (optimizer, lr, seed) == (bank.name, bank.lr, t.order.seed):
+            return
         if optimizer != bank.name:
             bank.switch(optimizer, lr)  # fresh slots, as when an exploit switches
         elif lr != bank.lr:
             bank.set_lr(lr)
-        else:
-            return
+        if seed != t.order.seed:
+            t.order.reseed(seed)
         self._ancestry.append(self._segment_here())
 
     def _rank_score(self, metric: str, row: dict) -> float:
@@ -288,21 +293,24 @@ class LabTrainable(tune.Trainable):
         t = self.trainer
         with self.clock.part(CHECKPOINT_RESTORE):
             meta = t.restore(checkpoint_dir)
+        switched = meta[OPTIMIZER] != t.optimizers.name
         with self.clock.part(AUDIT):
             state, slots = t.state_digests()
+            fresh = self._new_slots_sha256() if switched else None
         saver = meta.get(SAVED_BY)
-        # Reported, not raised: the driver's audit compares these with what the saver reported.
+        decision = self.config.get(EXPLOIT) if saver != self.trial_id else None
+        # Reported, not raised: the driver's audit compares these with what the saver reported. The
+        # rate the optimizer uses is reported by the first check (LR_USED), read inside its traced call.
         self._restore_report = {
             SEGMENT_FROM: saver,
             SEGMENT_STEP: meta[STEP],
             RESTORED_ID: meta.get(STATE_ID),
             RESTORED_SHA256: state,
             RESTORED_SLOTS_SHA256: slots,
-            FRESH_SLOTS_SHA256: t.optimizers.fresh_slots_sha256,
+            FRESH_SLOTS_SHA256: fresh,
             RESTORED_OPTIMIZER_STEPS: t.optimizers.steps,
             RESTORED_OPTIMIZER: meta[OPTIMIZER],
-            RESTORED_LR: float(t.optimizers.optimizer.learning_rate.numpy()),
-            EXPLOIT: self.config.get(EXPLOIT) if saver != self.trial_id else None,
+            EXPLOIT: decision,
         }
         self._live = {
             STATE_ID: meta.get(STATE_ID),
@@ -313,12 +321,34 @@ class LabTrainable(tune.Trainable):
         self._ancestry = list(
             meta.get(ANCESTRY) or [segment(0, meta[OPTIMIZER], meta[LR], t.order.seed, saver)]
         )
+        if decision is not None:
+            # A copy keeps its donor's weights and slots, not its batches: its own data stream from here.
+            t.order.reseed(stream_seed(int(self.config[SEED]), int(decision)))
+            self._live = None
         last = self._ancestry[-1]
-        if saver != self.trial_id or (last[OPTIMIZER], last[LR]) != (t.optimizers.name, t.optimizers.lr):
-            self._ancestry.append(self._segment_here())
+        here = self._segment_here()
+        if saver != self.trial_id or (last[OPTIMIZER], last[LR], last[SEED]) != (
+            here[OPTIMIZER],
+            here[LR],
+            here[SEED],
+        ):
+            self._ancestry.append(here)
         population = self.config.get("population")
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
         self._waited = 0
+
+    def _new_slots_sha256(self) -> str:
+        """The slots digest of a newly built optimizer of the live kind on this model (once per kind and
+        worker): what a switch must have left, computed apart from the bank that switched."""
+        bank = self.trainer.optimizers
+        key = (bank.name, repr(sorted(bank.overrides.items())))
+        if key not in self._fresh_digests:
+            from pbt_lab.training.optimizers import new_slots_sha256  # Keras: on the worker only
+
+            self._fresh_digests[key] = new_slots_sha256(
+                bank.name, self.trainer.model.trainable_variables, **bank.overrides
+            )
+        return self._fresh_digests[key]
 
     def reset_config(self, new_config: dict) -> bool:
         if int(new_config["threads"]) != self.threads:
@@ -332,5 +362,6 @@ class LabTrainable(tune.Trainable):
                 from pbt_lab.training.trainer import Trainer
 
                 self.trainer = Trainer(self.data, train_cfg, model, self.builder, self.clock)
+                self._fresh_digests = {}
             self._start()
         return True
