@@ -346,6 +346,28 @@ def test_a_resumed_recipient_repeating_its_exploit_counts_once_and_a_real_second
     assert history["compute_train_seconds"].iloc[0] == 9.0  # the repeated checks were still spent
 
 
+def test_initial_values_come_from_the_first_report_not_from_rays_rewritten_params(tmp_path):
+    from pbt_lab.results.ray_files import read_reports
+    from pbt_lab.results.tables import read_trials
+
+    trial = tmp_path / "LabTrainable_x_00000"
+    trial.mkdir()
+    # Ray rewrote params.json at the member's exploit: it names the config it had last.
+    (trial / "params.json").write_text(
+        json.dumps({OPTIMIZER: "momentum", LR: 0.0158, "seed": 3, "model": {"scale": 0.25}})
+    )
+    rows = [
+        report("x_00000", 1, 50, optimizer="rmsprop", lr=0.000429),
+        report("x_00000", 2, 100, optimizer="momentum", lr=0.0158, segment_from="d", segment_step=50),
+    ]
+    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    history = read_history(read_reports(tmp_path, {}))
+    trials = read_trials(tmp_path, history, ray_states={})
+    row = trials.iloc[0]
+    assert (row["initial_optimizer"], row["initial_lr"]) == ("rmsprop", 0.000429)
+    assert (row[OPTIMIZER], row[LR]) == ("momentum", 0.0158)
+
+
 def test_quantile_sizes_compare_each_decision_with_floor_of_the_fraction():
     decisions = [
         {"ranked": 1, "lower": 0, "upper": 0},

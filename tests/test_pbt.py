@@ -5,7 +5,9 @@ state, synchronous PBT."""
 
 import json
 import os
+import re
 import signal
+import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from conftest import SERIAL, finish, run_pbt
 
 from pbt_lab import pbt
-from pbt_lab.names import EXPLOIT, LINEAGE
+from pbt_lab.names import EXPLOIT, LINEAGE, RESTORES
 from pbt_lab.results import lineage, member_schedule, read_checkpoint_meta, read_tables, write_tables
 
 LINEAGE_KEY = ["step", "recipient", "donor", "new_optimizer", "new_lr"]
@@ -50,6 +52,59 @@ def test_every_exploit_is_decided_matched_and_verified(quick_pbt):
     lineage = pd.read_parquet(quick_pbt / LINEAGE)
     assert (lineage["verdict"] == "verified").all() and lineage["matched"].all()
     assert (lineage["donor"] == lineage["source"]).all()  # each copy came from the donor the decision named
+
+
+@pytest.mark.slow
+def test_every_restore_is_verified_and_counted_by_kind(quick_pbt):
+    _, _, summary = read_tables(quick_pbt)
+    restores = pd.read_parquet(quick_pbt / RESTORES)
+    counts = summary["restores"]
+    assert counts["count"] == len(restores) == counts["verified"] and counts["unmatched"] == 0
+    assert set(counts["by_kind"]) == {"exploit", "pause"}  # serial: every turn is a pause and a restore
+    assert counts["by_kind"]["exploit"]["verified"] == summary["exploits"]["exploits"]
+    assert counts["by_kind"]["pause"]["verified"] >= 10
+    own = restores[restores["kind"] == "pause"]
+    assert (own["source"] == own["trial_id"]).all() and (restores["verdict"] == "verified").all()
+
+
+def scale_every_checkpoint(run: Path, stop: threading.Event, factor=1.001) -> None:
+    """The issue's watcher: every checkpoint written to the run, one weight array × 1.001 once it is
+    whole (the file still loads), swapped in atomically."""
+    done = set()
+    while not stop.is_set():
+        for arrays in run.glob("*/checkpoint_*/trainer.npz"):
+            if arrays in done:
+                continue
+            try:
+                with np.load(arrays) as f:
+                    loaded = dict(f)
+            except Exception:  # still being written (a zip without its end yet, or no file at all)
+                continue
+            loaded["model/0"] = loaded["model/0"] * np.float32(factor)
+            tampered = arrays.with_suffix(".tmp.npz")
+            np.savez(tampered, **loaded)
+            os.replace(tampered, arrays)
+            done.add(arrays)
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_own_checkpoints_tampered_after_their_save_fail_the_run_and_are_named(tmp_path):
+    stop = threading.Event()
+    watcher = threading.Thread(target=scale_every_checkpoint, args=(tmp_path / "tampered", stop), daemon=True)
+    watcher.start()
+    driver = run_pbt(tmp_path, "tampered", "--set", "train.max_steps=300")
+    driver.wait(timeout=900)
+    stop.set()
+    log = (tmp_path / "tampered.log").read_text()
+    assert driver.returncode == 1, log[-3000:]
+    _, _, summary = read_tables(tmp_path / "tampered")
+    pause = summary["restores"]["by_kind"]["pause"]
+    assert pause["mismatched"] >= 1 and pause["verified"] == 0
+    assert re.search(
+        r"MISMATCHED: weights differ from what the member saved: \w+_\d+ \(pause, step \d+\)", log
+    )
+    assert "AUDIT: " in log and "pause restore(s) mismatched" in log
 
 
 @pytest.mark.slow
