@@ -1,13 +1,13 @@
 """PBT's choices as pure functions on hand-made inputs (no Ray run, no training): exact truncation,
 explore inside each optimizer's range, seeded draws, the scheduler's state across a resume."""
 
+import io
 import json
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from pyarrow.fs import LocalFileSystem
 
 from pbt_lab.config import PBTConfig
 from pbt_lab.names import LR, OPTIMIZER
@@ -296,6 +296,28 @@ class Manager:
         return self._latest_checkpoint_result
 
 
+class Storage:
+    """The experiment's storage as LabPBT reads it: the snapshot number its ``pbt_state.json`` holds
+    (none yet: reading fails as a missing file does), raised to ``uploading`` when Ray's upload ends
+    (``syncer.wait``)."""
+
+    stored: int | None = None
+    uploading: int | None = None
+
+    def __init__(self):
+        self.storage_filesystem, self.experiment_fs_path = self, "run"
+        self.syncer = SimpleNamespace(wait=self.upload)
+
+    def open_input_stream(self, path):
+        if self.stored is None:
+            raise FileNotFoundError(path)
+        return io.BytesIO(f'{{"snapshot": {Storage.stored}'.encode())
+
+    @classmethod
+    def upload(cls):
+        cls.stored = cls.uploading
+
+
 class Member:
     """A trial as LabPBT and Ray's PBT use it (status, config, tags, checkpoint manager)."""
 
@@ -307,10 +329,7 @@ class Member:
         self.evaluated_params, self.status = {}, Trial.RUNNING
         self.run_metadata = SimpleNamespace(checkpoint_manager=Manager())
         self.temporary_state = SimpleNamespace(saving_to=None)
-        # No experiment snapshot in storage yet: reading one fails as a missing file does.
-        self.storage = SimpleNamespace(
-            storage_filesystem=LocalFileSystem(), experiment_fs_path="/nonexistent"
-        )
+        self.storage = Storage()
 
     def is_finished(self):
         return self.status in ("TERMINATED", "ERROR")
@@ -333,25 +352,27 @@ class Controller:
 
     search_alg = None
 
-    def __init__(self, members: list[Member]):
-        self.members = members
-
     def get_trials(self):
         return self.members
 
     def get_live_trials(self):
         return {m for m in self.members if not m.is_finished()}
 
+    def __init__(self, members: list[Member]):
+        self.members, self.deleted, self.saves = members, [], 0
+
     def _schedule_trial_save(self, trial, result=None):
-        checkpoint = SimpleNamespace(path=f"{trial.trial_id}/{result['training_iteration']}", filesystem=None)
-        trial.run_metadata.checkpoint_manager._latest_checkpoint_result = SimpleNamespace(
-            checkpoint=checkpoint, metrics=result
-        )
+        self.saves += 1
+        path = f"{trial.trial_id}/{self.saves}"
+        checkpoint = SimpleNamespace(path=path, filesystem=SimpleNamespace(delete_dir=self.deleted.append))
+        saved = SimpleNamespace(checkpoint=checkpoint, metrics=result)
+        trial.run_metadata.checkpoint_manager._latest_checkpoint_result = saved
+        trial.run_metadata.checkpoint_manager.best_checkpoint_results.append(saved)  # registered
         return checkpoint
 
     def pause_trial(self, trial, should_checkpoint=True):
         if should_checkpoint:  # a pause saves the state the member last reported
-            self._schedule_trial_save(trial, {"training_iteration": trial.last_iteration})
+            self._schedule_trial_save(trial, trial.last_result)
         trial.status = "PAUSED"
 
 
@@ -365,7 +386,7 @@ def population(s: LabPBT, lrs: dict) -> tuple[Controller, dict]:
 
 def report(s: LabPBT, controller, member: Member, iteration: int, score: float, **extra) -> str:
     result = {"training_iteration": iteration, "score": score, "diverged": False, **extra}
-    member.status, member.last_iteration = "RUNNING", iteration  # a member that reports runs
+    member.status, member.last_result = "RUNNING", result  # a member that reports runs
     return s.on_trial_result(controller, member, result)
 
 
@@ -457,3 +478,29 @@ def test_synchronous_pbt_when_the_last_to_report_is_the_one_exploited():
     assert s._next_perturbation_sync == 4
     chosen = {s.choose_trial_to_run(controller).trial_id for _ in range(3)}
     assert chosen <= {"a", "b", "c"} and chosen
+
+
+def test_a_recipient_waiting_on_an_older_checkpoint_copies_the_donors_latest_to_keep_the_bound():
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score, state_id=f"{name}1")
+    report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e's state e1, and waits for a slot
+    decision = s.decisions[-1]
+    assert decision["donor"] == "e" and decision["donor_state_id"] == "e1"
+    decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
+    held = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results
+    Storage.stored = Storage.uploading = None
+    for iteration in (2, 3, 4, 5):
+        report(s, controller, m["e"], iteration, 0.95, state_id=f"e{iteration}")  # PBT saves its top member
+        assert len(held) <= 3
+        s.make_room(m["e"], controller.members)  # on_trial_save: the pause's save follows
+        controller.pause_trial(m["e"])  # and saves the same state again
+        assert len(held) <= 3
+        s.make_room(m["e"], controller.members)
+        s.snapshot_taken()  # an experiment snapshot names e's latest; storage holds the one before
+        Storage.stored, Storage.uploading = Storage.uploading, s._snapshot_count
+    waiting = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
+    assert waiting.checkpoint.path == held[-1].checkpoint.path  # e's latest, not the decided e1
+    assert decision["donor_state_id"] == waiting.metrics["state_id"] and "redirected" in decision
+    assert m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[0] is not decided

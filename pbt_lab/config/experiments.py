@@ -101,8 +101,18 @@ class PBTConfig:
     """Synchronous PBT: every member waits at each interval, then all are ranked at once."""
     seed: int = 0
     """Seeds the initial population and every choice PBT makes (ties, donors, explore)."""
+    max_checkpoints_per_member: int = 3
+    """Checkpoints a member's directory holds at any moment, the one being written included (≥ 3: its
+    latest, the one the experiment snapshot in storage names, and the next)."""
 
     def __post_init__(self):
+        require(
+            isinstance(self.max_checkpoints_per_member, int)
+            and not isinstance(self.max_checkpoints_per_member, bool)
+            and self.max_checkpoints_per_member >= 3,
+            "pbt.max_checkpoints_per_member must be an integer ≥ 3 (a member's latest checkpoint, the one "
+            f"a resume needs and the one being written), got {self.max_checkpoints_per_member!r}",
+        )
         require(
             isinstance(self.population, int) and self.population >= 2,
             f"pbt.population must be an integer ≥ 2, got {self.population!r}",

@@ -30,8 +30,6 @@ from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.scheduler import LabPBT
 from pbt_lab.tuning.trainable import points_space, trial_space
 
-CHECKPOINTS_PER_MEMBER = 4  # what the scheduler keeps at most (README, "What PBT does here")
-
 
 def seeds(p: PBTConfig) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
     """Independent streams from ``pbt.seed``: the initial population's, and the scheduler's."""
@@ -73,7 +71,7 @@ def validate(run: cli.Run) -> None:
         )
     p = run.cfg.pbt
     # Weights and up to two slots per weight (Adam, Adadelta), 4 bytes each.
-    need = p.population * CHECKPOINTS_PER_MEMBER * 12 * run.weights
+    need = p.population * p.max_checkpoints_per_member * 12 * run.weights
     free = free_bytes(run.storage_path)
     if free is not None and need > free:
         raise UserError(
@@ -114,6 +112,7 @@ def population_setup(run: cli.Run) -> tuple[dict, dict]:
         burn_in_period=p.burn_in_period,
         quantile_fraction=p.quantile_fraction,
         synch=p.synch,
+        max_checkpoints_per_member=p.max_checkpoints_per_member,
     )
     return space, {
         "scheduler": scheduler,

@@ -6,8 +6,8 @@
 The schedule is the ancestry in the member's last checkpoint (segments of step, optimizer, rate and
 data-order stream since step 0), not rebuilt from the tables. One trial whose trainable switches
 optimizer, rate and data stream at the schedule's steps, from the seed its lineage started with
-(weights, dropout, data order). (Ray's PopulationBasedTrainingReplay pauses and restores the trial at each change; on this
-Ray it dropped results around the pauses and once stopped the trial early.)
+(weights, dropout, data order). (Ray's PopulationBasedTrainingReplay pauses and restores the trial
+at each change; on this Ray it dropped results around the pauses and once stopped the trial early.)
 """
 
 from __future__ import annotations

@@ -68,8 +68,14 @@ class KeepPBTState(tune.Callback):
     def set_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state)
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("done"):  # Ray saves at the end without asking the scheduler first
+            self.scheduler.make_room(trial, trials)
+
     def on_trial_save(self, iteration, trials, trial, **info):
-        self.scheduler.prune(trials)  # the new checkpoint may replace one (Ray saves a state twice)
+        # The new checkpoint may replace one (Ray saves a state twice: PBT's save, then the pause's),
+        # and the pause's save follows this one.
+        self.scheduler.make_room(trial, trials)
 
 
 class PopulationStop(tune.Stopper):

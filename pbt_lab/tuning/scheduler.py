@@ -33,16 +33,13 @@ What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from ray.train._internal.session import _FutureTrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
@@ -61,12 +58,13 @@ from pbt_lab.names import (
     SEGMENT_FROM,
     STATE_ID,
 )
+from pbt_lab.tuning.disk import BoundedCheckpoints
 from pbt_lab.tuning.explore import ExplorePolicy, explore, ranked_members, truncate
 
 # --- the scheduler -------------------------------------------------------------------------
 
 
-class LabPBT(PopulationBasedTraining):
+class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
     """Ray's PBT with the lab's truncation, explore, seeding, record, resume and disk bound
     (module docstring). Time is ``training_iteration``: one check."""
 
@@ -81,6 +79,7 @@ class LabPBT(PopulationBasedTraining):
         quantile_fraction: float = 0.2,
         mode: str = "max",
         synch: bool = False,
+        max_checkpoints_per_member: int = 3,
     ):
         super().__init__(
             time_attr="training_iteration",
@@ -112,9 +111,8 @@ class LabPBT(PopulationBasedTraining):
         self._handed: set[str] = set()  # members handed to Ray to start that have not reported since
         # The decision being made: its quantiles' sizes, and its record if it is an exploit.
         self._deciding: dict = {"sizes": {}, "exploit": None}
-        # Checkpoints each experiment snapshot names, by number, until storage holds a later one.
-        self._snapshots: list[tuple[int, set[str]]] = []
-        self._snapshot_count = 0
+        self._max_checkpoints = max_checkpoints_per_member
+        self._snapshots, self._snapshot_count = [], 0  # BoundedCheckpoints' record of the snapshots
         self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
         self.decisions: list[dict] = []
 
@@ -124,8 +122,11 @@ class LabPBT(PopulationBasedTraining):
         super().on_trial_add(tune_controller, trial)
         if trial.trial_id in self._restored:
             self._apply_member_state(trial, self._restored.pop(trial.trial_id))
+            if not self._restored:  # every member is back: their checkpoints are known
+                self.redirect_resumed()
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        self.make_room(trial, tune_controller.get_trials())  # a save may follow this result
         self._reports += 1
         self._last_report[trial.trial_id] = self._reports
         if result.get(DIVERGED_FLAG):
@@ -303,42 +304,6 @@ class LabPBT(PopulationBasedTraining):
         self._pending.add(trial.trial_id)
         self._awaiting[trial.trial_id] = self._deciding["exploit"]["decision"]
 
-    # --- disk -------------------------------------------------------------------------------
-
-    def prune(self, trials: list[Trial]) -> None:
-        """Delete every checkpoint nothing can restore any more. Kept: each member's latest (a
-        paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
-        and what the experiment snapshot in storage names (a resume restores from it)."""
-        stored = self._stored_snapshot()
-        self._snapshots = [(k, paths) for k, paths in self._snapshots if stored is None or k >= stored]
-        needed = set().union(*(paths for _, paths in self._snapshots))
-        for trial in trials:
-            latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
-            if latest:
-                needed.add(latest.checkpoint.path)
-        for trial, state in self._trial_state.items():
-            checkpoint, result = state.last_checkpoint, state.last_result
-            if isinstance(checkpoint, _FutureTrainingResult):
-                saved = checkpoint.resolve(block=False)  # not saved yet: then it is registered nowhere either
-                checkpoint, result = (saved.checkpoint, saved.metrics) if saved else (None, None)
-            latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
-            same = (
-                latest and (result or {}).get(STATE_ID) and latest.metrics.get(STATE_ID) == result[STATE_ID]
-            )
-            if checkpoint is not None and same:
-                # Ray saved the same state twice (its PBT save, then a pause or periodic save): copy
-                # from the latest, so the other can go.
-                state.last_checkpoint, state.last_result, checkpoint = latest.checkpoint, latest.metrics, None
-            if checkpoint is not None:
-                needed.add(checkpoint.path)
-        for trial in trials:
-            # With num_to_keep=None this is the checkpoint manager's own list, which Ray never prunes.
-            registered = trial.run_metadata.checkpoint_manager.best_checkpoint_results
-            for result in [r for r in registered if r.checkpoint.path not in needed]:
-                with contextlib.suppress(OSError):  # already gone: forget it all the same
-                    result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
-                registered.remove(result)
-
     # --- state across a resume --------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -365,37 +330,6 @@ class LabPBT(PopulationBasedTraining):
             "members": members,
             "decisions": self.decisions,
         }
-
-    def snapshot_taken(self) -> None:
-        """Ray is writing an experiment snapshot: a resume restores each member from the latest
-        checkpoint it names, so those stay until storage holds a later snapshot (Ray uploads in the
-        background, and skips an upload while the one before is still going)."""
-        self._snapshot_count += 1
-        self._snapshots.append(
-            (
-                self._snapshot_count,
-                {
-                    r.checkpoint.path
-                    for t in self._trial_state
-                    if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)
-                },
-            )
-        )
-
-    def _stored_snapshot(self) -> int | None:
-        """The number of the snapshot storage holds, from its ``pbt_state.json`` (None: none yet)."""
-        if not self._trial_state:
-            return None
-        storage = next(iter(self._trial_state)).storage
-        try:
-            with storage.storage_filesystem.open_input_stream(
-                f"{storage.experiment_fs_path}/{PBT_STATE_FILE}"
-            ) as f:
-                head = f.read(64).decode()
-        except OSError:
-            return None
-        found = re.match(r'\{"snapshot": (\d+)', head)
-        return int(found[1]) if found else None
 
     def load_state_dict(self, state: dict) -> None:
         self._snapshot_count = state["snapshot"]

@@ -1,0 +1,173 @@
+"""LabPBT's disk bound: the checkpoints a member's directory holds, never more than
+``pbt.max_checkpoints_per_member`` at any moment (the one being written included).
+
+A member's directory holds what something can still restore: its latest checkpoint (a pause, a
+restart), the one the experiment snapshot in storage names as its latest (a resume), what PBT would
+copy from it (a future exploit) and what a paused recipient waits to copy. Before a member saves,
+its directory is brought under the bound: what nothing needs is deleted; a recipient waiting on an
+older checkpoint copies the donor's latest instead (its decision records it); PBT's copy of an older
+ranked state is dropped; and if a snapshot is still on its way to storage, the driver waits for it,
+so that the snapshot before it names nothing any more. A snapshot's recipient waiting on a donor's
+checkpoint does not hold it: if it is gone when the run resumes, the recipient copies the donor's
+checkpoint that snapshot names (``redirect_resumed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+
+from ray.train._internal.session import _FutureTrainingResult, _TrainingResult
+from ray.tune.experiment import Trial
+
+from pbt_lab.names import PBT_STATE_FILE, STATE_ID
+
+BOUND = "keeping the decided checkpoint would exceed pbt.max_checkpoints_per_member"
+
+
+class BoundedCheckpoints:
+    """LabPBT's checkpoint keeping (a mixin: it reads PBT's ``_trial_state``, the decisions and the
+    recipients awaiting their exploit)."""
+
+    _max_checkpoints: int
+    # Checkpoints each experiment snapshot names, by number, until storage holds a later one.
+    _snapshots: list[tuple[int, set[str]]]
+    _snapshot_count: int
+
+    def make_room(self, trial: Trial, trials: list[Trial]) -> None:
+        """Before ``trial`` saves: at most max − 1 checkpoints in its directory, so that the one it is
+        about to write is at most the max-th."""
+        self.prune(trials)
+        if self._held(trial) < self._max_checkpoints:
+            return
+        latest = _newest(trial)
+        for other in trials:
+            self._redirect(other, trial, latest)
+        state = self._trial_state[trial]
+        copied = state.last_checkpoint  # a save in flight (a future) is the latest to be
+        if (
+            not isinstance(copied, (type(None), _FutureTrainingResult))
+            and copied.path != latest.checkpoint.path
+        ):
+            # PBT's copy of an older ranked state: the member is copied from its latest, or not at all.
+            state.last_checkpoint = None
+        self.prune(trials)
+        if self._held(trial) >= self._max_checkpoints:
+            with contextlib.suppress(Exception):  # a failed upload is Ray's to report
+                trial.storage.syncer.wait()  # the snapshot on its way: the one before it then names nothing
+            self.prune(trials)
+
+    def _held(self, trial: Trial) -> int:
+        return len(trial.run_metadata.checkpoint_manager.best_checkpoint_results)
+
+    def _redirect(self, recipient: Trial, donor: Trial, latest: _TrainingResult, why: str = BOUND) -> None:
+        """A recipient waiting to copy an older checkpoint of ``donor`` copies ``latest`` instead."""
+        manager = recipient.run_metadata.checkpoint_manager
+        waiting = manager.latest_checkpoint_result
+        decision = self._awaiting.get(recipient.trial_id)
+        if decision is None or not waiting or waiting.checkpoint.path not in _own(donor):
+            return
+        if waiting.checkpoint.path == latest.checkpoint.path:
+            return
+        manager._latest_checkpoint_result = _TrainingResult(copy.copy(latest.checkpoint), latest.metrics)
+        record = self.decisions[decision]
+        record["redirected"] = {"from_state_id": record.get("donor_state_id"), "why": why}
+        record["donor_state_id"] = latest.metrics.get(STATE_ID)
+
+    def redirect_resumed(self) -> None:
+        """On a resume: a recipient that was waiting for its exploit when the snapshot was taken, whose
+        donor checkpoint was deleted since, copies the donor's checkpoint the snapshot names instead."""
+        members = {t.trial_id: t for t in self._trial_state}
+        for recipient_id, decision in list(self._awaiting.items()):
+            recipient, donor = members.get(recipient_id), members.get(self.decisions[decision]["donor"])
+            latest = donor and donor.run_metadata.checkpoint_manager.latest_checkpoint_result
+            waiting = recipient and recipient.run_metadata.checkpoint_manager.latest_checkpoint_result
+            if not (latest and waiting) or _exists(waiting.checkpoint):
+                continue
+            self._redirect(recipient, donor, latest, why="resumed: the decided checkpoint was deleted")
+
+    def prune(self, trials: list[Trial]) -> None:
+        """Delete every checkpoint nothing can restore any more. Kept: each member's latest (a
+        paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
+        and what the experiment snapshot in storage names (a resume restores from it)."""
+        stored = self._stored_snapshot()
+        self._snapshots = [(k, paths) for k, paths in self._snapshots if stored is None or k >= stored]
+        needed = set().union(*(paths for _, paths in self._snapshots))
+        for trial in trials:
+            latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+            if latest:
+                needed.add(latest.checkpoint.path)
+        for trial, state in self._trial_state.items():
+            checkpoint, result = state.last_checkpoint, state.last_result
+            if isinstance(checkpoint, _FutureTrainingResult):
+                saved = checkpoint.resolve(block=False)  # not saved yet: then it is registered nowhere either
+                checkpoint, result = (saved.checkpoint, saved.metrics) if saved else (None, None)
+            latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+            same = (
+                latest and (result or {}).get(STATE_ID) and latest.metrics.get(STATE_ID) == result[STATE_ID]
+            )
+            if checkpoint is not None and same:
+                # Ray saved the same state twice (its PBT save, then a pause or periodic save): copy
+                # from the latest, so the other can go.
+                state.last_checkpoint, state.last_result, checkpoint = latest.checkpoint, latest.metrics, None
+            if checkpoint is not None:
+                needed.add(checkpoint.path)
+        for trial in trials:
+            # With num_to_keep=None this is the checkpoint manager's own list, which Ray never prunes.
+            registered = trial.run_metadata.checkpoint_manager.best_checkpoint_results
+            for result in [r for r in registered if r.checkpoint.path not in needed]:
+                with contextlib.suppress(OSError):  # already gone: forget it all the same
+                    result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
+                registered.remove(result)
+
+    def snapshot_taken(self) -> None:
+        """Ray is writing an experiment snapshot: a resume restores each member from the latest
+        checkpoint it names, so those stay until storage holds a later snapshot (Ray uploads in the
+        background, and skips an upload while the one before is still going)."""
+        self._snapshot_count += 1
+        self._snapshots.append(
+            (
+                self._snapshot_count,
+                {
+                    r.checkpoint.path
+                    for t in self._trial_state
+                    if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)
+                    and r.checkpoint.path in _own(t)  # a recipient's donor checkpoint: redirect_resumed
+                },
+            )
+        )
+
+    def _stored_snapshot(self) -> int | None:
+        """The number of the snapshot storage holds, from its ``pbt_state.json`` (None: none yet)."""
+        if not self._trial_state:
+            return None
+        storage = next(iter(self._trial_state)).storage
+        try:
+            with storage.storage_filesystem.open_input_stream(
+                f"{storage.experiment_fs_path}/{PBT_STATE_FILE}"
+            ) as f:
+                head = f.read(64).decode()
+        except OSError:
+            return None
+        found = re.match(r'\{"snapshot": (\d+)', head)
+        return int(found[1]) if found else None
+
+
+def _own(trial: Trial) -> set[str]:
+    """The checkpoints a member saved itself (in its directory)."""
+    return {r.checkpoint.path for r in trial.run_metadata.checkpoint_manager.best_checkpoint_results}
+
+
+def _newest(trial: Trial) -> _TrainingResult:
+    """The newest checkpoint a member saved itself (its manager registers them in order)."""
+    return trial.run_metadata.checkpoint_manager.best_checkpoint_results[-1]
+
+
+def _exists(checkpoint) -> bool:
+    from pyarrow import fs
+
+    try:
+        return checkpoint.filesystem.get_file_info(checkpoint.path).type != fs.FileType.NotFound
+    except OSError:
+        return False
