@@ -12,6 +12,10 @@ class UserError(ValueError):
     """Bad input from the user: entry points print it as one line and exit with code 2."""
 
 
+class StorageFull(RuntimeError):
+    """The run's storage filled up mid-run: the run stops, resumable, says so in one line, exits 1."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line (no usage block) and exit code 2."""
 

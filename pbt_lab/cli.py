@@ -31,7 +31,15 @@ from pathlib import Path
 from pbt_lab import OneLineParser, UserError, results
 from pbt_lab.config import STUDY_CNN, load_config
 from pbt_lab.names import TUNER_FILE
-from pbt_lab.storage import check_storage, file_exists, is_uri, uri_exists
+from pbt_lab.storage import (
+    check_room,
+    check_storage,
+    file_exists,
+    is_storage_full,
+    is_uri,
+    run_bytes,
+    uri_exists,
+)
 from pbt_lab.training.data import Dataset, load_dataset
 
 STORAGE_ENV = "PBT_LAB_STORAGE"
@@ -92,6 +100,8 @@ class Run:
     weights: int | None = None
     session: Session = field(default_factory=Session)
     tables: dict | None = None
+    stopped: str | None = None
+    """Why the run stopped before its end (its storage filled up): it exits 1, resumable."""
 
     @property
     def run_dir(self) -> Path | str:
@@ -102,6 +112,18 @@ class Run:
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """One checkpoint of this run's model: its weights and up to two slots per weight (Adam,
+        Adadelta), 4 bytes each, and the metadata."""
+        return 12 * (self.weights or 0) + 100_000
+
+    def check_room(self, trials: int, checkpoints: int) -> None:
+        """One line if the storage cannot hold ``trials`` trials' reports and tables and ``checkpoints``
+        checkpoints at once."""
+        need = run_bytes(trials, self.cfg.train.most_checks, checkpoints, self.checkpoint_bytes)
+        check_room(self.storage_path, need, f"this run ({trials} trials, {checkpoints} checkpoints at most)")
 
     def check_run_dir(self) -> None:
         named = self.args.name
@@ -317,18 +339,31 @@ def finish(
 ) -> int:
     """Every command's end: write the tables, summary and figures of a run of ``kind`` (the command's
     own by default), print the result (and ``describe(tables)``), and return the exit code: 1 if a
-    trial failed or an exploit failed the audit."""
-    tables = results.write_tables(
-        run.run_dir,
-        kind=kind or run.kind,
-        config=run.config_dict(),
-        data=run.data.identity(),
-        session=asdict(run.session),
-        stopped_as=stopped_as,
-        extra=extra,
-    )
+    trial failed, the restores failed the audit, or the run stopped before its end (its storage full:
+    the last line says so)."""
+    stopped = f"STOPPED: {run.stopped}; free space, then --resume --name {run.name}" if run.stopped else None
+    if stopped and not is_uri(run.run_dir):
+        results.remove_cut_short_checkpoints(run.run_dir)  # the saves the full disk cut short
+    try:
+        tables = results.write_tables(
+            run.run_dir,
+            kind=kind or run.kind,
+            config=run.config_dict(),
+            data=run.data.identity(),
+            session=asdict(run.session),
+            stopped_as=stopped_as,
+            extra=extra,
+        )
+    except (OSError, UserError) as e:
+        if not stopped or (isinstance(e, OSError) and not is_storage_full(e)):
+            raise
+        print(f"{stopped} (no tables written: {str(e).splitlines()[0]})")
+        return 1
     run.tables = tables
     print(results.console_summary(tables, run.run_dir))
     if describe:
         print(describe(tables))
+    if stopped:
+        print(stopped)
+        return 1
     return results.exit_status(tables)

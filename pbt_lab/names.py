@@ -125,4 +125,5 @@ RESTORES = "restores.parquet"  # every restore of a checkpoint, with the audit's
 SUMMARY, FIGURES = "summary.json", "figures"
 TUNER_FILE = "tuner.pkl"  # Ray Tune's own record of a run: what --resume restores from
 PBT_STATE_FILE = "pbt_state.json"  # the scheduler's decisions and state, with every experiment snapshot
-CHECKPOINT_META = "trainer.json"  # a checkpoint's metadata (the arrays beside it: trainer.npz)
+CHECKPOINT_META = "trainer.json"  # a checkpoint's metadata
+CHECKPOINT_ARRAYS = "trainer.npz"  # a checkpoint's arrays: weights, optimizer slots

@@ -19,7 +19,7 @@ ALLOWED = {
     "training": {"names", "config"},
     "results": {"names", "config", "storage", "plots"},
     "cli": {"names", "config", "storage", "training", "results"},
-    "tuning": {"names", "config", "training"},
+    "tuning": {"names", "config", "storage", "training"},
     "experiments": {"names", "config", "storage", "cli", "training", "tuning", "results"},
     "commands": {"names", "config", "cli", "training", "experiments"},
     "report": {"names", "storage", "cli", "results", "plots"},

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ray.tune.experiment import Trial
 
 from pbt_lab.config import PBTConfig
 from pbt_lab.names import LR, OPTIMIZER
@@ -322,17 +323,15 @@ class Member:
     """A trial as LabPBT and Ray's PBT use it (status, config, tags, checkpoint manager)."""
 
     def __init__(self, name: str, lr: float):
-        from ray.tune.experiment import Trial
-
         self.trial_id = self.experiment_tag = name
         self.config = {OPTIMIZER: "adam", LR: lr, "seed": 1}
         self.evaluated_params, self.status = {}, Trial.RUNNING
         self.run_metadata = SimpleNamespace(checkpoint_manager=Manager())
-        self.temporary_state = SimpleNamespace(saving_to=None)
+        self.temporary_state, self.is_restoring = SimpleNamespace(saving_to=None), False
         self.storage = Storage()
 
     def is_finished(self):
-        return self.status in ("TERMINATED", "ERROR")
+        return self.status in (Trial.TERMINATED, Trial.ERROR)
 
     @property
     def checkpoint(self):
@@ -373,7 +372,7 @@ class Controller:
     def pause_trial(self, trial, should_checkpoint=True):
         if should_checkpoint:  # a pause saves the state the member last reported
             self._schedule_trial_save(trial, trial.last_result)
-        trial.status = "PAUSED"
+        trial.status = Trial.PAUSED
 
 
 def population(s: LabPBT, lrs: dict) -> tuple[Controller, dict]:
@@ -386,7 +385,7 @@ def population(s: LabPBT, lrs: dict) -> tuple[Controller, dict]:
 
 def report(s: LabPBT, controller, member: Member, iteration: int, score: float, **extra) -> str:
     result = {"training_iteration": iteration, "score": score, "diverged": False, **extra}
-    member.status, member.last_result = "RUNNING", result  # a member that reports runs
+    member.status, member.last_result = Trial.RUNNING, result  # a member that reports runs
     return s.on_trial_result(controller, member, result)
 
 
@@ -457,7 +456,7 @@ def test_synchronous_pbt_decides_when_a_member_ends_before_the_sync_point(leaves
         s.on_trial_error(controller, m["c"])
     else:
         s.on_trial_complete(controller, m["c"], {"training_iteration": 1, "done": True})
-    m["c"].status = "TERMINATED" if leaves != "on_trial_error" else "ERROR"
+    m["c"].status = Trial.TERMINATED if leaves != "on_trial_error" else Trial.ERROR
     assert sorted(d["member"] for d in s.decisions) == ["a", "b"]
     assert {d["action"] for d in s.decisions} == {"save", "exploit"}  # b copies a
     assert s._next_perturbation_sync == 4
@@ -472,7 +471,7 @@ def test_synchronous_pbt_when_the_last_to_report_is_the_one_exploited():
         report(s, controller, m[name], 2, score)
         controller.pause_trial(m[name])
     assert report(s, controller, m["c"], 2, 0.1) == "NOOP"  # Ray paused it for the exploit
-    assert m["c"].status == "PAUSED" and m["c"].config["exploit_decision"] is not None
+    assert m["c"].status == Trial.PAUSED and m["c"].config["exploit_decision"] is not None
     exploit = next(d for d in s.decisions if d["action"] == "exploit")
     assert (exploit["member"], exploit["donor"]) == ("c", "a")
     assert s._next_perturbation_sync == 4
@@ -504,3 +503,24 @@ def test_a_recipient_waiting_on_an_older_checkpoint_copies_the_donors_latest_to_
     assert waiting.checkpoint.path == held[-1].checkpoint.path  # e's latest, not the decided e1
     assert decision["donor_state_id"] == waiting.metrics["state_id"] and "redirected" in decision
     assert m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[0] is not decided
+
+
+def test_a_recipient_ray_is_restoring_already_is_not_redirected():
+    # Ray restores a recipient from the checkpoint it holds when the restore starts: changing it then
+    # would make the record name a state the recipient never loaded.
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score, state_id=f"{name}1")
+    report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e1
+    report(s, controller, m["e"], 2, 0.95, state_id="e2")  # e saves e2
+    decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
+    newest = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[-1]
+    m["a"].status, m["a"].is_restoring = Trial.RUNNING, True
+    s._redirect(m["a"], m["e"], newest)
+    assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided
+    m["a"].status, m["a"].is_restoring = Trial.PAUSED, False  # still waiting for a worker: redirected
+    s._redirect(m["a"], m["e"], newest)
+    assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["state_id"] == "e2"
+    record = next(d for d in s.decisions if d["member"] == "a" and d["action"] == "exploit")
+    assert record["donor_state_id"] == "e2" and record["redirected"]["from_state_id"] == "e1"

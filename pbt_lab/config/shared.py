@@ -8,6 +8,7 @@ key=value`` overrides on top of the defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pbt_lab.config.checks import TARGET_METRICS, canonical_name, positive, require
@@ -102,6 +103,14 @@ class TrainConfig:
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
             f"train.seed must be a non-negative integer, got {self.seed!r}",
         )
+
+    @property
+    def most_checks(self) -> int:
+        """The most checks a run reports: its step budget's, else (a seconds budget only) one per second
+        of it, which checks on a fast machine and a small model can outrun."""
+        if self.max_steps:
+            return math.ceil(self.max_steps / self.steps_per_check)
+        return math.ceil(self.max_seconds or 0) or 1
 
 
 @dataclass(frozen=True)

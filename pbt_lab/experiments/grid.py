@@ -17,8 +17,15 @@ from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.trainable import trial_space
 
 
+def validate(run: cli.Run) -> None:
+    """The grid's trials, their reports and the checkpoints Ray keeps of each must fit the storage."""
+    g, kept = run.cfg.grid, run.cfg.run
+    trials = len(g.optimizers) * len(g.lrs) * len(g.seeds)
+    run.check_room(trials, trials * (kept.keep_checkpoints or 1) if kept.checkpoint_every else 0)
+
+
 def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
-    run = cli.parse("grid", GridExperiment, __doc__, argv, call=call)
+    run = cli.parse("grid", GridExperiment, __doc__, argv, validate=validate, call=call)
     cfg = run.cfg
     space = trial_space(
         cfg.train,

@@ -23,7 +23,6 @@ from pbt_lab import UserError, cli
 from pbt_lab.config import PBTConfig, PBTExperiment
 from pbt_lab.experiments.replay import check_same_data, replay_schedule, run_replay, source_config
 from pbt_lab.names import LR, OPTIMIZER, SCORE, SEED, STOPPED
-from pbt_lab.storage import free_bytes
 from pbt_lab.tuning.callbacks import KeepPBTState, PopulationStop
 from pbt_lab.tuning.explore import ExplorePolicy
 from pbt_lab.tuning.launch import fit
@@ -70,14 +69,7 @@ def validate(run: cli.Run) -> None:
             f"with a copy of one that does; leave it null"
         )
     p = run.cfg.pbt
-    # Weights and up to two slots per weight (Adam, Adadelta), 4 bytes each.
-    need = p.population * p.max_checkpoints_per_member * 12 * run.weights
-    free = free_bytes(run.storage_path)
-    if free is not None and need > free:
-        raise UserError(
-            f"pbt.population={p.population}: its checkpoints need about {need / 1e9:.3g} GB and "
-            f"{run.storage_path} has {free / 1e9:.3g} GB free"
-        )
+    run.check_room(p.population, p.population * p.max_checkpoints_per_member)
 
 
 def population_setup(run: cli.Run) -> tuple[dict, dict]:

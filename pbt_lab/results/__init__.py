@@ -25,7 +25,7 @@ from pbt_lab.results.compare import (
 )
 from pbt_lab.results.console import console_summary, exit_status
 from pbt_lab.results.lineage import member_schedule, schedule_changes
-from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta
+from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta, remove_cut_short_checkpoints
 from pbt_lab.results.tables import (
     best_trial,
     machine,
@@ -55,6 +55,7 @@ __all__ = [
     "read_comparison",
     "read_lineage_table",
     "read_tables",
+    "remove_cut_short_checkpoints",
     "scaling_summary",
     "schedule_changes",
     "time_breakdown",

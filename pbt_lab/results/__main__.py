@@ -11,7 +11,7 @@ from pathlib import Path
 from pbt_lab import OneLineParser, UserError
 from pbt_lab.results.console import console_summary
 from pbt_lab.results.tables import write_tables
-from pbt_lab.storage import is_uri
+from pbt_lab.storage import is_storage_full, is_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         tables = write_tables(args.run_dir)
     except UserError as e:
         parser.error(str(e))
+    except OSError as e:
+        if not is_storage_full(e):
+            raise
+        parser.exit(1, f"{parser.prog}: {args.run_dir}: its storage is full, the tables were not written\n")
     print(console_summary(tables, args.run_dir if is_uri(args.run_dir) else Path(args.run_dir)))
     return 0
 

@@ -23,6 +23,7 @@ from pbt_lab.names import (
     WINNER_VAL_ACC,
 )
 from pbt_lab.results.analysis import compute_until
+from pbt_lab.results.tables import write_json, write_parquet
 
 COMPARE, CURVES = "compare.parquet", "compare_curves.parquet"
 COMPARE_SUMMARY, COMPARE_MD = "compare_summary.json", "compare.md"
@@ -98,8 +99,8 @@ def write_comparison(
     frame = pd.DataFrame(rows)
     curve = pd.concat(curves, ignore_index=True)
     frame["steps_to_grid_best"] = pd.array(steps_to_grid_best(frame, curve, near_best), dtype="Int64")
-    frame.to_parquet(run_dir / COMPARE, index=False)
-    curve.to_parquet(run_dir / CURVES, index=False)
+    write_parquet(run_dir / COMPARE, frame)
+    write_parquet(run_dir / CURVES, curve)
     summary = {
         "kind": "compare",
         "budget_steps": budget,
@@ -110,7 +111,7 @@ def write_comparison(
         "methods": {m: method_stats(g) for m, g in frame.groupby("method", sort=False)},
         "runs": json.loads(frame.to_json(orient="records")),
     }
-    (run_dir / COMPARE_SUMMARY).write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / COMPARE_SUMMARY, summary)
     markdown = compare_markdown(summary)
     (run_dir / COMPARE_MD).write_text(markdown + "\n")
     from pbt_lab import plots  # matplotlib loads only where figures are drawn

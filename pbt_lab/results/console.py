@@ -89,6 +89,8 @@ def console_summary(tables: dict, run_dir: Path) -> str:
         )
     lines += restore_lines(s.get("restores"), tables.get("restores"))
     lines += [f"AUDIT: {line}" for line in audit_failures(s)]
+    if s.get("incomplete"):
+        lines.append(f"INCOMPLETE: {s['incomplete']}")
     failed = tables["trials"][tables["trials"][STATUS] == ERROR]
     for _, t in failed.iterrows():
         lines.append(f"FAILED {t['trial_id']} ({t[OPTIMIZER]}, lr {t[LR]:.3g}): {t[ERROR]}")

@@ -6,10 +6,11 @@ metadata.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from pbt_lab import UserError
-from pbt_lab.names import CHECKPOINT_META, PBT_STATE_FILE, SUMMARY
+from pbt_lab.names import CHECKPOINT_ARRAYS, CHECKPOINT_META, PBT_STATE_FILE, SUMMARY
 from pbt_lab.storage import is_uri, staged
 
 
@@ -24,10 +25,12 @@ def read_reports(run_dir: Path, ray_states: dict) -> dict[str, list[dict]]:
     for trial_dir in trial_dirs(run_dir):
         result_file = trial_dir / "result.json"
         reports = _json_lines(result_file) if result_file.is_file() else []
-        if not reports and ray_states.get(trial_dir.name, {}).get("last_result"):
+        last = ray_states.get(trial_dir.name, {}).get("last_result") or {}
+        if not reports and "training_iteration" in last:
             # A driver killed while copying the trial's files left them empty, but Ray's experiment
-            # state kept the trial's last report: its outcome survives, its earlier rows do not.
-            reports = [ray_states[trial_dir.name]["last_result"]]
+            # state kept the trial's last report: its outcome survives, its earlier rows do not. (A
+            # trial that never reported has a last result of Ray's own fields only.)
+            reports = [last]
         if reports:
             found[trial_dir.name] = reports
     return found
@@ -46,14 +49,23 @@ def _json_lines(path: Path) -> list[dict]:
     return reports
 
 
-def ray_trial_states(run_dir: Path) -> dict[str, dict]:
+def ray_trial_states(run_dir: Path, cut_short: list[str] | None = None) -> dict[str, dict]:
     """Trial dir → Ray's view of the trial (status, failures so far, config, last report), from its
-    latest experiment state (JSON)."""
+    latest experiment state (JSON) that is whole: one cut short (a full disk, a killed driver) is
+    passed over, and named in ``cut_short``."""
     states = sorted(Path(run_dir).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
-    if not states:
-        return {}
+    for path in reversed(states):
+        try:
+            return _trial_states(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            if cut_short is not None:
+                cut_short.append(path.name)
+    return {}
+
+
+def _trial_states(experiment_state: dict) -> dict[str, dict]:
     found = {}
-    for state, run_metadata in json.loads(states[-1].read_text())["trial_data"]:
+    for state, run_metadata in experiment_state["trial_data"]:
         state, run_metadata = json.loads(state), json.loads(run_metadata)
         found[state["relative_logdir"]] = {  # Ray's own keys and statuses (RUNNING, TERMINATED, ERROR…)
             "status": state["status"],
@@ -86,10 +98,21 @@ def last_error(trial_dir: Path) -> str:
 
 
 def last_checkpoint(run_dir: Path, trial_dir: Path) -> str | None:
-    """A trial's newest checkpoint, relative to the run directory (a finished PBT member's: its state
-    at the end, ancestry included)."""
-    found = sorted(trial_dir.glob("checkpoint_*/trainer.json"))
-    return str(found[-1].parent.relative_to(run_dir)) if found else None
+    """A trial's newest whole checkpoint, relative to the run directory (a finished PBT member's: its
+    state at the end, ancestry included)."""
+    found = [c for c in sorted(trial_dir.glob("checkpoint_*")) if whole_checkpoint(c)]
+    return str(found[-1].relative_to(run_dir)) if found else None
+
+
+def whole_checkpoint(directory: Path) -> bool:
+    """A checkpoint directory whose copy to storage finished: its metadata reads and its arrays are
+    there (a save cut short by a full disk leaves files empty or missing)."""
+    arrays = directory / CHECKPOINT_ARRAYS
+    try:
+        json.loads((directory / CHECKPOINT_META).read_text())
+    except (OSError, ValueError):
+        return False
+    return arrays.is_file() and arrays.stat().st_size > 0
 
 
 def read_checkpoint_meta(run_dir: str | Path, checkpoint: str) -> dict:
@@ -114,3 +137,12 @@ def tables_inputs(relative: str) -> bool:
         or (len(parts) == 2 and parts[1] in ("params.json", "result.json", "error.txt"))
         or (len(parts) == 3 and parts[1].startswith("checkpoint_") and parts[2] == CHECKPOINT_META)
     )  # ancestry
+
+
+def remove_cut_short_checkpoints(run_dir: Path) -> int:
+    """Delete the checkpoint directories whose copy to storage did not finish (a full disk): nothing
+    registered them, nothing restores them, and they hold the space the tables need. Returns how many."""
+    broken = [c for c in Path(run_dir).glob("*/checkpoint_*") if c.is_dir() and not whole_checkpoint(c)]
+    for directory in broken:
+        shutil.rmtree(directory, ignore_errors=True)
+    return len(broken)

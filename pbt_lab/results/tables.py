@@ -68,8 +68,9 @@ from pbt_lab.results.ray_files import (
     tables_inputs,
     trial_dirs,
     trial_params,
+    whole_checkpoint,
 )
-from pbt_lab.storage import is_uri, staged
+from pbt_lab.storage import is_uri, replace_atomically, staged
 
 
 def read_trials(
@@ -311,25 +312,26 @@ def write_tables(
                 summary["checkpoints"]["bytes"] = sum(
                     size for relative, size in sizes.items() if "/checkpoint_" in f"/{relative}"
                 )
-            (local / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+            write_json(local / SUMMARY, summary)
         return tables
     run_dir = Path(run_dir).expanduser()
     if not trial_dirs(run_dir):
         raise UserError(f"{run_dir} holds no Ray Tune trials")
     previous = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
     stopped_as = stopped_as or previous.get("stopped_as")  # a rebuild keeps what the run said
-    ray_states = ray_trial_states(run_dir)  # Ray's experiment state, parsed once for both tables
+    cut_short: list[str] = []
+    ray_states = ray_trial_states(run_dir, cut_short)  # Ray's experiment state, parsed once for both tables
     reports = read_reports(run_dir, ray_states)
     history = read_history(reports)
     trials = read_trials(run_dir, history, stopped_as, ray_states)
-    history.drop(columns=PER_TRIAL).to_parquet(run_dir / HISTORY, index=False)
-    trials.to_parquet(run_dir / TRIALS, index=False)
+    write_parquet(run_dir / HISTORY, history.drop(columns=PER_TRIAL))
+    write_parquet(run_dir / TRIALS, trials)
     kind = kind or previous.get("kind")
     decisions = read_pbt_state(run_dir).get("decisions", []) if kind == "pbt" else []
     restores = restore_rows(history)
     verdicts = audit(restores, read_saved_states(reports), decisions)
     restored = restore_table(restores, verdicts)
-    restored.to_parquet(run_dir / RESTORES, index=False)
+    write_parquet(run_dir / RESTORES, restored)
     session = session or {k: previous.get("compute", {}).get(k) for k in SESSION}
     breakdown = time_breakdown(reports, **session)
     if breakdown:
@@ -347,6 +349,7 @@ def write_tables(
         "optimizers": per_optimizer(trials, config_value(config, previous, "train", "steps_per_check")),
         "compute": compute_totals(trials, session),
         "time_breakdown": breakdown,
+        "incomplete": incomplete(run_dir, trials, ray_states, cut_short),
         "restores": {
             **restore_counts(verdicts),
             "allow_unverified": bool(config_value(config, previous, "run", "allow_unverified")),
@@ -359,7 +362,7 @@ def write_tables(
         summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
     if kind == "pbt":
         pbt, tables["lineage"] = pbt_summary(run_dir, summary["config"], trials, history, decisions, verdicts)
-        tables["lineage"].to_parquet(run_dir / LINEAGE, index=False)
+        write_parquet(run_dir / LINEAGE, tables["lineage"])
         summary.update(pbt)
         if pbt["winner"][TRIAL_ID]:
             summary["best"] = {
@@ -374,8 +377,42 @@ def write_tables(
         made = plots.run_figures(kind, tables, run_dir / FIGURES)
         summary[FIGURES] = [str(p.relative_to(run_dir)) for p in made]
     summary["disk_bytes"] = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
-    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_plain))
+    write_json(run_dir / SUMMARY, summary)
     return tables
+
+
+def incomplete(run_dir: Path, trials: pd.DataFrame, ray_states: dict, cut_short: list[str]) -> str | None:
+    """What a run cut short lacks, in one line (None: nothing): trials that did not end or never
+    started, Ray's experiment snapshots cut short, checkpoints whose copy did not finish."""
+    missing = []
+    unfinished = int((trials[STATUS] == RUNNING).sum())
+    unstarted = len(set(ray_states) - set(trials["trial_dir"]))  # Ray knows them; they never reported
+    if unfinished or unstarted:
+        missing.append(
+            f"{unfinished + unstarted} of {len(trials) + unstarted} trials did not end"
+            + (f" ({unstarted} never started)" if unstarted else "")
+            + " (--resume goes on)"
+        )
+    if cut_short:
+        missing.append(
+            f"Ray's experiment state {', '.join(cut_short)} is cut short (the one before it was read)"
+        )
+    broken = [c for c in run_dir.glob("*/checkpoint_*") if c.is_dir() and not whole_checkpoint(c)]
+    if broken:
+        missing.append(f"{len(broken)} checkpoint(s) cut short mid-copy (never restored)")
+    return "; ".join(missing) or None
+
+
+def write_parquet(path: Path, table: pd.DataFrame) -> None:
+    """A table, whole or not at all (a full disk leaves the one before)."""
+    replace_atomically(path, lambda temporary: table.to_parquet(temporary, index=False))
+
+
+def write_json(path: Path, value: dict) -> None:
+    """A JSON file (the summary), whole or not at all."""
+    replace_atomically(
+        path, lambda temporary: temporary.write_text(json.dumps(value, indent=2, default=_plain))
+    )
 
 
 def read_tables(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from pbt_lab import UserError
-from pbt_lab.names import CHECKPOINT_META, LR, OPTIMIZER
+from pbt_lab.names import CHECKPOINT_ARRAYS, CHECKPOINT_META, LR, OPTIMIZER
 from pbt_lab.training.optimizers import slots_sha256
 from pbt_lab.training.state import Progress
 
-ARRAYS = "trainer.npz"
+ARRAYS = CHECKPOINT_ARRAYS
 
 
 def save(trainer, directory: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -3,8 +3,15 @@ population's own stop."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+
 from ray import tune
 
+from pbt_lab import StorageFull
 from pbt_lab.names import (
     EXPLOIT_RESTORE,
     PAUSE_RESTORE,
@@ -17,6 +24,7 @@ from pbt_lab.names import (
     STEP,
     STEPS_TO_TARGET,
 )
+from pbt_lab.storage import free_bytes
 from pbt_lab.tuning.scheduler import LabPBT
 
 
@@ -46,6 +54,66 @@ class NameRestores(tune.Callback):
             result[RESTORE_KIND] = RESTART_RESTORE
         else:
             result[RESTORE_KIND] = RESUME_RESTORE if first else PAUSE_RESTORE
+
+
+class StopWhenStorageFull(tune.Callback):
+    """Stops the run, resumably, when its storage is full or about to be: on a result, when the free
+    space falls under ``reserve`` bytes (what the checkpoints in flight and the tables take); on a
+    trial that failed because a save did not fit (the trainable raises ``StorageFull``).
+
+    Where Ray's last snapshot fits, the run stops as Ray stops one on Ctrl+C (SIGUSR1, Ray's own
+    signal for it): Ray writes the snapshot and ends with the trials unfinished. Where it would not
+    fit, the callback raises ``StorageFull``: Tune ends at once and writes nothing more, so the
+    snapshot in storage stays the last one Ray wrote whole. Either way ``--resume`` goes on once space
+    is freed. The reason is kept on the class (a resumed run's callback is the copy Ray unpickles
+    from its ``tuner.pkl``, not the one this driver made): ``stopped()``."""
+
+    why: str | None = None
+
+    def __init__(self, storage_path: str, reserve: int):
+        self.storage_path, self.reserve = storage_path, reserve
+
+    @classmethod
+    def stopped(cls) -> str | None:
+        """Why the last run stopped for its storage (None: it did not), forgotten once read."""
+        why, StopWhenStorageFull.why = cls.why, None
+        return why
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        free = free_bytes(self.storage_path)
+        if free is not None and free < self.reserve:
+            self._stop(
+                f"storage {self.storage_path} is nearly full: {free / 1e6:.1f} MB free, under the "
+                f"{self.reserve / 1e6:.1f} MB the checkpoints in flight and the tables need",
+                trial,
+            )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._stop_if_full(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._stop_if_full(trial)
+
+    def _stop_if_full(self, trial) -> None:
+        error = Path(trial.error_file) if trial.error_file else None
+        found = re.findall(r"StorageFull: (.+)", error.read_text()) if error and error.is_file() else []
+        if found:
+            self._stop(found[-1], trial)
+
+    def _stop(self, why: str, trial) -> None:
+        if StopWhenStorageFull.why:
+            return  # stopping already
+        StopWhenStorageFull.why = why
+        # The saves still in flight fail on the full disk by design; Ray would print each as an
+        # unhandled error with its traceback when it drops them. The one line the run ends with says it.
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+        staged = Path(trial.local_experiment_path)  # what Ray's last snapshot copies to storage
+        snapshot = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
+        free = free_bytes(self.storage_path)
+        if threading.current_thread() is threading.main_thread() and (free is None or free > 2 * snapshot):
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's interrupt: it ends the loop and saves its state
+        else:
+            raise StorageFull(why)
 
 
 class KeepPBTState(tune.Callback):

@@ -68,6 +68,8 @@ class BoundedCheckpoints:
         decision = self._awaiting.get(recipient.trial_id)
         if decision is None or not waiting or waiting.checkpoint.path not in _own(donor):
             return
+        if recipient.status not in (Trial.PAUSED, Trial.PENDING) or recipient.is_restoring:
+            return  # Ray is restoring it already: from the decided checkpoint, which stays
         if waiting.checkpoint.path == latest.checkpoint.path:
             return
         manager._latest_checkpoint_result = _TrainingResult(copy.copy(latest.checkpoint), latest.metrics)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.error import TuneError
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from pbt_lab import UserError
-from pbt_lab.tuning.callbacks import NameRestores
+from pbt_lab import StorageFull, UserError
+from pbt_lab.storage import RUN_BYTES, is_storage_full
+from pbt_lab.tuning.callbacks import NameRestores, StopWhenStorageFull
 from pbt_lab.tuning.trainable import LabTrainable
 
 TRIAL_SLOT = "pbt_lab_trial_slot"  # a local Ray's custom resource: resources.max_concurrent of them
@@ -143,6 +145,9 @@ def fit(
         {"cpu": res.cpu, "gpu": res.gpu, **slot},
     )
     every = tune_run.checkpoint_every if checkpoint_every is None else checkpoint_every
+    # Room kept for what must still be written when the run stops: a turn's checkpoints on every slot
+    # (a save and a pause's save), Ray's last snapshot and the tables.
+    full = StopWhenStorageFull(run.storage_path, 2 * run.session.slots * run.checkpoint_bytes + RUN_BYTES)
     run.session.started_at, start = time.time(), time.perf_counter()
     if run.resume:
         tuner = tune.Tuner.restore(str(run.run_dir), trainable, resume_unfinished=True, resume_errored=True)
@@ -163,7 +168,7 @@ def fit(
                 storage_path=run.storage_path,
                 stop=stop,
                 # NameRestores first: it adds to the results that the loggers after it write.
-                callbacks=[NameRestores(), JsonLog(), CSVLog(), *callbacks],
+                callbacks=[NameRestores(), JsonLog(), CSVLog(), full, *callbacks],
                 # No checkpoint at the end unless asked: a finished grid trial never resumes, and
                 # 288 final checkpoints of the full model would take 11 GB.
                 checkpoint_config=tune.CheckpointConfig(
@@ -175,6 +180,15 @@ def fit(
                 verbose=verbose,
             ),
         )
-    grid = tuner.fit()
+    StopWhenStorageFull.stopped()  # nothing left from a run before in this process
+    try:
+        grid = tuner.fit()
+    except (TuneError, StorageFull, OSError) as e:  # Tune passes on what its callbacks raise in a TuneError
+        if isinstance(e, OSError) and is_storage_full(e):  # the driver's own files did not fit
+            StopWhenStorageFull.why = f"the driver's files did not fit: {str(e).splitlines()[0]}"
+        if not StopWhenStorageFull.why:
+            raise
+        grid = None
     run.session.wall_seconds += time.perf_counter() - start
+    run.stopped = StopWhenStorageFull.stopped()
     return grid

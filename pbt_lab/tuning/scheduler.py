@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +56,7 @@ from pbt_lab.names import (
     SEGMENT_FROM,
     STATE_ID,
 )
+from pbt_lab.storage import replace_atomically
 from pbt_lab.tuning.disk import BoundedCheckpoints
 from pbt_lab.tuning.explore import ExplorePolicy, explore, ranked_members, truncate
 
@@ -364,7 +363,9 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         """``pbt_state.json`` beside Ray's experiment state (synced with it): what the tables read."""
         if self._trial_state:  # the driver's copy of the run directory, which Ray syncs to storage
             run_dir = next(iter(self._trial_state)).local_experiment_path
-            _write_json_atomically(Path(run_dir) / PBT_STATE_FILE, state)
+            path = Path(run_dir) / PBT_STATE_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, lambda temporary: temporary.write_text(json.dumps(state)))
 
 
 def free_workers(tune_controller) -> int:
@@ -376,10 +377,3 @@ def free_workers(tune_controller) -> int:
 
 def _plain(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-
-
-def _write_json_atomically(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(value, f)
-    os.replace(f.name, path)

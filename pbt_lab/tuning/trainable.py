@@ -37,6 +37,7 @@ import psutil
 import ray
 from ray import tune
 
+from pbt_lab import StorageFull
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
     ACTOR_BORN_AT,
@@ -82,6 +83,7 @@ from pbt_lab.names import (
     WAITING,
     WEIGHTS,
 )
+from pbt_lab.storage import is_storage_full
 from pbt_lab.training.clock import PartClock
 from pbt_lab.training.state import stream_seed
 
@@ -145,6 +147,7 @@ class LabTrainable(tune.Trainable):
             # Kept: a reused actor may need a Trainer of another shape.
             self.data, self.builder = data, builder
             self._fresh_digests: dict = {}
+            self._saved_bytes = 0
             # Its training, validation and compiling count to their own parts of this actor's clock.
             self.trainer = trainer.Trainer(
                 data, train_config(config), ModelConfig(**config["model"]), builder, self.clock
@@ -274,7 +277,17 @@ class LabTrainable(tune.Trainable):
 
     def save(self, checkpoint_dir=None):
         with self.clock.part(CHECKPOINT_TRANSFER):  # Ray's copy of what save_checkpoint wrote to storage
-            return super().save(checkpoint_dir)
+            try:
+                return super().save(checkpoint_dir)
+            except OSError as e:
+                if not is_storage_full(e):
+                    raise
+                # The driver stops the run on this line (StopWhenStorageFull): say what did not fit.
+                where = self._storage.storage_fs_path if self._storage else "the storage"
+                raise StorageFull(
+                    f"storage {where} is full: a checkpoint of {self._saved_bytes / 1e6:.1f} MB did not fit "
+                    f"({str(e).splitlines()[0]})"
+                ) from None
 
     def restore(self, checkpoint_path):
         with self.clock.part(CHECKPOINT_TRANSFER):  # Ray's fetch from storage (a download on another node)
@@ -285,9 +298,10 @@ class LabTrainable(tune.Trainable):
         # (its exploits then count as unverifiable: the saver never reported its digests).
         state_id = self._live[STATE_ID] if self._live else uuid.uuid4().hex
         with self.clock.part(CHECKPOINT_SAVE):
-            self.trainer.save(
+            saved = self.trainer.save(
                 checkpoint_dir, extra={SAVED_BY: self.trial_id, STATE_ID: state_id, ANCESTRY: self._ancestry}
             )
+        self._saved_bytes = sum(f.stat().st_size for f in saved.iterdir())
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         t = self.trainer
