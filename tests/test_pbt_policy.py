@@ -271,6 +271,24 @@ def test_while_the_next_in_turn_waits_for_a_worker_the_next_ones_are_handed_to_r
     assert s.choose_trial_to_run(controller).trial_id == "c"  # no worker free: hand c as well
 
 
+def test_a_free_worker_goes_to_the_next_in_turn_whose_own_worker_is_not_starting():
+    """Ray cancels the worker it is starting for a member when it hands that member a free one. The
+    oldest request's worker starts first, and it is the next in turn's: with checks shorter than a
+    start, every start on the second slot was cancelled and one worker trained the population."""
+    s = scheduler()
+    controller = waiting_population(s, {"a": 1, "b": 1, "c": 2}, {"a": 3, "b": 5, "c": 1})
+    a, b, c = controller.get_trials()
+    starting, requested = object(), object()  # a's worker holds the idle slot; b's waits for resources
+    controller._trial_to_actor = {a: starting, b: requested}
+    controller._actor_manager = SimpleNamespace(is_actor_started=lambda actor: actor is starting)
+    controller._actor_cache = SimpleNamespace(num_cached_objects=1)  # a worker came free
+    assert s.choose_trial_to_run(controller) is b  # not a: its start would be cancelled, its slot idle
+    controller._trial_to_actor = {a: starting, b: starting}
+    assert s.choose_trial_to_run(controller) is c
+    controller._trial_to_actor = {a: requested}  # only a request: the free worker goes in turn
+    assert s.choose_trial_to_run(controller) is a
+
+
 def test_keep_state_shares_the_scheduler_through_a_pickle_as_tuner_pkl_does():
     import ray.cloudpickle as pickle
 

@@ -26,9 +26,9 @@ What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
 - **Every slot busy**: Ray asks for one member per step and keeps a paused member's worker only
   for a member already handed to it. Ray's PBT hands the same waiting member until it runs: two
   members pausing together left one worker with no one to keep it for, Ray stopped it, and the
-  population trained on one slot (the time breakdown's idle slots). While the member next in turn
-  waits for a worker and none is free, the lab hands Ray the next one too; a free worker goes to
-  the member next in turn.
+  population trained on one slot (the time breakdown's idle slots). While the next in turn waits
+  for a worker and none is free, the lab hands Ray the next one too; a free worker goes to the next
+  in turn whose own is not starting on the idle slot (Ray would cancel that start for it).
 """
 
 from __future__ import annotations
@@ -207,11 +207,12 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         if not waiting:
             return None
         chosen = waiting[0]
-        if chosen.trial_id in self._handed and not free_workers(tune_controller):
-            # The member next in turn already waits for a worker and none is free: hand Ray the next
-            # one as well, so that Ray keeps the next worker that pauses (it keeps one only for a
-            # member handed to it). With a worker free, the member next in turn is handed again: it
-            # takes the worker, and turns stay in order.
+        if free_workers(tune_controller):
+            # Not to a member whose own worker is starting or resetting: Ray would cancel the start.
+            chosen = next((t for t in waiting if not worker_coming(tune_controller, t)), chosen)
+        elif chosen.trial_id in self._handed:
+            # The next in turn already waits for a worker and none is free: hand Ray the next one as
+            # well, so that Ray keeps the next worker that pauses (it keeps one only for a member handed).
             chosen = next((t for t in waiting if t.trial_id not in self._handed), chosen)
         self._handed.add(chosen.trial_id)
         return chosen
@@ -373,6 +374,13 @@ def free_workers(tune_controller) -> int:
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
     cache = getattr(controller, "_actor_cache", None)
     return int(getattr(cache, "num_cached_objects", 0) or 0)
+
+
+def worker_coming(tune_controller, trial: Trial) -> bool:
+    """Whether ``trial``'s own worker holds a slot: starting or resetting (Ray 2.60's private state)."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    actor = getattr(controller, "_trial_to_actor", {}).get(trial)
+    return actor is not None and controller._actor_manager.is_actor_started(actor)
 
 
 def _plain(value):
