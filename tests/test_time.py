@@ -22,6 +22,7 @@ from pbt_lab.names import (
 )
 from pbt_lab.results import read_tables
 from pbt_lab.results.breakdown import check_breakdown, idle_slot_seconds, time_breakdown
+from pbt_lab.results.console import idle_line
 from pbt_lab.training.clock import PartClock
 
 
@@ -103,6 +104,21 @@ def test_idle_slots_are_integrated_over_the_run():
     assert idle_slot_seconds([], 0.0, 5.0, 2) == 10.0
     assert idle_slot_seconds([(1.0, 4.0), (2.0, 9.0)], 0.0, 5.0, 2) == pytest.approx(1 + 2 + 1 + 0)
     assert time_breakdown({}, started_at=None, wall_seconds=1.0, slots=1) is None
+
+
+def test_the_console_says_in_one_line_when_a_slot_stayed_idle():
+    # Five members' reports on one worker of two slots (issue 23: "actors: 1, slot_idle 50.0 %").
+    one_worker = {
+        t: [report(t, "n:1", 100.0, 100.0 + 2 * (i + 1), **{TRAIN_PART: 2.0})] for i, t in enumerate("abcde")
+    }
+    b = time_breakdown(one_worker, started_at=100.0, wall_seconds=10.0, slots=2)
+    assert b["actors"] == 1 and b["shares"][SLOT_IDLE] == pytest.approx(0.5)
+    assert idle_line(b) == (
+        "IDLE: the 2 slots had no live worker for 50.0% of the slot-seconds; 1 worker trained "
+        "(summary.json: time_breakdown)"
+    )
+    both = {**one_worker, "f": [report("f", "n:2", 100.0, 110.0, **{TRAIN_PART: 10.0})]}
+    assert idle_line(time_breakdown(both, started_at=100.0, wall_seconds=10.0, slots=2)) is None
 
 
 @pytest.mark.parametrize("fixture, slots", [("quick_grid", 2), ("quick_pbt", 1)])  # the PBT: serial

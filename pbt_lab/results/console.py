@@ -13,6 +13,7 @@ from pbt_lab.names import (
     OPTIMIZER,
     REACHED,
     SECONDS_TO_TARGET,
+    SLOT_IDLE,
     STALLED,
     STATUS,
     STEP,
@@ -27,6 +28,9 @@ from pbt_lab.names import (
 )
 from pbt_lab.results.audit import audit_failures
 from pbt_lab.results.breakdown import breakdown_table
+
+# Of the slot-seconds: healthy runs leave 0.2–2 % idle (README), a population on one of two slots 50 %.
+IDLE_WARNING = 0.10
 
 
 def console_summary(tables: dict, run_dir: Path) -> str:
@@ -68,6 +72,7 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     if breakdown:
         lines.append(time_line(breakdown))
         lines += [f"TIME: {problem}" for problem in breakdown["problems"]]
+        lines += [line for line in [idle_line(breakdown)] if line]
     best = s.get("best") or {}
     if best.get(TRIAL_ID):
         test = (
@@ -133,6 +138,18 @@ def time_line(breakdown: dict) -> str:
     return (
         f"time: {breakdown['slots']} slots × {breakdown['wall_seconds']:.0f} s wall = "
         f"{breakdown['slot_seconds']:.0f} slot-seconds: {shown}"
+    )
+
+
+def idle_line(breakdown: dict) -> str | None:
+    """One line when the slots had no live worker for more than ``IDLE_WARNING`` of the slot-seconds."""
+    share = breakdown.get("shares", {}).get(SLOT_IDLE, 0.0)
+    if share <= IDLE_WARNING:
+        return None
+    workers = breakdown["actors"]
+    return (
+        f"IDLE: the {breakdown['slots']} slots had no live worker for {share:.1%} of the slot-seconds; "
+        f"{workers} worker{'s' if workers != 1 else ''} trained (summary.json: time_breakdown)"
     )
 
 
