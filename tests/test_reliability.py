@@ -1,6 +1,7 @@
 """Faults survived: a killed worker, a killed driver, a diverging PBT member; nothing lost."""
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -8,8 +9,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,10 @@ import pandas as pd
 import pytest
 
 from pbt_lab import grid, pbt
+from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import LINEAGE
 from pbt_lab.results import ray_trial_states, read_tables, write_tables
+from pbt_lab.tuning.trainable import trial_space
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GRID_QUICK, PBT_QUICK = str(CONFIGS / "grid-quick.yaml"), str(CONFIGS / "pbt-quick.yaml")
@@ -421,3 +426,84 @@ def test_resuming_a_directory_that_holds_no_tune_run_is_one_line_and_leaves_it(t
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "tuner.pkl is missing" in err, err
     assert [p.name for p in kept.iterdir()] == ["mine.txt"] and (kept / "mine.txt").read_text() == "not a run"
+
+
+# --- a full disk, on hand-made inputs (no tmpfs needed) ---------------------------------------
+
+
+def failed_trial(tmp_path: Path, error: str):
+    """A trial as the callback sees it: Ray wrote its error to ``error.txt`` in the driver's copy."""
+    (tmp_path / "error.txt").write_text(error)
+    return types.SimpleNamespace(error_file=str(tmp_path / "error.txt"), local_experiment_path=str(tmp_path))
+
+
+def test_a_trial_that_failed_on_a_full_disk_stops_the_run_and_says_why(tmp_path, monkeypatch):
+    from pbt_lab import StorageFull
+    from pbt_lab.tuning import callbacks
+
+    full = callbacks.StopWhenStorageFull(str(tmp_path), reserve=10)
+    other = failed_trial(tmp_path, "Failure # 1\nray::save() ...\nValueError: something else\n")
+    full.on_trial_error(0, [], other)
+    assert callbacks.StopWhenStorageFull.stopped() is None  # not a full disk: Ray's to handle
+    trial = failed_trial(
+        tmp_path,
+        "Failure # 1\n...\npbt_lab.StorageFull: storage /x is full: a checkpoint of 9.8 MB did not fit\n",
+    )
+    signals = []
+    monkeypatch.setattr(callbacks.os, "kill", lambda pid, sig: signals.append(sig))
+    full.on_trial_recover(0, [], trial)  # room for Ray's last snapshot: Ray's own interrupt
+    assert signals == [callbacks.signal.SIGUSR1]
+    assert callbacks.StopWhenStorageFull.stopped() == "storage /x is full: a checkpoint of 9.8 MB did not fit"
+    monkeypatch.setattr(callbacks, "free_bytes", lambda path: 0)  # none: stop at once, write nothing
+    with pytest.raises(StorageFull, match=r"a checkpoint of 9\.8 MB did not fit"):
+        full.on_trial_error(0, [], trial)
+    assert (
+        callbacks.StopWhenStorageFull.stopped() is not None
+        and callbacks.StopWhenStorageFull.stopped() is None
+    )
+
+
+def test_a_result_with_too_little_room_left_stops_the_run(tmp_path, monkeypatch):
+    from pbt_lab.tuning import callbacks
+
+    full = callbacks.StopWhenStorageFull(str(tmp_path), reserve=50_000_000)
+    trial = failed_trial(tmp_path, "")
+    signals = []
+    monkeypatch.setattr(callbacks.os, "kill", lambda pid, sig: signals.append(sig))
+    monkeypatch.setattr(callbacks, "free_bytes", lambda path: 60_000_000)
+    full.on_trial_result(0, [], trial, {})
+    assert not signals and callbacks.StopWhenStorageFull.stopped() is None
+    monkeypatch.setattr(callbacks, "free_bytes", lambda path: 40_000_000)
+    full.on_trial_result(0, [], trial, {})
+    assert signals and "40.0 MB free, under the 50.0 MB" in callbacks.StopWhenStorageFull.stopped()
+
+
+def test_a_save_that_does_not_fit_says_so_for_the_driver(ray_session, bundled, monkeypatch):
+    from ray import tune
+
+    from pbt_lab import StorageFull
+    from pbt_lab.tuning.trainable import LabTrainable
+
+    space = trial_space(
+        TrainConfig(steps_per_check=5), ModelConfig(scale=0.25), 1, optimizer="adam", lr=1e-3, seed=0
+    )
+    member = tune.with_parameters(LabTrainable, data=bundled)(config={**space, "checkpoint_every": 1})
+    member.train()
+
+    def fails(error: OSError):
+        def save(self, checkpoint_dir=None):
+            self.save_checkpoint(
+                tempfile.mkdtemp()
+            )  # written on the worker's disk; the copy to storage fails
+            raise error
+
+        return save
+
+    full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    monkeypatch.setattr(tune.Trainable, "save", fails(full))
+    with pytest.raises(StorageFull, match=r"is full: a checkpoint of \d+\.\d MB did not fit \(\[Errno 28\]"):
+        member.save()
+    monkeypatch.setattr(tune.Trainable, "save", fails(PermissionError(errno.EACCES, "denied")))
+    with pytest.raises(PermissionError):  # any other failure stays what it is
+        member.save()
+    member.stop()
