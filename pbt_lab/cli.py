@@ -81,6 +81,8 @@ class Session:
     wall_seconds: float = 0.0
     slots: int | None = None
     """Trials the cluster held at once when the fit started (an autoscaler may add more)."""
+    stopped: str | None = None
+    """Why the fit stopped before its end (its storage filled up): the run exits 1, resumable."""
 
 
 @dataclass
@@ -100,8 +102,6 @@ class Run:
     weights: int | None = None
     session: Session = field(default_factory=Session)
     tables: dict | None = None
-    stopped: str | None = None
-    """Why the run stopped before its end (its storage filled up): it exits 1, resumable."""
 
     @property
     def run_dir(self) -> Path | str:
@@ -341,7 +341,8 @@ def finish(
     own by default), print the result (and ``describe(tables)``), and return the exit code: 1 if a
     trial failed, the restores failed the audit, or the run stopped before its end (its storage full:
     the last line says so)."""
-    stopped = f"STOPPED: {run.stopped}; free space, then --resume --name {run.name}" if run.stopped else None
+    why = run.session.stopped
+    stopped = f"STOPPED: {why}; free space, then --resume --name {run.name}" if why else None
     if stopped and not is_uri(run.run_dir):
         results.remove_cut_short_checkpoints(run.run_dir)  # the saves the full disk cut short
     try:

@@ -368,6 +368,33 @@ def test_initial_values_come_from_the_first_report_not_from_rays_rewritten_param
     assert (row[OPTIMIZER], row[LR]) == ("momentum", 0.0158)
 
 
+def test_a_lineage_followed_back_ends_when_two_members_copied_each_other_within_a_second():
+    # a copies b's step-100 state, then b copies a's step-150 state, all within Ray's second 7.
+    def row(trial, iteration, step, at, **extra):
+        return report(trial, iteration, step, timestamp=7, reported_at=at, data_seed=1, **extra)
+
+    runs = {
+        "a": [
+            row("a", 1, 50, 7.1),
+            row("a", 2, 100, 7.2),
+            row("a", 3, 150, 7.5, segment_from="b", segment_step=100),
+        ],
+        "b": [
+            row("b", 1, 50, 7.15),
+            row("b", 2, 100, 7.3),
+            row("b", 3, 200, 7.6, segment_from="a", segment_step=150),
+        ],
+    }
+    history = read_history(runs)
+    followed = lineage.member_schedule(history, "b")
+    assert [(r["trial_id"], r["step"]) for _, r in followed.iterrows()] == [
+        ("b", 50),
+        ("b", 100),
+        ("a", 150),
+        ("b", 200),
+    ]
+
+
 def test_quantile_sizes_compare_each_decision_with_floor_of_the_fraction():
     decisions = [
         {"ranked": 1, "lower": 0, "upper": 0},

@@ -198,12 +198,13 @@ def added_member(scheduler: LabPBT, name: str):
 def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_members():
     first = scheduler()
     first._rng.random(17)  # some decisions' worth of draws
-    first.decisions = [{"decision": 0, "action": "keep"}]
+    first.decisions = [{"decision": i, "action": "keep"} for i in range(3)]
+    first.decisions.append({"decision": 3, "action": "exploit", "member": "a", "donor": "b"})
     a, b = added_member(first, "a"), added_member(first, "b")
     first._trial_state[a].last_score, first._trial_state[a].last_train_time = 0.9, 6
     first._trial_state[a].last_perturbation_time = 4
     first._reports, first._last_report, first._next_perturbation_sync = 11, {"a": 10, "b": 11}, 8
-    first._diverged, first._pending = {"b"}, {"a"}
+    first._diverged, first._pending = {"b"}, {"a": 3}
     state = json.loads(json.dumps(first.state_dict()))  # as pbt_state.json stores it
     second = scheduler(seed=99)
     second.load_state_dict(state)
@@ -214,7 +215,7 @@ def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_m
         8,
         {"a": 10, "b": 11},
     )
-    assert (second._diverged, second._pending) == ({"b"}, {"a"})
+    assert (second._diverged, second._pending) == ({"b"}, {"a": 3})
     for old, new in ((a, a2), (b, b2)):
         kept = ("last_score", "last_train_time", "last_perturbation_time")
         assert [getattr(second._trial_state[new], k) for k in kept] == [
@@ -511,12 +512,12 @@ def test_a_recipient_waiting_on_an_older_checkpoint_copies_the_donors_latest_to_
     for iteration in (2, 3, 4, 5):
         report(s, controller, m["e"], iteration, 0.95, state_id=f"e{iteration}")  # PBT saves its top member
         assert len(held) <= 3
-        s.make_room(m["e"], controller.members)  # on_trial_save: the pause's save follows
+        s.keeper.make_room(m["e"], controller.members)  # on_trial_save: the pause's save follows
         controller.pause_trial(m["e"])  # and saves the same state again
         assert len(held) <= 3
-        s.make_room(m["e"], controller.members)
-        s.snapshot_taken()  # an experiment snapshot names e's latest; storage holds the one before
-        Storage.stored, Storage.uploading = Storage.uploading, s._snapshot_count
+        s.keeper.make_room(m["e"], controller.members)
+        s.keeper.snapshot_taken()  # an experiment snapshot names e's latest; storage holds the one before
+        Storage.stored, Storage.uploading = Storage.uploading, s.keeper.snapshot_count
     waiting = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
     assert waiting.checkpoint.path == held[-1].checkpoint.path  # e's latest, not the decided e1
     assert decision["donor_state_id"] == waiting.metrics["state_id"] and "redirected" in decision
@@ -535,10 +536,10 @@ def test_a_recipient_ray_is_restoring_already_is_not_redirected():
     decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
     newest = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[-1]
     m["a"].status, m["a"].is_restoring = Trial.RUNNING, True
-    s._redirect(m["a"], m["e"], newest)
+    s.keeper._redirect(m["a"], m["e"], newest)
     assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided
     m["a"].status, m["a"].is_restoring = Trial.PAUSED, False  # still waiting for a worker: redirected
-    s._redirect(m["a"], m["e"], newest)
+    s.keeper._redirect(m["a"], m["e"], newest)
     assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["state_id"] == "e2"
     record = next(d for d in s.decisions if d["member"] == "a" and d["action"] == "exploit")
     assert record["donor_state_id"] == "e2" and record["redirected"]["from_state_id"] == "e1"

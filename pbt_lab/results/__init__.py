@@ -7,6 +7,8 @@ TensorFlow: plots, the report and the notebooks read only what is here.
 
 - ``ray_files``: Ray's files read as JSON (no pickle);
 - ``tables``: trials, history, summary (and the PBT parts from ``lineage``), written and read;
+- ``summary``: what summary.json says beside the tables (best trial, per-optimizer bands, compute);
+- ``audit``: every restore held to what its saver reported (``restores.parquet``);
 - ``lineage``: PBT's record read back: lineage table, exploit audit, quantile sizes, winner;
 - ``analysis``: width-study fits, compute curves;
 - ``breakdown``: where a run's slot-seconds went, and whether the parts add up;
@@ -26,15 +28,8 @@ from pbt_lab.results.compare import (
 from pbt_lab.results.console import console_summary, exit_status
 from pbt_lab.results.lineage import member_schedule, schedule_changes
 from pbt_lab.results.ray_files import ray_trial_states, read_checkpoint_meta, remove_cut_short_checkpoints
-from pbt_lab.results.tables import (
-    best_trial,
-    machine,
-    per_optimizer,
-    read_lineage_table,
-    read_tables,
-    versions,
-    write_tables,
-)
+from pbt_lab.results.summary import best_trial, machine, per_optimizer, versions
+from pbt_lab.results.tables import read_lineage_table, read_tables, write_tables
 
 __all__ = [
     "best_trial",

@@ -184,15 +184,19 @@ def plain(value):
 
 def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None = None) -> pd.DataFrame:
     """The history rows along a member's lineage, followed back through its donors: what the
-    schedule figures draw (the schedule itself is read from the member's last checkpoint)."""
+    schedule figures draw (the schedule itself is read from the member's last checkpoint). A donor's
+    rows count up to the moment the copy's first report left (``reported_at``, to the microsecond:
+    Ray's whole-second ``timestamp`` let two members that copied each other within one second send
+    this round in circles)."""
+    when = REPORTED_AT if history[REPORTED_AT].notna().all() else "timestamp"  # older runs: seconds
     rows = history[history[TRIAL_ID] == trial_id]
     if before is not None:
-        rows = rows[rows["timestamp"] <= before]
+        rows = rows[rows[when] < before] if when == REPORTED_AT else rows[rows[when] <= before]
     exploits = exploit_rows(rows)
     if not len(exploits):
         return rows
     last = exploits.iloc[-1]
-    head = member_schedule(history, last[SEGMENT_FROM], before=last["timestamp"])
+    head = member_schedule(history, last[SEGMENT_FROM], before=last[when])
     return pd.concat([head[head[STEP] <= last[SEGMENT_STEP]], rows.loc[last.name :]])
 
 

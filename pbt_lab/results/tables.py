@@ -10,13 +10,8 @@ Everything downstream (plots, report, notebooks) reads these tables and never im
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
-import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -26,8 +21,6 @@ from pbt_lab.config import STUDY_CNN
 from pbt_lab.names import (
     BEST_VAL_ACC,
     BUILDER,
-    CAPPED,
-    DIVERGED,
     ERROR,
     FIGURES,
     FINAL_VAL_ACC,
@@ -36,12 +29,10 @@ from pbt_lab.names import (
     LR,
     NODE_ID,
     OPTIMIZER,
-    REACHED,
     RESTORES,
     RUNNING,
     SECONDS_TO_TARGET,
     SEED,
-    STALLED,
     STATUS,
     STEP,
     STEPS_TO_TARGET,
@@ -69,6 +60,15 @@ from pbt_lab.results.ray_files import (
     trial_dirs,
     trial_params,
     whole_checkpoint,
+)
+from pbt_lab.results.summary import (
+    SESSION,
+    best_trial,
+    compute_totals,
+    config_value,
+    machine,
+    per_optimizer,
+    versions,
 )
 from pbt_lab.storage import is_uri, replace_atomically, staged
 
@@ -149,121 +149,6 @@ def read_trials(
     ).sort_values([OPTIMIZER, LR, SEED])
 
 
-def per_optimizer(trials: pd.DataFrame, check_steps: int | None = None) -> dict:
-    """Per optimizer: the best rate, fewest steps to target (then seconds), and the band of rates within
-    one check (``check_steps``) of those steps, which the check interval cannot tell apart; the band
-    of rates that reached at all; counts per status."""
-    out = {}
-    for name, t in trials.groupby(OPTIMIZER):
-        reached = t[t[STATUS] == REACHED].sort_values([STEPS_TO_TARGET, SECONDS_TO_TARGET])
-        best = reached.iloc[0] if len(reached) else None
-        tied = reached[reached[STEPS_TO_TARGET] <= reached[STEPS_TO_TARGET].min() + (check_steps or 0)]
-        out[name] = {
-            "best_lr": float(best[LR]) if best is not None else None,
-            "best_band": [float(tied[LR].min()), float(tied[LR].max())] if len(tied) else None,
-            "best_band_lrs": sorted(float(x) for x in tied[LR].unique()),
-            STEPS_TO_TARGET: int(best[STEPS_TO_TARGET]) if best is not None else None,
-            SECONDS_TO_TARGET: float(best[SECONDS_TO_TARGET]) if best is not None else None,
-            "band": [float(reached[LR].min()), float(reached[LR].max())] if len(reached) else None,
-            "reached_lrs": sorted(float(x) for x in reached[LR].unique()),
-            "trials": len(t),
-            REACHED: len(reached),
-            DIVERGED: int((t[STATUS] == DIVERGED).sum()),
-            STALLED: int((t[STATUS] == STALLED).sum()),
-            CAPPED: int((t[STATUS] == CAPPED).sum()),
-            "errors": int((t[STATUS] == ERROR).sum()),
-        }
-    return out
-
-
-def best_trial(trials: pd.DataFrame) -> dict | None:
-    """The fastest trial to the target (fewest steps, then seconds); if none reached it, the best
-    validation accuracy."""
-    reached = trials[trials[STATUS] == REACHED].sort_values([STEPS_TO_TARGET, SECONDS_TO_TARGET])
-    pool = reached if len(reached) else trials.sort_values(BEST_VAL_ACC, ascending=False)
-    if not len(pool):
-        return None
-    row = pool.iloc[0]
-    return {
-        k: _plain(row[k])
-        for k in (
-            TRIAL_ID,
-            OPTIMIZER,
-            LR,
-            SEED,
-            BUILDER,
-            "scale",
-            WEIGHTS,
-            STATUS,
-            STEPS_TO_TARGET,
-            SECONDS_TO_TARGET,
-            BEST_VAL_ACC,
-            FINAL_VAL_ACC,
-            TEST_ACC,
-            "trial_dir",
-        )
-    }
-
-
-def compute_totals(trials: pd.DataFrame, session: dict) -> dict:
-    """Compute spent, the session it was spent in (start, wall seconds, slots), and what stopping
-    diverged and stalled trials early saved (estimated: each would otherwise have run as long as
-    the median trial that ran to its budget)."""
-    capped = trials[trials[STATUS] == CAPPED]
-    full_run = float(capped[TRAIN_SECONDS].median()) if len(capped) else None
-    totals = {
-        "trials": len(trials),
-        "steps": int(trials["steps"].sum()),
-        TRAIN_SECONDS: float(trials["compute_train_seconds"].sum()),
-        "trial_seconds": float(trials["compute_trial_seconds"].sum()),
-        **{k: session.get(k) for k in SESSION},
-    }
-    for status, saving in ((DIVERGED, "divergence"), (STALLED, "stall")):
-        stopped = trials[trials[STATUS] == status]
-        totals |= {
-            f"{status}_trials": len(stopped),
-            f"{status}_train_seconds": float(stopped[TRAIN_SECONDS].sum()),
-            f"{saving}_saved_train_seconds_estimate": float(
-                (full_run - stopped[TRAIN_SECONDS]).clip(lower=0).sum()
-            )
-            if full_run
-            else 0.0,
-        }
-    return totals
-
-
-def config_value(config: dict | None, previous: dict, section: str, key: str):
-    """A setting of the run's config (a rebuild: the last summary's), None where it has none."""
-    return ((config if config is not None else previous.get("config")) or {}).get(section, {}).get(key)
-
-
-SESSION = ("started_at", "wall_seconds", "slots")  # the last fit: when, how long, on how many trial slots
-
-
-def versions() -> dict:
-    names = ("pbt_lab", "ray", "tensorflow", "keras", "numpy", "pandas", "pyarrow")
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), **found}
-
-
-def machine() -> dict:
-    """The machine a run's seconds were measured on: its CPU model and cores."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        model = names[0] if names else model
-    return {"cpu": model, "cores": os.cpu_count()}
-
-
 def write_tables(
     run_dir: str | Path,
     *,
@@ -333,7 +218,7 @@ def write_tables(
     restored = restore_table(restores, verdicts)
     write_parquet(run_dir / RESTORES, restored)
     session = session or {k: previous.get("compute", {}).get(k) for k in SESSION}
-    breakdown = time_breakdown(reports, **session)
+    breakdown = time_breakdown(reports, **{k: session.get(k) for k in SESSION})
     if breakdown:
         breakdown["problems"] = check_breakdown(breakdown)
     summary = {
@@ -345,6 +230,8 @@ def write_tables(
         "machine": machine(),  # the driver's: what the time breakdown's seconds mean on a local run
         "data": data if data is not None else previous.get("data"),
         "stopped_as": stopped_as,
+        # Why the run stopped before its end (its storage full), if it did: --resume goes on.
+        "stopped_for": session.get("stopped") if "stopped" in session else previous.get("stopped_for"),
         "best": best_trial(trials),
         "optimizers": per_optimizer(trials, config_value(config, previous, "train", "steps_per_check")),
         "compute": compute_totals(trials, session),

@@ -128,7 +128,7 @@ class KeepPBTState(tune.Callback):
         self.scheduler = scheduler
 
     def get_state(self) -> dict:
-        self.scheduler.snapshot_taken()
+        self.scheduler.keeper.snapshot_taken()
         state = self.scheduler.state_dict()
         self.scheduler.write_state(state)
         return state
@@ -138,12 +138,12 @@ class KeepPBTState(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("done"):  # Ray saves at the end without asking the scheduler first
-            self.scheduler.make_room(trial, trials)
+            self.scheduler.keeper.make_room(trial, trials)
 
     def on_trial_save(self, iteration, trials, trial, **info):
         # The new checkpoint may replace one (Ray saves a state twice: PBT's save, then the pause's),
         # and the pause's save follows this one.
-        self.scheduler.make_room(trial, trials)
+        self.scheduler.keeper.make_room(trial, trials)
 
 
 class PopulationStop(tune.Stopper):

@@ -26,20 +26,29 @@ from pbt_lab.names import PBT_STATE_FILE, STATE_ID
 BOUND = "keeping the decided checkpoint would exceed pbt.max_checkpoints_per_member"
 
 
-class BoundedCheckpoints:
-    """LabPBT's checkpoint keeping (a mixin: it reads PBT's ``_trial_state``, the decisions and the
-    recipients awaiting their exploit)."""
+class CheckpointKeeper:
+    """LabPBT's checkpoint keeping. It reads the scheduler's member states (Ray's ``_trial_state``),
+    its decisions and the recipients waiting for their exploit (``_pending``)."""
 
-    _max_checkpoints: int
-    # Checkpoints each experiment snapshot names, by number, until storage holds a later one.
-    _snapshots: list[tuple[int, set[str]]]
-    _snapshot_count: int
+    def __init__(self, scheduler, max_checkpoints: int):
+        self.scheduler, self.max_checkpoints = scheduler, max_checkpoints
+        # Checkpoints each experiment snapshot names, by number, until storage holds a later one.
+        self.snapshots: list[tuple[int, set[str]]] = []
+        self.snapshot_count = 0
+
+    @property
+    def _trial_state(self) -> dict:
+        return self.scheduler._trial_state
+
+    def _awaited(self, trial_id: str) -> int | None:
+        """The exploit decision a recipient waits to carry out (None: none)."""
+        return self.scheduler._pending.get(trial_id)
 
     def make_room(self, trial: Trial, trials: list[Trial]) -> None:
         """Before ``trial`` saves: at most max − 1 checkpoints in its directory, so that the one it is
         about to write is at most the max-th."""
         self.prune(trials)
-        if self._held(trial) < self._max_checkpoints:
+        if self._held(trial) < self.max_checkpoints:
             return
         latest = _newest(trial)
         for other in trials:
@@ -53,7 +62,7 @@ class BoundedCheckpoints:
             # PBT's copy of an older ranked state: the member is copied from its latest, or not at all.
             state.last_checkpoint = None
         self.prune(trials)
-        if self._held(trial) >= self._max_checkpoints:
+        if self._held(trial) >= self.max_checkpoints:
             with contextlib.suppress(Exception):  # a failed upload is Ray's to report
                 trial.storage.syncer.wait()  # the snapshot on its way: the one before it then names nothing
             self.prune(trials)
@@ -65,7 +74,7 @@ class BoundedCheckpoints:
         """A recipient waiting to copy an older checkpoint of ``donor`` copies ``latest`` instead."""
         manager = recipient.run_metadata.checkpoint_manager
         waiting = manager.latest_checkpoint_result
-        decision = self._awaiting.get(recipient.trial_id)
+        decision = self._awaited(recipient.trial_id)
         if decision is None or not waiting or waiting.checkpoint.path not in _own(donor):
             return
         if recipient.status not in (Trial.PAUSED, Trial.PENDING) or recipient.is_restoring:
@@ -73,7 +82,7 @@ class BoundedCheckpoints:
         if waiting.checkpoint.path == latest.checkpoint.path:
             return
         manager._latest_checkpoint_result = _TrainingResult(copy.copy(latest.checkpoint), latest.metrics)
-        record = self.decisions[decision]
+        record = self.scheduler.decisions[decision]
         record["redirected"] = {"from_state_id": record.get("donor_state_id"), "why": why}
         record["donor_state_id"] = latest.metrics.get(STATE_ID)
 
@@ -81,8 +90,13 @@ class BoundedCheckpoints:
         """On a resume: a recipient that was waiting for its exploit when the snapshot was taken, whose
         donor checkpoint was deleted since, copies the donor's checkpoint the snapshot names instead."""
         members = {t.trial_id: t for t in self._trial_state}
-        for recipient_id, decision in list(self._awaiting.items()):
-            recipient, donor = members.get(recipient_id), members.get(self.decisions[decision]["donor"])
+        for recipient_id, decision in list(self.scheduler._pending.items()):
+            if decision is None:
+                continue
+            recipient, donor = (
+                members.get(recipient_id),
+                members.get(self.scheduler.decisions[decision]["donor"]),
+            )
             latest = donor and donor.run_metadata.checkpoint_manager.latest_checkpoint_result
             waiting = recipient and recipient.run_metadata.checkpoint_manager.latest_checkpoint_result
             if not (latest and waiting) or _exists(waiting.checkpoint):
@@ -94,8 +108,8 @@ class BoundedCheckpoints:
         paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
         and what the experiment snapshot in storage names (a resume restores from it)."""
         stored = self._stored_snapshot()
-        self._snapshots = [(k, paths) for k, paths in self._snapshots if stored is None or k >= stored]
-        needed = set().union(*(paths for _, paths in self._snapshots))
+        self.snapshots = [(k, paths) for k, paths in self.snapshots if stored is None or k >= stored]
+        needed = set().union(*(paths for _, paths in self.snapshots))
         for trial in trials:
             latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
             if latest:
@@ -127,10 +141,10 @@ class BoundedCheckpoints:
         """Ray is writing an experiment snapshot: a resume restores each member from the latest
         checkpoint it names, so those stay until storage holds a later snapshot (Ray uploads in the
         background, and skips an upload while the one before is still going)."""
-        self._snapshot_count += 1
-        self._snapshots.append(
+        self.snapshot_count += 1
+        self.snapshots.append(
             (
-                self._snapshot_count,
+                self.snapshot_count,
                 {
                     r.checkpoint.path
                     for t in self._trial_state

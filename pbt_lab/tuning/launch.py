@@ -190,5 +190,5 @@ def fit(
             raise
         grid = None
     run.session.wall_seconds += time.perf_counter() - start
-    run.stopped = StopWhenStorageFull.stopped()
+    run.session.stopped = StopWhenStorageFull.stopped()
     return grid

@@ -57,13 +57,13 @@ from pbt_lab.names import (
     STATE_ID,
 )
 from pbt_lab.storage import replace_atomically
-from pbt_lab.tuning.disk import BoundedCheckpoints
+from pbt_lab.tuning.disk import CheckpointKeeper
 from pbt_lab.tuning.explore import ExplorePolicy, explore, ranked_members, truncate
 
 # --- the scheduler -------------------------------------------------------------------------
 
 
-class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
+class LabPBT(PopulationBasedTraining):
     """Ray's PBT with the lab's truncation, explore, seeding, record, resume and disk bound
     (module docstring). Time is ``training_iteration``: one check."""
 
@@ -101,17 +101,16 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         self._policy = policy
         self._rng = np.random.default_rng(seed)
         self._diverged: set[str] = set()  # members whose last result was diverged
-        # Recipients whose score is not fresh: not ranked, not donors, until they report a score again.
-        self._pending: set[str] = set()
-        self._awaiting: dict[str, int] = {}  # recipient -> its exploit decision, until its next report
+        # Recipients whose score is not fresh: not ranked, not donors, until they report a score again;
+        # each with its exploit decision until its next report (None after it).
+        self._pending: dict[str, int | None] = {}
         self._gone: set[str] = set()  # members that completed, failed or were removed
         self._reports = 0
         self._last_report: dict[str, int] = {}
         self._handed: set[str] = set()  # members handed to Ray to start that have not reported since
         # The decision being made: its quantiles' sizes, and its record if it is an exploit.
         self._deciding: dict = {"sizes": {}, "exploit": None}
-        self._max_checkpoints = max_checkpoints_per_member
-        self._snapshots, self._snapshot_count = [], 0  # BoundedCheckpoints' record of the snapshots
+        self.keeper = CheckpointKeeper(self, max_checkpoints_per_member)
         self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
         self.decisions: list[dict] = []
 
@@ -122,19 +121,20 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         if trial.trial_id in self._restored:
             self._apply_member_state(trial, self._restored.pop(trial.trial_id))
             if not self._restored:  # every member is back: their checkpoints are known
-                self.redirect_resumed()
+                self.keeper.redirect_resumed()
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
-        self.make_room(trial, tune_controller.get_trials())  # a save may follow this result
+        self.keeper.make_room(trial, tune_controller.get_trials())  # a save may follow this result
         self._reports += 1
         self._last_report[trial.trial_id] = self._reports
         if result.get(DIVERGED_FLAG):
             self._diverged.add(trial.trial_id)
         else:
             self._diverged.discard(trial.trial_id)
-        if trial.trial_id in self._awaiting:
+        number = self._pending.get(trial.trial_id)
+        if number is not None:
             # The member's next report says whether it carried out its exploit: the donor's checkpoint.
-            number = self._awaiting.pop(trial.trial_id)
+            self._pending[trial.trial_id] = None
             self.decisions[number]["carried_out"] = (
                 result.get(EXPLOIT) == number and result.get(SEGMENT_FROM) != trial.trial_id
             )
@@ -142,12 +142,12 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         decided = len(self.decisions)
         decision = super().on_trial_result(tune_controller, trial, result)
         if len(self.decisions) > decided:
-            self.prune(tune_controller.get_trials())
+            self.keeper.prune(tune_controller.get_trials())
         return decision
 
     def _save_trial_state(self, state, time, result, trial):
         # Ray records a member's score only where it is ranked: from here on its score is fresh.
-        self._pending.discard(trial.trial_id)
+        self._pending.pop(trial.trial_id, None)
         return super()._save_trial_state(state, time, result, trial)
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
@@ -170,7 +170,7 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         self._gone.add(trial.trial_id)
         if self._synch:
             self._decide_if_all_arrived(tune_controller)
-        self.prune(tune_controller.get_trials())
+        self.keeper.prune(tune_controller.get_trials())
 
     def _decide_if_all_arrived(self, tune_controller) -> None:
         """Ray's synchronous decision (``on_trial_result``'s), made for the members still in the run
@@ -301,8 +301,7 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
     def _exploit(self, tune_controller, trial, trial_to_clone):
         super()._exploit(tune_controller, trial, trial_to_clone)
         self._diverged.discard(trial.trial_id)  # it now holds the donor's healthy state
-        self._pending.add(trial.trial_id)
-        self._awaiting[trial.trial_id] = self._deciding["exploit"]["decision"]
+        self._pending[trial.trial_id] = self._deciding["exploit"]["decision"]
 
     # --- state across a resume --------------------------------------------------------------
 
@@ -317,12 +316,12 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
                 "has_checkpoint": s.last_checkpoint is not None,
                 DIVERGED_FLAG: trial.trial_id in self._diverged,
                 "pending": trial.trial_id in self._pending,
-                "awaiting": self._awaiting.get(trial.trial_id),
+                "awaiting": self._pending.get(trial.trial_id),
                 "last_report": self._last_report.get(trial.trial_id, 0),
             }
         # "snapshot" first: prune() reads the stored file's first bytes only.
         return {
-            "snapshot": self._snapshot_count,
+            "snapshot": self.keeper.snapshot_count,
             "format": 1,
             "rng": self._rng.bit_generator.state,
             "reports": self._reports,
@@ -332,7 +331,7 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self._snapshot_count = state["snapshot"]
+        self.keeper.snapshot_count = state["snapshot"]
         self._rng.bit_generator.state = state["rng"]
         self._reports = state["reports"]
         self._next_perturbation_sync = state["next_perturbation_sync"]
@@ -355,9 +354,7 @@ class LabPBT(BoundedCheckpoints, PopulationBasedTraining):
         if member[DIVERGED_FLAG]:
             self._diverged.add(trial.trial_id)
         if member["pending"]:
-            self._pending.add(trial.trial_id)
-        if member.get("awaiting") is not None:
-            self._awaiting[trial.trial_id] = member["awaiting"]
+            self._pending[trial.trial_id] = member.get("awaiting")
         self._last_report[trial.trial_id] = member["last_report"]
 
     def write_state(self, state: dict) -> None:
