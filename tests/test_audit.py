@@ -398,14 +398,18 @@ def test_a_lineage_followed_back_ends_when_two_members_copied_each_other_within_
 def test_quantile_sizes_compare_each_decision_with_floor_of_the_fraction():
     decisions = [
         {"ranked": 1, "lower": 0, "upper": 0},
-        {"ranked": 5, "lower": 1, "upper": 1},
+        {"ranked": 5, "population": 5, "lower": 1, "upper": 1},
+        {"ranked": 4, "population": 5, "lower": 0, "upper": 0},  # one in flight: 20 % of 4 is nobody
+        {"ranked": 3, "population": 4, "lower": 1, "upper": 1},  # under 1 / 0.2 members: at least one
         {"ranked": 10, "lower": 2, "upper": 2},
         {"ranked": 10, "lower": 3, "upper": 2},
     ]
     sizes = lineage.quantile_sizes(decisions, 0.2)
     assert sizes == [
-        {"ranked": 5, "decisions": 1, "replaced": [1], "donors": [1], "expected": 1},
-        {"ranked": 10, "decisions": 2, "replaced": [2, 3], "donors": [2], "expected": 2},
+        {"ranked": 3, "population": 4, "decisions": 1, "replaced": [1], "donors": [1], "expected": 1},
+        {"ranked": 4, "population": 5, "decisions": 1, "replaced": [0], "donors": [0], "expected": 0},
+        {"ranked": 5, "population": 5, "decisions": 1, "replaced": [1], "donors": [1], "expected": 1},
+        {"ranked": 10, "population": 10, "decisions": 2, "replaced": [2, 3], "donors": [2], "expected": 2},
     ]
 
 

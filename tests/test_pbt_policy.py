@@ -409,34 +409,52 @@ def report(s: LabPBT, controller, member: Member, iteration: int, score: float, 
 
 
 def test_a_recipient_is_neither_ranked_nor_a_donor_until_it_reports_a_fresh_score():
+    # Six members at 20 %: one is replaced among six, and among the five fresh ones while a copy is
+    # in flight; the recipient's old score would take that one slot and shield the real laggard.
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcdef", 1e-3))
+    for name, score in zip("abcdef", (0.50, 0.60, 0.70, 0.80, 0.90, 0.95)):
+        report(s, controller, m[name], 1, score)
+    assert s.decisions[-1]["action"] == "save" and s.decisions[-1]["ranked"] == 6  # f, on top
+    report(s, controller, m["a"], 2, 0.10)  # the bottom one: it copies f, the only top member
+    assert s.decisions[-1]["action"] == "exploit" and s.decisions[-1]["donor"] == "f"
+    report(s, controller, m["b"], 2, 0.55)  # now the real laggard among the fresh scores
+    assert s.decisions[-1]["ranked"] == 5 and s.decisions[-1]["action"] == "exploit"
+    s._pending.clear()  # had a's stale 0.10 been ranked, it would have filled the one bottom slot
+    assert [t.trial_id for t in s._quantiles()[0]] == ["a"]
+
+
+def test_one_recipient_at_a_time_in_a_population_of_five():
+    # 20 % of the four fresh scores left while a copy is in flight is nobody: no cascade of exploits.
     s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
     controller, m = population(s, dict.fromkeys("abcde", 1e-3))
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
         report(s, controller, m[name], 1, score)
-    assert s.decisions[-1]["action"] == "save" and s.decisions[-1]["ranked"] == 5  # e, on top
-    report(s, controller, m["a"], 2, 0.10)  # the bottom one: it copies e, the only top member
-    assert s.decisions[-1]["action"] == "exploit" and s.decisions[-1]["donor"] == "e"
-    # "b" is now the real laggard among the fresh scores: the recipient's old 0.10 does not shield it
-    report(s, controller, m["b"], 2, 0.55)
-    assert s.decisions[-1]["ranked"] == 4 and s.decisions[-1]["action"] == "exploit"
-    # With a's stale 0.10 ranked, b would have been kept (the only bottom slot filled): check it would.
-    s._pending.clear()
-    assert [t.trial_id for t in s._quantiles()[0]] == ["a"]
+    report(s, controller, m["a"], 2, 0.10)
+    assert s.decisions[-1]["action"] == "exploit"
+    for name in "bcde":
+        report(s, controller, m[name], 2, 0.20)
+        assert s.decisions[-1]["action"] == "keep" and (
+            s.decisions[-1]["ranked"],
+            s.decisions[-1]["lower"],
+        ) == (4, 0)
+    report(s, controller, m["a"], 3, 0.95)  # its fresh score: five ranked, one replaced again
+    assert s.decisions[-1]["ranked"] == 5 and s.decisions[-1]["lower"] == 1
 
 
 def test_a_rescued_member_with_an_old_top_score_donates_nothing_until_it_reports_again():
     s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
-    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
-    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.95)):
+    controller, m = population(s, dict.fromkeys("abcdef", 1e-3))
+    for name, score in zip("abcdef", (0.50, 0.60, 0.70, 0.80, 0.85, 0.95)):
         report(s, controller, m[name], 1, score)
-    report(s, controller, m["e"], 2, 0.95, diverged=True)  # e diverged after its top score: rescued
-    assert s.decisions[-1]["action"] == "exploit" and s.decisions[-1]["member"] == "e"
-    for name, score in zip("bcd", (0.6, 0.7, 0.8)):  # a, still the lowest, stays in the bottom slot
+    report(s, controller, m["f"], 2, 0.95, diverged=True)  # f diverged after its top score: rescued
+    assert s.decisions[-1]["action"] == "exploit" and s.decisions[-1]["member"] == "f"
+    for name, score in zip("bcde", (0.6, 0.7, 0.8, 0.85)):  # a, still the lowest, stays in the bottom slot
         report(s, controller, m[name], 2, score)
-        assert s.decisions[-1]["ranked"] == 4  # e's 0.95 is not ranked: it holds another state now
-    assert s.decisions[-1]["action"] == "save"  # d, the top of the fresh scores, not e
-    report(s, controller, m["e"], 3, 0.97)  # its first score since the copy: ranked again
-    assert s.decisions[-1]["ranked"] == 5 and s.decisions[-1]["action"] == "save"
+        assert s.decisions[-1]["ranked"] == 5  # f's 0.95 is not ranked: it holds another state now
+    assert s.decisions[-1]["action"] == "save"  # e, the top of the fresh scores, not f
+    report(s, controller, m["f"], 3, 0.97)  # its first score since the copy: ranked again
+    assert s.decisions[-1]["ranked"] == 6 and s.decisions[-1]["action"] == "save"
 
 
 def test_the_next_report_records_whether_an_exploit_was_carried_out():
@@ -532,7 +550,8 @@ def test_a_recipient_ray_is_restoring_already_is_not_redirected():
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
         report(s, controller, m[name], 1, score, state_id=f"{name}1")
     report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e1
-    report(s, controller, m["e"], 2, 0.95, state_id="e2")  # e saves e2
+    report(s, controller, m["e"], 2, 0.95, state_id="e2")
+    controller.pause_trial(m["e"])  # e saves e2
     decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
     newest = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[-1]
     m["a"].status, m["a"].is_restoring = Trial.RUNNING, True
@@ -543,3 +562,20 @@ def test_a_recipient_ray_is_restoring_already_is_not_redirected():
     assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["state_id"] == "e2"
     record = next(d for d in s.decisions if d["member"] == "a" and d["action"] == "exploit")
     assert record["donor_state_id"] == "e2" and record["redirected"]["from_state_id"] == "e1"
+
+
+def test_a_donors_final_state_is_never_a_recipients_copy():
+    # A member's last checkpoint, at the end of its budget, holds no steps left to train: a recipient
+    # that copied it would train nothing (it once failed with an empty batch).
+    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score, state_id=f"{name}1")
+    report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e1, and waits
+    decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
+    for iteration, done in ((2, False), (3, True)):  # e's pause save, then its save at the end
+        m["e"].last_result = {"training_iteration": iteration, "state_id": f"e{iteration}", "done": done}
+        controller.pause_trial(m["e"])
+        s.keeper.snapshot_taken()  # a snapshot names e's latest (storage holds none yet: all kept)
+    s.keeper.make_room(m["e"], controller.members)  # on_trial_save of its final checkpoint: three held
+    assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided

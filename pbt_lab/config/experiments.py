@@ -10,9 +10,12 @@ from pbt_lab.config.shared import Experiment, TrainConfig
 from pbt_lab.names import VAL_ACC
 
 
-def quantile_size(fraction: float, ranked: int) -> int:
-    """Members replaced (and donors) at a PBT decision ranking ``ranked``: max(1, floor(fraction × N))."""
-    return max(1, math.floor(fraction * ranked + 1e-9))  # 0.2 × 15 is 3.0000000000000004 in floats
+def quantile_size(fraction: float, ranked: int, population: int | None = None) -> int:
+    """Members replaced (and donors) at a PBT decision ranking ``ranked`` fresh scores in a population
+    of ``population`` (default: ``ranked``): floor(fraction × ranked), and at least one where the whole
+    population is too small for the fraction to name anyone (fewer than 1 / fraction members)."""
+    size = math.floor(fraction * ranked + 1e-9)  # 0.2 × 15 is 3.0000000000000004 in floats
+    return size or int(math.floor(fraction * (population or ranked) + 1e-9) == 0)
 
 
 def study_learning_rates() -> list[float]:

@@ -117,20 +117,22 @@ def lineage_table(
 
 
 def quantile_sizes(decisions: list[dict], fraction: float) -> list[dict]:
-    """Per population size ranked: how many decisions, the sizes of the replaced and donor sets
-    seen, and floor(fraction × ranked) (at least 1) for comparison."""
+    """Per number of fresh scores ranked (and population): how many decisions, the sizes of the
+    replaced and donor sets seen, and the quantile size the rule gives (``quantile_size``)."""
     rows = {}
     for d in decisions:
-        if d.get("lower") is None or d["lower"] == 0:
-            continue  # fewer than two members ranked yet: nothing to replace
+        if d.get("ranked") is None or d["ranked"] < 2:
+            continue  # fewer than two ranked: nothing to compare
+        population = d.get("population", d["ranked"])
         row = rows.setdefault(
-            d["ranked"],
+            (d["ranked"], population),
             {
                 "ranked": d["ranked"],
+                "population": population,
                 "decisions": 0,
                 "replaced": set(),
                 "donors": set(),
-                "expected": quantile_size(fraction, d["ranked"]),
+                "expected": quantile_size(fraction, d["ranked"], population),
             },
         )
         row["decisions"] += 1

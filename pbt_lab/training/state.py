@@ -36,7 +36,7 @@ class DataOrder:
             if self.position == self.n:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._perm = self._permutation()
-        return np.concatenate(parts).reshape(steps, batch_size)
+        return np.concatenate(parts or [np.empty(0, np.int32)]).reshape(steps, batch_size)
 
     def state(self) -> list[int]:
         return [self.seed, self.epoch, self.position]

@@ -51,8 +51,9 @@ class CheckpointKeeper:
         if self._held(trial) < self.max_checkpoints:
             return
         latest = _newest(trial)
-        for other in trials:
-            self._redirect(other, trial, latest)
+        if not latest.metrics.get("done"):  # a member's final state is nobody's to copy
+            for other in trials:
+                self._redirect(other, trial, latest)
         state = self._trial_state[trial]
         copied = state.last_checkpoint  # a save in flight (a future) is the latest to be
         if (
@@ -107,7 +108,8 @@ class CheckpointKeeper:
         """Delete every checkpoint nothing can restore any more. Kept: each member's latest (a
         paused recipient's latest is its donor's, until it saves), what PBT would copy from a donor,
         and what the experiment snapshot in storage names (a resume restores from it)."""
-        stored = self._stored_snapshot()
+        # Storage is read only when there is an older snapshot to let go of (on S3, a request per read).
+        stored = self._stored_snapshot() if len(self.snapshots) > 1 else None
         self.snapshots = [(k, paths) for k, paths in self.snapshots if stored is None or k >= stored]
         needed = set().union(*(paths for _, paths in self.snapshots))
         for trial in trials:

@@ -84,23 +84,27 @@ def truncate(
     fraction: float,
     rng: np.random.Generator,
     name=str,
+    population: int | None = None,
 ) -> tuple[list, list]:
     """(lower, upper): who is replaced and who may donate, from ``scores`` (member -> score, higher
-    better; ``None`` or NaN: not ranked).
+    better; ``None`` or NaN: not ranked) in a population of ``population`` members (default: those
+    ranked; the others have no fresh score).
 
-    ``n = max(1, floor(fraction × ranked))``. Diverged members rank last and are all replaced, even
-    when there are more than ``n``; the top ``n`` healthy members donate. Ties break in an order
-    drawn from ``rng`` over the members sorted by ``name`` (not by how they happen to be listed).
-    Empty lists when fewer than two are ranked or no healthy member is left to copy.
+    ``n = quantile_size(fraction, ranked, population)``: floor(fraction × ranked), at least one only
+    in a population smaller than 1 / fraction. Diverged members rank last and are all replaced, even
+    when there are more than ``n``; the top ``n`` healthy members donate (at least one where a
+    diverged member needs a donor). Ties break in an order drawn from ``rng`` over the members sorted
+    by ``name`` (not by how they happen to be listed). Empty lists when fewer than two are ranked or
+    no healthy member is left to copy.
     """
     ranked = sorted(ranked_members(scores, diverged), key=name)
     if len(ranked) < 2:
         return [], []
-    n = quantile_size(fraction, len(ranked))
+    n = quantile_size(fraction, len(ranked), population)
     order = [ranked[i] for i in rng.permutation(len(ranked))]
     order.sort(
         key=lambda m: (m not in diverged, scores[m] if m not in diverged else 0.0)
     )  # stable: ties stay shuffled
     lower = order[: max(n, sum(m in diverged for m in order))]
-    upper = [m for m in order if m not in diverged and m not in lower][-n:]
-    return (lower, upper) if upper else ([], [])
+    upper = [m for m in order if m not in diverged and m not in lower][-max(n, bool(lower)) :]
+    return (lower, upper) if upper and lower else ([], [])

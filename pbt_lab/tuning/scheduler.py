@@ -224,17 +224,18 @@ class LabPBT(PopulationBasedTraining):
         # rescued diverged member too) holds another state than the one it was scored on until it
         # reports a score again, so it is neither ranked nor a donor (its stale score would fill the
         # bottom slot and shield the real laggard, or a rescued member's old top score make it a donor).
-        scores = {
-            t: s.last_score
-            for t, s in self._trial_state.items()
-            if not t.is_finished() and t.trial_id not in self._gone and t.trial_id not in self._pending
-        }
+        # The quantiles are of the fresh scores: 20 % of the 4 fresh ones in a population of 5 is
+        # nobody, so one recipient at a time is in flight there (at least one of any ranking made
+        # every other member's report an exploit while two or three recipients were in flight).
+        members = [t for t in self._trial_state if not t.is_finished() and t.trial_id not in self._gone]
+        scores = {t: self._trial_state[t].last_score for t in members if t.trial_id not in self._pending}
         diverged = {t for t in scores if t.trial_id in self._diverged}
         lower, upper = truncate(
-            scores, diverged, self._quantile_fraction, self._rng, name=lambda t: t.trial_id
+            scores, diverged, self._quantile_fraction, self._rng, lambda t: t.trial_id, len(members)
         )
         self._deciding["sizes"] = {
             "ranked": len(ranked_members(scores, diverged)),
+            "population": len(members),
             "lower": len(lower),
             "upper": len(upper),
             "diverged_ranked": len(diverged),
