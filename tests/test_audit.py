@@ -449,19 +449,11 @@ def test_a_resume_from_before_an_exploit_drops_the_exploit_it_will_redo_not_the_
 # --- the audit's verdicts, on hand-made rows (no Ray, no training) ---------------------------
 
 
-def audited(
-    switched: bool = False,
-    decision: dict | None = None,
-    saved: bool = True,
-    donor_slots="adam slots",
-    own: bool = False,
-    **restored,
-):
-    """Decision 7's exploit of the donor's state s1 (``own``: the member's restore of its own s1), as
-    the restoring trial's first report after the restore says, with ``restored`` fields changed (and
-    the slots digest the saver reported); returns its verdict row."""
+def row_of_exploit(switched: bool = False, own: bool = False) -> dict:
+    """The first report after decision 7's exploit of the donor's state s1 (``own``: the member's
+    restore of its own s1), as a well-made recipient reports it."""
     new = {OPTIMIZER: "momentum" if switched else "adam", LR: 0.05 if switched else 8e-4}
-    row = {
+    return {
         TRIAL_ID: "recipient",
         EXPLOIT: None if own else 7,
         SEGMENT_FROM: "recipient" if own else "donor",
@@ -474,8 +466,22 @@ def audited(
         FRESH_SLOTS_SHA256: "fresh" if switched else None,
         RESTORED_OPTIMIZER_STEPS: 0 if switched else 20,
         RESTORE_KIND: "pause" if own else "exploit",
-        **restored,
     }
+
+
+def audited(
+    switched: bool = False,
+    decision: dict | None = None,
+    saved: bool = True,
+    donor_slots="adam slots",
+    own: bool = False,
+    **restored,
+):
+    """Decision 7's exploit of the donor's state s1 (``own``: the member's restore of its own s1), as
+    the restoring trial's first report after the restore says, with ``restored`` fields changed (and
+    the slots digest the saver reported); returns its verdict row."""
+    new = {OPTIMIZER: "momentum" if switched else "adam", LR: 0.05 if switched else 8e-4}
+    row = {**row_of_exploit(switched, own), **restored}
     saves = pd.DataFrame(
         [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: donor_slots, OPTIMIZER_STEPS: 20}]
     )
@@ -528,6 +534,19 @@ def test_the_audit_needs_the_decisions_state_and_the_savers_report():
     assert not audited(decision=decided(member="someone else", donor_state_id="s1"))["matched"]
     # An exploit whose first check did not say which rate it used cannot be verified.
     assert audited(lr_used=None)["verdict"] == "unverifiable"
+
+
+def test_a_scheduler_that_keeps_no_decisions_is_audited_on_the_digests_alone():
+    # Ray's PB2 (in a comparison) copies donors without the lab's record: nothing to match, all to verify.
+    row = audited()  # a well-formed exploit, audited with the record
+    saves = pd.DataFrame(
+        [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: "adam slots", OPTIMIZER_STEPS: 20}]
+    )
+    exploit = pd.DataFrame([{**row_of_exploit(), RESTORED_SHA256: "other"}])
+    verdict = audit.audit(exploit, saves, None).iloc[0]
+    assert verdict["matched"] and verdict["problem"] == "weights differ from what the donor saved"
+    assert not audit.audit(exploit, saves, []).iloc[0]["matched"]  # a lab run that lost its record
+    assert row["verdict"] == "verified"
 
 
 def test_a_donor_report_without_a_slots_digest_verifies_no_same_optimizer_exploit():

@@ -96,11 +96,12 @@ def exploited_decisions(decisions: list[dict]) -> dict[int, dict]:
     return {d["decision"]: d for d in decisions if d.get("action") == EXPLOITED}
 
 
-def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) -> pd.DataFrame:
+def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict] | None) -> pd.DataFrame:
     """One verdict per restore (index of ``restores``): its ``kind``, ``matched`` (an exploit: the
     scheduler decided it, this recipient, this donor's checkpoint, this new optimizer and rate; a
-    restore of one's own checkpoint needs no decision), and ``verdict``: verified, mismatched (with
-    the ``problem``) or unverifiable (the saver never reported the state, or an exploit's first check
+    restore of one's own checkpoint needs no decision, nor an exploit where the scheduler keeps no
+    record, ``decisions`` None: Ray's PB2), and ``verdict``: verified, mismatched (with the
+    ``problem``) or unverifiable (the saver never reported the state, or an exploit's first check
     did not report the rate it used).
 
     Verified means: the state loaded is the one the decision meant (an exploit: same state id), its
@@ -109,19 +110,23 @@ def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict]) ->
     or a newly built optimizer's (an exploit that switched). A decision that recorded no donor state
     meant none.
     """
-    decided = exploited_decisions(decisions)
+    decided = exploited_decisions(decisions or [])
     reported = saves.drop_duplicates(STATE_ID).set_index(STATE_ID) if len(saves) else pd.DataFrame()
     rows = []
     for index, r in restores.iterrows():
         kind = restore_kind(r)
         exploit = r[SEGMENT_FROM] != r[TRIAL_ID]
         d = decided.get(int(r[EXPLOIT])) if exploit and pd.notna(r[EXPLOIT]) else None
-        matched = not exploit or (
-            d is not None
-            and d["member"] == r[TRIAL_ID]
-            and d["donor"] == r[SEGMENT_FROM]
-            and d["new"][OPTIMIZER] == r[OPTIMIZER]
-            and _same_lr(d["new"][LR], r[LR])
+        matched = (
+            not exploit
+            or decisions is None
+            or (
+                d is not None
+                and d["member"] == r[TRIAL_ID]
+                and d["donor"] == r[SEGMENT_FROM]
+                and d["new"][OPTIMIZER] == r[OPTIMIZER]
+                and _same_lr(d["new"][LR], r[LR])
+            )
         )
         saved = reported.loc[r[RESTORED_ID]] if r[RESTORED_ID] in reported.index else None
         trained = pd.notna(r.get(LR_USED))

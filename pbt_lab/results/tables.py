@@ -212,7 +212,8 @@ def write_tables(
     write_parquet(run_dir / HISTORY, history.drop(columns=PER_TRIAL))
     write_parquet(run_dir / TRIALS, trials)
     kind = kind or previous.get("kind")
-    decisions = read_pbt_state(run_dir).get("decisions", []) if kind == "pbt" else []
+    # The lab's PBT records its decisions; other schedulers (Ray's PB2 in a comparison) keep none.
+    decisions = read_pbt_state(run_dir).get("decisions", []) if kind == "pbt" else None
     restores = restore_rows(history)
     verdicts = audit(restores, read_saved_states(reports), decisions)
     restored = restore_table(restores, verdicts)
@@ -248,7 +249,9 @@ def write_tables(
     if kind == "scaling":
         summary["scaling"] = scaling_summary(trials, summary["config"]["model"]["scale"])
     if kind == "pbt":
-        pbt, tables["lineage"] = pbt_summary(run_dir, summary["config"], trials, history, decisions, verdicts)
+        pbt, tables["lineage"] = pbt_summary(
+            run_dir, summary["config"], trials, history, decisions or [], verdicts
+        )
         write_parquet(run_dir / LINEAGE, tables["lineage"])
         summary.update(pbt)
         if pbt["winner"][TRIAL_ID]:

@@ -6,23 +6,26 @@
 
 What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
 
-- **Truncation**: Ray replaces ``ceil(q × N)`` members; the lab ``max(1, floor(q × N))`` (``truncate``).
-  Divergence is an explicit flag in each result, never read off a score: a diverged member is
-  never a donor and always replaced.
+- **Truncation**: Ray replaces ``ceil(q × N)`` members; the lab ``floor(q × N)`` of the N fresh scores
+  (``truncate``): a recipient is neither ranked nor a donor until it reports again. Divergence is an
+  explicit flag in each result, never read off a score: a diverged member is never a donor and
+  always replaced.
 - **Explore** (``explore``): a rate is perturbed × f and reflected at its optimizer's range, or
-  resampled log-uniform inside that range; an optimizer switch keeps the rate's relative place.
+  resampled log-uniform inside that range; an optimizer switch keeps the rate's relative place. The
+  recipient keeps its own seed (its data stream after the copy derives from it).
 - **Seeded**: ranking ties, donors and explore draw from one generator seeded by ``pbt.seed``
   (Ray's own draw from the unseeded ``random`` and NumPy generators).
 - **Recorded**: every decision (ranked, replaced, donors, scores, new config) lands in
   ``pbt_state.json``; a recipient's config carries its decision's number, so the tables join
-  each restore to the decision behind it.
+  each restore to the decision behind it, and its next report says whether it carried it out.
 - **Resumable**: the scheduler's state (clocks, scores, generator, decisions) is saved with every
   experiment snapshot through a Tune callback and restored on ``--resume`` (Ray restarts it
   empty: ray#30838).
-- **Bounded disk**: checkpoints nothing can restore any more are deleted (Ray's ``num_to_keep``
-  would delete one that a paused recipient is about to copy).
+- **Bounded disk**: at most ``pbt.max_checkpoints_per_member`` checkpoints per member at any moment
+  (``disk.CheckpointKeeper``; Ray's ``num_to_keep`` would delete one a paused recipient is about to copy).
 - **Fair turns**: waiting members run in order of training time, ties to the one that reported
-  longest ago (Ray's list order starved paused donors after a resume); Ray's sync-point rule kept.
+  longest ago (Ray's list order starved paused donors after a resume); Ray's sync-point rule kept,
+  and the synchronous decision made when a member ends before the sync point (Ray waited for ever).
 - **Every slot busy**: Ray asks for one member per step and keeps a paused member's worker only
   for a member already handed to it. Ray's PBT hands the same waiting member until it runs: two
   members pausing together left one worker with no one to keep it for, Ray stopped it, and the
