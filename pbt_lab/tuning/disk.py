@@ -23,7 +23,9 @@ from ray.tune.experiment import Trial
 
 from pbt_lab.names import PBT_STATE_FILE, STATE_ID
 
-BOUND = "keeping the decided checkpoint would exceed pbt.max_checkpoints_per_member"
+BOUND = (
+    "the donor saved again, and keeping the decided checkpoint would exceed pbt.max_checkpoints_per_member"
+)
 
 
 class CheckpointKeeper:
@@ -46,23 +48,29 @@ class CheckpointKeeper:
 
     def make_room(self, trial: Trial, trials: list[Trial]) -> None:
         """Before ``trial`` saves: at most max − 1 checkpoints in its directory, so that the one it is
-        about to write is at most the max-th."""
+        about to write is at most the max-th.
+
+        One place is kept for the checkpoint the experiment snapshot names (a resume needs it) and one
+        for the checkpoint being written; the rest hold its latest, what PBT would copy from it and
+        what recipients wait to copy. Which of those go is decided by the order of saves and
+        decisions alone, never by when Ray happened to take a snapshot, so that with one member
+        training at a time a seed still gives one lineage."""
         self.prune(trials)
-        if self._held(trial) < self.max_checkpoints:
+        latest = _newest(trial) if self._held(trial) else None
+        if latest is None:
             return
-        latest = _newest(trial)
-        if not latest.metrics.get("done"):  # a member's final state is nobody's to copy
-            for other in trials:
-                self._redirect(other, trial, latest)
         state = self._trial_state[trial]
         copied = state.last_checkpoint  # a save in flight (a future) is the latest to be
-        if (
-            not isinstance(copied, (type(None), _FutureTrainingResult))
-            and copied.path != latest.checkpoint.path
-        ):
-            # PBT's copy of an older ranked state: the member is copied from its latest, or not at all.
-            state.last_checkpoint = None
-        self.prune(trials)
+        waited = {r.checkpoint.path for r in self._waited_on(trial, trials)}
+        if len(waited | {latest.checkpoint.path} | _path(copied)) > self.max_checkpoints - 2:
+            if self.scheduler._pending.get(trial.trial_id, -1) == -1 and not latest.metrics.get("done"):
+                # Its latest is a state it was ranked on (not one it is leaving for a donor's, nor
+                # its final one): recipients waiting on an older one copy that instead.
+                for other in trials:
+                    self._redirect(other, trial, latest)
+            if _path(copied) - {latest.checkpoint.path}:
+                state.last_checkpoint = None  # PBT copies it from its latest, or not at all
+            self.prune(trials)
         if self._held(trial) >= self.max_checkpoints:
             with contextlib.suppress(Exception):  # a failed upload is Ray's to report
                 trial.storage.syncer.wait()  # the snapshot on its way: the one before it then names nothing
@@ -71,8 +79,19 @@ class CheckpointKeeper:
     def _held(self, trial: Trial) -> int:
         return len(trial.run_metadata.checkpoint_manager.best_checkpoint_results)
 
+    def _waited_on(self, donor: Trial, trials: list[Trial]) -> list[_TrainingResult]:
+        """The checkpoints of ``donor`` that recipients wait to copy."""
+        own = _own(donor)
+        waiting = [
+            r.run_metadata.checkpoint_manager.latest_checkpoint_result
+            for r in trials
+            if self._awaited(r.trial_id) is not None
+        ]
+        return [w for w in waiting if w and w.checkpoint.path in own]
+
     def _redirect(self, recipient: Trial, donor: Trial, latest: _TrainingResult, why: str = BOUND) -> None:
-        """A recipient waiting to copy an older checkpoint of ``donor`` copies ``latest`` instead."""
+        """A recipient waiting to copy an older checkpoint of ``donor`` copies ``latest`` instead, and
+        its PBT clocks move to that state's."""
         manager = recipient.run_metadata.checkpoint_manager
         waiting = manager.latest_checkpoint_result
         decision = self._awaited(recipient.trial_id)
@@ -83,6 +102,12 @@ class CheckpointKeeper:
         if waiting.checkpoint.path == latest.checkpoint.path:
             return
         manager._latest_checkpoint_result = _TrainingResult(copy.copy(latest.checkpoint), latest.metrics)
+        clocks = self._trial_state[recipient]
+        # Ray gave it the donor's clocks at the decision; it now resumes from this state's iteration
+        # (left behind, it was ranked and saved at iterations its reports did not expect).
+        clocks.last_train_time = clocks.last_perturbation_time = latest.metrics.get(
+            "training_iteration", clocks.last_train_time
+        )
         record = self.scheduler.decisions[decision]
         record["redirected"] = {"from_state_id": record.get("donor_state_id"), "why": why}
         record["donor_state_id"] = latest.metrics.get(STATE_ID)
@@ -175,6 +200,11 @@ class CheckpointKeeper:
 def _own(trial: Trial) -> set[str]:
     """The checkpoints a member saved itself (in its directory)."""
     return {r.checkpoint.path for r in trial.run_metadata.checkpoint_manager.best_checkpoint_results}
+
+
+def _path(checkpoint) -> set[str]:
+    """The path of a checkpoint PBT holds (none for none, or a save still in flight)."""
+    return set() if isinstance(checkpoint, (type(None), _FutureTrainingResult)) else {checkpoint.path}
 
 
 def _newest(trial: Trial) -> _TrainingResult:

@@ -209,8 +209,11 @@ class LabTrainable(tune.Trainable):
         # Every report, a waiting member's too: Ray's node (node_ip is shared by nodes on one host).
         result[WEIGHTS] = self.trainer.model.count_params()
         result[NODE_ID] = ray.get_runtime_context().get_node_id()
+        # Ray saves at its checkpoint frequency and at the end; a PBT member also whenever PBT pauses
+        # or copies it, which need not fall on that frequency (a resumed or redirected member's clock):
+        # a member reports the state after every check, so that every save is of a reported state.
         every = self.config.get("checkpoint_every") or 0
-        if every and (result["done"] or (self.iteration + 1) % every == 0):
+        if every and (result["done"] or self.config.get("population") or (self.iteration + 1) % every == 0):
             result.update(self._live_state())
         # Once, at the end of a run that learned; at every check where the run may be stopped from
         # outside (the comparison's budget, ASHA's cuts), so that whichever state ends up chosen has it.
