@@ -4,10 +4,14 @@ explore inside each optimizer's range, seeded draws, the scheduler's state acros
 import io
 import json
 import math
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pyarrow.fs import LocalFileSystem
+from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 
 from pbt_lab.config import PBTConfig
@@ -205,6 +209,7 @@ def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_m
     first._trial_state[a].last_perturbation_time = 4
     first._reports, first._last_report, first._next_perturbation_sync = 11, {"a": 10, "b": 11}, 8
     first._diverged, first._pending = {"b"}, {"a": 3}
+    first.keeper.moved = {"b/checkpoint_copy-000003": ("a", None)}  # b's checkpoint, moved in for a
     state = json.loads(json.dumps(first.state_dict()))  # as pbt_state.json stores it
     second = scheduler(seed=99)
     second.load_state_dict(state)
@@ -216,6 +221,7 @@ def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_m
         {"a": 10, "b": 11},
     )
     assert (second._diverged, second._pending) == ({"b"}, {"a": 3})
+    assert second.keeper.moved == first.keeper.moved
     for old, new in ((a, a2), (b, b2)):
         kept = ("last_score", "last_train_time", "last_perturbation_time")
         assert [getattr(second._trial_state[new], k) for k in kept] == [
@@ -324,8 +330,9 @@ class Storage:
     stored: int | None = None
     uploading: int | None = None
 
-    def __init__(self):
+    def __init__(self, trial_dir: Path):
         self.storage_filesystem, self.experiment_fs_path = self, "run"
+        self.trial_fs_path = str(trial_dir)  # where a checkpoint moved in for it goes
         self.syncer = SimpleNamespace(wait=self.upload)
 
     def open_input_stream(self, path):
@@ -341,13 +348,13 @@ class Storage:
 class Member:
     """A trial as LabPBT and Ray's PBT use it (status, config, tags, checkpoint manager)."""
 
-    def __init__(self, name: str, lr: float):
+    def __init__(self, name: str, lr: float, root: Path):
         self.trial_id = self.experiment_tag = name
         self.config = {OPTIMIZER: "adam", LR: lr, "seed": 1}
         self.evaluated_params, self.status = {}, Trial.RUNNING
         self.run_metadata = SimpleNamespace(checkpoint_manager=Manager())
         self.temporary_state, self.is_restoring = SimpleNamespace(saving_to=None), False
-        self.storage = Storage()
+        self.storage = Storage(root / name)
 
     def is_finished(self):
         return self.status in (Trial.TERMINATED, Trial.ERROR)
@@ -376,17 +383,18 @@ class Controller:
     def get_live_trials(self):
         return {m for m in self.members if not m.is_finished()}
 
-    def __init__(self, members: list[Member]):
-        self.members, self.deleted, self.saves = members, [], 0
+    def __init__(self, members: list[Member], root: Path):
+        self.members, self.root, self.saves = members, root, 0
 
     def _schedule_trial_save(self, trial, result=None):
-        self.saves += 1
-        path = f"{trial.trial_id}/{self.saves}"
-        checkpoint = SimpleNamespace(path=path, filesystem=SimpleNamespace(delete_dir=self.deleted.append))
-        saved = SimpleNamespace(checkpoint=checkpoint, metrics=result)
+        self.saves += 1  # a real directory, as Ray's would be, with the state's id in it
+        path = self.root / trial.trial_id / f"checkpoint_{self.saves:06d}"
+        path.mkdir(parents=True)
+        (path / "state").write_text(result.get("state_id") or "")
+        saved = SimpleNamespace(checkpoint=Checkpoint(str(path), LocalFileSystem()), metrics=result)
         trial.run_metadata.checkpoint_manager._latest_checkpoint_result = saved
         trial.run_metadata.checkpoint_manager.best_checkpoint_results.append(saved)  # registered
-        return checkpoint
+        return saved.checkpoint
 
     def pause_trial(self, trial, should_checkpoint=True):
         if should_checkpoint:  # a pause saves the state the member last reported
@@ -395,8 +403,9 @@ class Controller:
 
 
 def population(s: LabPBT, lrs: dict) -> tuple[Controller, dict]:
-    members = {name: Member(name, lr) for name, lr in lrs.items()}
-    controller = Controller(list(members.values()))
+    root = Path(tempfile.mkdtemp(prefix="pbt-policy-"))
+    members = {name: Member(name, lr, root) for name, lr in lrs.items()}
+    controller = Controller(list(members.values()), root)
     for m in members.values():
         s.on_trial_add(controller, m)
     return controller, members
@@ -516,7 +525,13 @@ def test_synchronous_pbt_when_the_last_to_report_is_the_one_exploited():
     assert chosen <= {"a", "b", "c"} and chosen
 
 
-def test_a_recipient_waiting_on_an_older_checkpoint_copies_the_donors_latest_to_keep_the_bound():
+def held(member: Member) -> list[str]:
+    """The checkpoints in a member's directory, as a poll of the disk sees them."""
+    directory = Path(member.storage.trial_fs_path)
+    return sorted(p.name for p in directory.glob("checkpoint_*")) if directory.is_dir() else []
+
+
+def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_bound():
     s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
     controller, m = population(s, dict.fromkeys("abcde", 1e-3))
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
@@ -524,27 +539,26 @@ def test_a_recipient_waiting_on_an_older_checkpoint_copies_the_donors_latest_to_
     report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e's state e1, and waits for a slot
     decision = s.decisions[-1]
     assert decision["donor"] == "e" and decision["donor_state_id"] == "e1"
-    decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
-    held = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results
     Storage.stored = Storage.uploading = None
     for iteration in (2, 3, 4, 5):
-        report(s, controller, m["e"], iteration, 0.95, state_id=f"e{iteration}")  # PBT saves its top member
-        assert len(held) <= 3
-        s.keeper.make_room(m["e"], controller.members)  # on_trial_save: the pause's save follows
-        controller.pause_trial(m["e"])  # and saves the same state again
-        assert len(held) <= 3
-        s.keeper.make_room(m["e"], controller.members)
+        report(s, controller, m["e"], iteration, 0.95, state_id=f"e{iteration}")
+        controller.pause_trial(m["e"])  # every turn saves the state it reported
+        assert len(held(m["e"])) <= 3 and len(held(m["a"])) <= 3
+        s.keeper.make_room(m["e"], controller.members)  # on_trial_save: another save may follow
         s.keeper.snapshot_taken()  # an experiment snapshot names e's latest; storage holds the one before
         Storage.stored, Storage.uploading = Storage.uploading, s.keeper.snapshot_count
     waiting = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
-    assert waiting.checkpoint.path == held[-1].checkpoint.path  # e's latest, not the decided e1
-    assert decision["donor_state_id"] == waiting.metrics["state_id"] and "redirected" in decision
-    assert m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[0] is not decided
+    assert (Path(waiting.checkpoint.path) / "state").read_text() == "e1"  # the decided state, moved
+    assert Path(waiting.checkpoint.path).parent.name == "a" and "moved" in decision
+    assert decision["donor_state_id"] == "e1" and "redirected" not in decision
+    copied = {"segment_from": "e", "exploit_decision": decision["decision"]}
+    report(s, controller, m["a"], 2, 0.9, state_id="a3", **copied)
+    controller.pause_trial(m["a"])  # it carried out its exploit and saved: the moved copy goes
+    s.keeper.make_room(m["a"], controller.members)
+    assert not s.keeper.moved and not any(name.startswith("checkpoint_copy") for name in held(m["a"]))
 
 
-def test_a_recipient_ray_is_restoring_already_is_not_redirected():
-    # Ray restores a recipient from the checkpoint it holds when the restore starts: changing it then
-    # would make the record name a state the recipient never loaded.
+def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
     s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
     controller, m = population(s, dict.fromkeys("abcde", 1e-3))
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
@@ -553,29 +567,8 @@ def test_a_recipient_ray_is_restoring_already_is_not_redirected():
     report(s, controller, m["e"], 2, 0.95, state_id="e2")
     controller.pause_trial(m["e"])  # e saves e2
     decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
-    newest = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[-1]
     m["a"].status, m["a"].is_restoring = Trial.RUNNING, True
-    s.keeper._redirect(m["a"], m["e"], newest)
+    newest = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[-1]
+    s.keeper._move_to_recipient(m["a"], m["e"], newest)
     assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided
-    m["a"].status, m["a"].is_restoring = Trial.PAUSED, False  # still waiting for a worker: redirected
-    s.keeper._redirect(m["a"], m["e"], newest)
-    assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["state_id"] == "e2"
-    record = next(d for d in s.decisions if d["member"] == "a" and d["action"] == "exploit")
-    assert record["donor_state_id"] == "e2" and record["redirected"]["from_state_id"] == "e1"
-
-
-def test_a_donors_final_state_is_never_a_recipients_copy():
-    # A member's last checkpoint, at the end of its budget, holds no steps left to train: a recipient
-    # that copied it would train nothing (it once failed with an empty batch).
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
-    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
-    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
-        report(s, controller, m[name], 1, score, state_id=f"{name}1")
-    report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e1, and waits
-    decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
-    for iteration, done in ((2, False), (3, True)):  # e's pause save, then its save at the end
-        m["e"].last_result = {"training_iteration": iteration, "state_id": f"e{iteration}", "done": done}
-        controller.pause_trial(m["e"])
-        s.keeper.snapshot_taken()  # a snapshot names e's latest (storage holds none yet: all kept)
-    s.keeper.make_room(m["e"], controller.members)  # on_trial_save of its final checkpoint: three held
-    assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided
+    assert Path(decided.checkpoint.path).is_dir()

@@ -6,6 +6,7 @@ metadata.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def last_error(trial_dir: Path) -> str:
 def last_checkpoint(run_dir: Path, trial_dir: Path) -> str | None:
     """A trial's newest whole checkpoint, relative to the run directory (a finished PBT member's: its
     state at the end, ancestry included)."""
-    found = [c for c in sorted(trial_dir.glob("checkpoint_*")) if whole_checkpoint(c)]
+    # Ray's own, numbered in order (not a checkpoint a recipient's copy was moved into).
+    numbered = sorted(c for c in trial_dir.glob("checkpoint_*") if re.fullmatch(r"checkpoint_\d+", c.name))
+    found = [c for c in numbered if whole_checkpoint(c)]
     return str(found[-1].relative_to(run_dir)) if found else None
 
 

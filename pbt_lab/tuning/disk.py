@@ -4,12 +4,13 @@
 A member's directory holds what something can still restore: its latest checkpoint (a pause, a
 restart), the one the experiment snapshot in storage names as its latest (a resume), what PBT would
 copy from it (a future exploit) and what a paused recipient waits to copy. Before a member saves,
-its directory is brought under the bound: what nothing needs is deleted; a recipient waiting on an
-older checkpoint copies the donor's latest instead (its decision records it); PBT's copy of an older
-ranked state is dropped; and if a snapshot is still on its way to storage, the driver waits for it,
-so that the snapshot before it names nothing any more. A snapshot's recipient waiting on a donor's
-checkpoint does not hold it: if it is gone when the run resumes, the recipient copies the donor's
-checkpoint that snapshot names (``redirect_resumed``).
+its directory is brought under the bound: what nothing needs is deleted; a checkpoint a recipient
+waits to copy moves into the recipient's directory (its decision records it: the recipient loads the
+very state decided, so neither the lineage nor a seed's reproducibility depends on when Ray took its
+snapshots); PBT's copy of an older ranked state is dropped; and if a snapshot is still on its way to
+storage, the driver waits for it, so that the snapshot before it names nothing any more. A
+snapshot's recipient waiting on a donor's checkpoint does not hold it: if it is gone when the run
+resumes, the recipient copies the donor's checkpoint that snapshot names (``redirect_resumed``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import contextlib
 import copy
 import re
 
+from pyarrow import fs
 from ray.train._internal.session import _FutureTrainingResult, _TrainingResult
+from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 
 from pbt_lab.names import PBT_STATE_FILE, STATE_ID
 
-BOUND = (
-    "the donor saved again, and keeping the decided checkpoint would exceed pbt.max_checkpoints_per_member"
-)
+MOVED = "its donor saved again, and keeping the decided checkpoint there would exceed the bound"
+COPY_PREFIX = "checkpoint_copy-"  # a waited-on checkpoint moved into its recipient's directory
 
 
 class CheckpointKeeper:
@@ -37,6 +39,8 @@ class CheckpointKeeper:
         # Checkpoints each experiment snapshot names, by number, until storage holds a later one.
         self.snapshots: list[tuple[int, set[str]]] = []
         self.snapshot_count = 0
+        # A moved checkpoint (its path) -> the recipient whose directory holds it, and its filesystem.
+        self.moved: dict[str, tuple[str, object]] = {}
 
     @property
     def _trial_state(self) -> dict:
@@ -48,63 +52,72 @@ class CheckpointKeeper:
 
     def make_room(self, trial: Trial, trials: list[Trial]) -> None:
         """Before ``trial`` saves: at most max − 1 checkpoints in its directory, so that the one it is
-        about to write is at most the max-th.
-
-        One place is kept for the checkpoint the experiment snapshot names (a resume needs it) and one
-        for the checkpoint being written; the rest hold its latest, what PBT would copy from it and
-        what recipients wait to copy. Which of those go is decided by the order of saves and
-        decisions alone, never by when Ray happened to take a snapshot, so that with one member
-        training at a time a seed still gives one lineage."""
+        about to write is at most the max-th."""
         self.prune(trials)
-        latest = _newest(trial) if self._held(trial) else None
-        if latest is None:
+        if self._held(trial) < self.max_checkpoints:
             return
+        latest = _newest(trial)
+        for recipient in trials:
+            self._move_to_recipient(recipient, trial, latest)
         state = self._trial_state[trial]
         copied = state.last_checkpoint  # a save in flight (a future) is the latest to be
-        waited = {r.checkpoint.path for r in self._waited_on(trial, trials)}
-        if len(waited | {latest.checkpoint.path} | _path(copied)) > self.max_checkpoints - 2:
-            if self.scheduler._pending.get(trial.trial_id, -1) == -1 and not latest.metrics.get("done"):
-                # Its latest is a state it was ranked on (not one it is leaving for a donor's, nor
-                # its final one): recipients waiting on an older one copy that instead.
-                for other in trials:
-                    self._redirect(other, trial, latest)
-            if _path(copied) - {latest.checkpoint.path}:
-                state.last_checkpoint = None  # PBT copies it from its latest, or not at all
-            self.prune(trials)
+        if _path(copied) - {latest.checkpoint.path}:
+            state.last_checkpoint = None  # PBT copies it from its latest, or not at all
+        self.prune(trials)
         if self._held(trial) >= self.max_checkpoints:
             with contextlib.suppress(Exception):  # a failed upload is Ray's to report
                 trial.storage.syncer.wait()  # the snapshot on its way: the one before it then names nothing
             self.prune(trials)
 
     def _held(self, trial: Trial) -> int:
-        return len(trial.run_metadata.checkpoint_manager.best_checkpoint_results)
+        """Checkpoints in the member's directory: those it saved, and those moved in for it to copy."""
+        registered = len(trial.run_metadata.checkpoint_manager.best_checkpoint_results)
+        return registered + sum(holder == trial.trial_id for holder, _ in self.moved.values())
 
-    def _waited_on(self, donor: Trial, trials: list[Trial]) -> list[_TrainingResult]:
-        """The checkpoints of ``donor`` that recipients wait to copy."""
-        own = _own(donor)
-        waiting = [
-            r.run_metadata.checkpoint_manager.latest_checkpoint_result
-            for r in trials
-            if self._awaited(r.trial_id) is not None
-        ]
-        return [w for w in waiting if w and w.checkpoint.path in own]
-
-    def _redirect(self, recipient: Trial, donor: Trial, latest: _TrainingResult, why: str = BOUND) -> None:
-        """A recipient waiting to copy an older checkpoint of ``donor`` copies ``latest`` instead, and
-        its PBT clocks move to that state's."""
+    def _move_to_recipient(self, recipient: Trial, donor: Trial, latest: _TrainingResult) -> None:
+        """A checkpoint of ``donor`` older than its latest, that ``recipient`` waits to copy, moves into
+        the recipient's directory (the same state: its audit is the same)."""
         manager = recipient.run_metadata.checkpoint_manager
         waiting = manager.latest_checkpoint_result
         decision = self._awaited(recipient.trial_id)
-        if decision is None or not waiting or waiting.checkpoint.path not in _own(donor):
+        registered = donor.run_metadata.checkpoint_manager.best_checkpoint_results
+        source = next(
+            (r for r in registered if waiting and r.checkpoint.path == waiting.checkpoint.path), None
+        )
+        if decision is None or source is None or source.checkpoint.path == latest.checkpoint.path:
             return
         if recipient.status not in (Trial.PAUSED, Trial.PENDING) or recipient.is_restoring:
-            return  # Ray is restoring it already: from the decided checkpoint, which stays
-        if waiting.checkpoint.path == latest.checkpoint.path:
+            return  # Ray is restoring it already: from where it lies
+        if self._trial_state[donor].last_checkpoint is source.checkpoint:
+            return  # PBT may copy the donor from it again
+        checkpoint = source.checkpoint
+        target = f"{recipient.storage.trial_fs_path}/{COPY_PREFIX}{decision:06d}"
+        checkpoint.filesystem.create_dir(target)  # local storage wants it; object stores ignore it
+        fs.copy_files(
+            checkpoint.path,
+            target,
+            source_filesystem=checkpoint.filesystem,
+            destination_filesystem=checkpoint.filesystem,
+        )
+        moved = Checkpoint(target, checkpoint.filesystem)
+        manager._latest_checkpoint_result = _TrainingResult(moved, waiting.metrics)
+        self.moved[target] = (recipient.trial_id, checkpoint.filesystem)
+        registered.remove(source)  # no longer the donor's: deleted
+        with contextlib.suppress(OSError):
+            checkpoint.filesystem.delete_dir(checkpoint.path)
+        self.scheduler.decisions[decision]["moved"] = {"to": target, "why": MOVED}
+
+    def _redirect(self, recipient: Trial, donor: Trial, latest: _TrainingResult, why: str) -> None:
+        """A recipient waiting to copy a checkpoint of ``donor`` that is gone copies ``latest`` instead,
+        and its PBT clocks move to that state's."""
+        manager = recipient.run_metadata.checkpoint_manager
+        decision = self._awaited(recipient.trial_id)
+        if decision is None or manager.latest_checkpoint_result is None:
             return
         manager._latest_checkpoint_result = _TrainingResult(copy.copy(latest.checkpoint), latest.metrics)
         clocks = self._trial_state[recipient]
         # Ray gave it the donor's clocks at the decision; it now resumes from this state's iteration
-        # (left behind, it was ranked and saved at iterations its reports did not expect).
+        # (left behind, it would be ranked and saved at iterations its reports did not expect).
         clocks.last_train_time = clocks.last_perturbation_time = latest.metrics.get(
             "training_iteration", clocks.last_train_time
         )
@@ -163,6 +176,11 @@ class CheckpointKeeper:
                 with contextlib.suppress(OSError):  # already gone: forget it all the same
                     result.checkpoint.filesystem.delete_dir(result.checkpoint.path)
                 registered.remove(result)
+        storages = {t.trial_id: t.storage.storage_filesystem for t in trials}
+        for path in [p for p in self.moved if p not in needed]:  # copied by its recipient, or given up
+            holder, filesystem = self.moved.pop(path)  # (a resumed run knows the holder only)
+            with contextlib.suppress(OSError, AttributeError):
+                (filesystem or storages.get(holder)).delete_dir(path)
 
     def snapshot_taken(self) -> None:
         """Ray is writing an experiment snapshot: a resume restores each member from the latest

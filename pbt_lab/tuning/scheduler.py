@@ -326,6 +326,7 @@ class LabPBT(PopulationBasedTraining):
         # "snapshot" first: prune() reads the stored file's first bytes only.
         return {
             "snapshot": self.keeper.snapshot_count,
+            "moved": {path: holder for path, (holder, _) in self.keeper.moved.items()},
             "format": 1,
             "rng": self._rng.bit_generator.state,
             "reports": self._reports,
@@ -336,6 +337,7 @@ class LabPBT(PopulationBasedTraining):
 
     def load_state_dict(self, state: dict) -> None:
         self.keeper.snapshot_count = state["snapshot"]
+        self.keeper.moved = {path: (holder, None) for path, holder in state.get("moved", {}).items()}
         self._rng.bit_generator.state = state["rng"]
         self._reports = state["reports"]
         self._next_perturbation_sync = state["next_perturbation_sync"]
