@@ -9,17 +9,21 @@ A trial's config is flat where Tune searches or PBT mutates (``optimizer``, ``lr
 and carries the fixed rest of the experiment as plain dicts (``train``, ``model``), plus
 ``threads``, ``checkpoint_every`` and, under PBT, ``population`` settings.
 
-What it reports so that every exploit can be audited from the two sides (names.py):
+What it reports so that every restore can be audited from the two sides (names.py):
 
-- at each check after which a checkpoint is due, and at the last, the live state's digests
-  (``state_sha256``, ``slots_sha256``) under a fresh ``state_id``; a checkpoint taken then
-  carries that id;
+- at each check after which a checkpoint is due (a PBT member: every check), and at the last, the
+  live state's digests (``state_sha256``, ``slots_sha256``) under a fresh ``state_id``; a
+  checkpoint taken then carries that id;
 - on the first check after a restore, what it restored: the checkpoint's id, the digests of the
-  state as loaded, the live rate, whose checkpoint it was and at which step, and the PBT decision
-  it carries out. The driver's audit compares the two sides; nothing here trusts the files.
+  state as loaded, whose checkpoint it was and at which step, the PBT decision it carries out, and
+  where it switched optimizer the digest of a newly built one; every check reports the rate its
+  traced call read (``lr_used``). The driver's audit compares the two sides; nothing here trusts
+  the files.
 
-A checkpoint also carries its member's ancestry: segments (step, optimizer, lr, seed, trial) from
-step 0, so the winner's schedule is read from its last checkpoint, not rebuilt.
+A PBT recipient keeps its donor's weights and slots, not its batches: it draws from a data stream of
+its own (its seed and the decision's number). A checkpoint also carries its member's ancestry:
+segments (step, optimizer, lr, data seed, trial) from step 0, so the winner's schedule is read from
+its last checkpoint, not rebuilt.
 
 Every report also says where its actor's seconds went since the actor's last report
 (``seconds_by_part``, a ``PartClock`` started at the process's birth): training, compiling,
