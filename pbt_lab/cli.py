@@ -37,6 +37,7 @@ from pbt_lab.storage import (
     file_exists,
     is_storage_full,
     is_uri,
+    reserve_bytes,
     run_bytes,
     uri_exists,
 )
@@ -121,8 +122,12 @@ class Run:
 
     def check_room(self, trials: int, checkpoints: int) -> None:
         """One line if the storage cannot hold ``trials`` trials' reports and tables and ``checkpoints``
-        checkpoints at once."""
+        checkpoints at once, beside the room the run keeps free to stop cleanly (its slots: as many
+        trials as this machine's CPUs hold)."""
+        res = self.cfg.resources
+        slots = min(trials, res.max_concurrent or trials, max(1, int((os.cpu_count() or 1) / res.cpu)))
         need = run_bytes(trials, self.cfg.train.most_checks, checkpoints, self.checkpoint_bytes)
+        need += reserve_bytes(slots, self.checkpoint_bytes)
         check_room(self.storage_path, need, f"this run ({trials} trials, {checkpoints} checkpoints at most)")
 
     def check_run_dir(self) -> None:

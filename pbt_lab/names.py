@@ -97,6 +97,7 @@ RESTORED_SLOTS_SHA256 = "restored_slots_sha256"
 FRESH_SLOTS_SHA256 = "fresh_slots_sha256"
 RESTORED_OPTIMIZER_STEPS = "restored_optimizer_steps"
 RESTORED_OPTIMIZER = "restored_optimizer"  # the optimizer the checkpoint was saved with
+LEGACY_RESTORED_LR = "restored_lr"  # runs before lr_used: the live rate a restore had assigned
 EXPLOIT = "exploit_decision"  # the scheduler's decision number, carried in the recipient's config
 ANCESTRY = "ancestry"  # a checkpoint's lineage: segments of step, optimizer, lr, seed, trial since step 0
 SAVED_BY = "trial_id"  # a checkpoint's metadata: the trial that saved it

@@ -95,6 +95,12 @@ def run_bytes(trials: int, reports_per_trial: int, checkpoints: int, checkpoint_
     )
 
 
+def reserve_bytes(slots: int, checkpoint_bytes: int) -> int:
+    """What a run keeps free while it runs, to stop cleanly (``StopWhenStorageFull``): a turn's
+    checkpoints in flight on every slot (a save and a pause's save), Ray's last snapshot and the tables."""
+    return 2 * slots * checkpoint_bytes + RUN_BYTES
+
+
 def check_room(storage: str, need: int, what: str) -> None:
     """One line if the storage has less free space than ``need`` bytes (``what`` says what needs it)."""
     free = free_bytes(storage)

@@ -302,6 +302,8 @@ def test_a_copy_keeps_its_donors_state_but_draws_its_own_batches(member_class, d
     d.stop()
     (state, batches), (again, batches_again) = copies
     assert state == [stream_seed(2, 7), 0, 0]  # its own seed and the decision: a stream of its own
+    streams = {stream_seed(seed, decision) for seed in (1, 2) for decision in (7, 8)}
+    assert len(streams) == 4 and 1 not in streams  # another seed or decision, another stream
     assert not np.array_equal(batches, donor_batches)
     assert again == state and np.array_equal(batches, batches_again)  # the same decision, the same stream
 

@@ -192,12 +192,6 @@ def test_ten_members_on_one_slot_never_hold_more_than_three_checkpoints_each(tmp
         summary["exploits"]["exploits"] >= 3
         and summary["restores"]["count"] == summary["restores"]["verified"]
     )
-    redirected = [
-        d
-        for d in json.loads((tmp_path / "ten" / "pbt_state.json").read_text())["decisions"]
-        if "redirected" in d
-    ]
-    print(f"{most} checkpoints at most; {len(redirected)} exploits redirected to the donor's latest")
 
 
 @pytest.mark.slow

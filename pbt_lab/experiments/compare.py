@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.pb2 import PB2
 from ray.tune.search import BasicVariantGenerator
 
-from pbt_lab import UserError, cli, results
+from pbt_lab import StorageFull, UserError, cli, results
 from pbt_lab.config import CompareExperiment
 from pbt_lab.experiments.pbt import population_setup, random_configs
 from pbt_lab.names import LR, LR_PLACE, LR_RANGES, OPTIMIZER, SCORE, STOPPED, TEST_EVERY_CHECK, VAL_ACC
@@ -143,6 +143,8 @@ def run_method(parent: cli.Run, method: str, seed: int) -> dict:
     start = time.perf_counter()
     with cli.one_line_errors(run):
         fit(run, space, verbose=0, **arguments)
+    if run.session.stopped:  # its storage filled up: the methods after it would find it full too
+        raise StorageFull(run.session.stopped)
     tables = results.write_tables(
         run.run_dir,
         kind=method,
@@ -204,7 +206,11 @@ def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:
         flush=True,
     )
     start = time.perf_counter()
-    done = [run_method(run, m, s) for m in cfg.compare.methods for s in cfg.compare.seeds]
+    try:
+        done = [run_method(run, m, s) for m in cfg.compare.methods for s in cfg.compare.seeds]
+    except StorageFull as e:
+        print(f"STOPPED: {e}; free space, then run the comparison again")
+        return 1
     run.session.wall_seconds = time.perf_counter() - start
     tables = results.write_comparison(
         run.run_dir,

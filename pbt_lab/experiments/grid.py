@@ -21,7 +21,10 @@ def validate(run: cli.Run) -> None:
     """The grid's trials, their reports and the checkpoints Ray keeps of each must fit the storage."""
     g, kept = run.cfg.grid, run.cfg.run
     trials = len(g.optimizers) * len(g.lrs) * len(g.seeds)
-    run.check_room(trials, trials * (kept.keep_checkpoints or 1) if kept.checkpoint_every else 0)
+    every = kept.checkpoint_every
+    # Ray keeps run.keep_checkpoints of each trial's checkpoints (null: every one it took).
+    per_trial = (kept.keep_checkpoints or run.cfg.train.most_checks // every) if every else 0
+    run.check_room(trials, trials * per_trial)
 
 
 def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:

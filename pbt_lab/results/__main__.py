@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pbt_lab import OneLineParser, UserError
-from pbt_lab.results.console import console_summary
+from pbt_lab.results.console import console_summary, exit_status
 from pbt_lab.results.tables import write_tables
 from pbt_lab.storage import is_storage_full, is_uri
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         parser.exit(1, f"{parser.prog}: {args.run_dir}: its storage is full, the tables were not written\n")
     print(console_summary(tables, args.run_dir if is_uri(args.run_dir) else Path(args.run_dir)))
-    return 0
+    return exit_status(tables)  # the commands' own: 1 when a trial failed or the restores failed the audit
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pbt_lab.names import (
     EXPLOIT_RESTORE,
     EXPLOITED,
     FRESH_SLOTS_SHA256,
+    LEGACY_RESTORED_LR,
     LR,
     LR_USED,
     MISMATCHED,
@@ -129,13 +130,16 @@ def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict] | N
             )
         )
         saved = reported.loc[r[RESTORED_ID]] if r[RESTORED_ID] in reported.index else None
-        trained = pd.notna(r.get(LR_USED))
+        # Runs before lr_used reported the rate a restore had assigned (read back; weaker, but theirs).
+        legacy = pd.isna(r.get(LR_USED))
+        rate = r.get(LEGACY_RESTORED_LR) if legacy else r.get(LR_USED)
+        trained = pd.notna(rate)
         if saved is None:
             verdict, problem = UNVERIFIABLE, "its saver never reported the state"
         elif exploit and not trained:
             verdict, problem = UNVERIFIABLE, "its first check did not report the rate it used"
         else:
-            problem = _problem(r, saved, d, exploit, trained)
+            problem = _problem(r, saved, d, exploit, rate if trained else None, legacy)
             verdict = MISMATCHED if problem else VERIFIED
         rows.append(
             {"index": index, "kind": kind, "matched": matched, "verdict": verdict, "problem": problem}
@@ -143,15 +147,19 @@ def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict] | N
     return pd.DataFrame(rows, columns=["index", *VERDICT_COLUMNS]).set_index("index")
 
 
-def _problem(r: pd.Series, saved: pd.Series, d: dict | None, exploit: bool, trained: bool) -> str | None:
-    """The first way a restore's report differs from its saver's (None: none)."""
+def _problem(
+    r: pd.Series, saved: pd.Series, d: dict | None, exploit: bool, rate: float | None, legacy: bool
+) -> str | None:
+    """The first way a restore's report differs from its saver's (None: none). ``rate``: the rate its
+    first check used (None: it trained nothing); ``legacy``: a row of a run from before lr_used."""
     whose = "the donor" if exploit else "the member"
     same_optimizer = r[RESTORED_OPTIMIZER] == r[OPTIMIZER]
     # Same optimizer: the saver's slots; switched (an exploit): a newly built optimizer's, which the
-    # recipient's own optimizer may have moved from before the exploit. Runs before those digests were
-    # reported lack one: their switches keep the step-counter check alone.
+    # recipient's own optimizer may have moved from before the exploit. Runs from before those digests
+    # were reported lack one: their switches keep the step-counter check alone (a run of today's
+    # that lacks it fails the check).
     slots = saved[SLOTS_SHA256] if same_optimizer else r[FRESH_SLOTS_SHA256]
-    if not same_optimizer and pd.isna(slots):
+    if legacy and not same_optimizer and pd.isna(slots):
         slots = r[RESTORED_SLOTS_SHA256]
     checks = [
         (
@@ -161,7 +169,7 @@ def _problem(r: pd.Series, saved: pd.Series, d: dict | None, exploit: bool, trai
         (exploit or same_optimizer, "its checkpoint holds another optimizer than its own"),
         (saved[STATE_SHA256] == r[RESTORED_SHA256], f"weights differ from what {whose} saved"),
         (
-            not trained or _same_lr(r[LR_USED], r[LR]),
+            rate is None or _same_lr(rate, r[LR]),
             "live rate is not the new config's" if exploit else "live rate is not its config's",
         ),
         (

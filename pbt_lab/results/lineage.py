@@ -68,9 +68,14 @@ LINEAGE_COLUMNS = [
 
 
 def read_pbt_state(run_dir: str | Path) -> dict:
-    """The scheduler's state as of the run's last experiment snapshot (empty if there is none)."""
+    """The scheduler's state as of the run's last experiment snapshot (empty if there is none, and
+    ``{"cut_short": True}`` if its copy to storage was cut short: no decisions to match, so every
+    exploit fails the audit)."""
     path = Path(run_dir) / PBT_STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {"cut_short": True}
 
 
 def lineage_table(
@@ -213,9 +218,10 @@ def schedule_changes(rows: pd.DataFrame) -> list[dict]:
     for _, r in rows.iterrows():
         if pd.notna(r[SEGMENT_STEP]):
             start = int(r[SEGMENT_STEP])
-        here = (r[OPTIMIZER], r[LR], r[DATA_SEED])
+        seed = None if pd.isna(r.get(DATA_SEED)) else int(r[DATA_SEED])  # runs before data streams: none
+        here = (r[OPTIMIZER], r[LR], seed)
         if here != current:
-            changes.append({STEP: start, OPTIMIZER: r[OPTIMIZER], LR: float(r[LR]), SEED: int(r[DATA_SEED])})
+            changes.append({STEP: start, OPTIMIZER: r[OPTIMIZER], LR: float(r[LR]), SEED: seed})
             current = here
         start = int(r[STEP])
     return changes

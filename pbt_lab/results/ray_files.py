@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from pbt_lab import UserError
@@ -60,7 +61,7 @@ def ray_trial_states(run_dir: Path, cut_short: list[str] | None = None) -> dict[
             return _trial_states(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError):
             if cut_short is not None:
-                cut_short.append(path.name)
+                cut_short.append(f"Ray's experiment state {path.name} (the one before it was read)")
     return {}
 
 
@@ -107,15 +108,24 @@ def last_checkpoint(run_dir: Path, trial_dir: Path) -> str | None:
     return str(found[-1].relative_to(run_dir)) if found else None
 
 
+REMOTE_SIZES = ".remote_sizes.json"  # a staged run directory's record of the sizes its URI holds
+
+
 def whole_checkpoint(directory: Path) -> bool:
     """A checkpoint directory whose copy to storage finished: its metadata reads and its arrays are
-    there (a save cut short by a full disk leaves files empty or missing)."""
-    arrays = directory / CHECKPOINT_ARRAYS
+    a whole zip (a save cut short by a full disk leaves files empty, cut or missing). Staged from a
+    URI, where only the metadata came down, the arrays must be there with some size."""
     try:
         json.loads((directory / CHECKPOINT_META).read_text())
     except (OSError, ValueError):
         return False
-    return arrays.is_file() and arrays.stat().st_size > 0
+    arrays = directory / CHECKPOINT_ARRAYS
+    if arrays.is_file():
+        return zipfile.is_zipfile(arrays)  # a zip's directory is written last: a cut copy has none
+    remote = directory.parent.parent / REMOTE_SIZES
+    sizes = json.loads(remote.read_text()) if remote.is_file() else {}
+    relative = f"{directory.parent.name}/{directory.name}/{CHECKPOINT_ARRAYS}"
+    return sizes.get(relative, 0) > 0
 
 
 def read_checkpoint_meta(run_dir: str | Path, checkpoint: str) -> dict:

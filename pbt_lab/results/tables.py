@@ -29,6 +29,7 @@ from pbt_lab.names import (
     LR,
     NODE_ID,
     OPTIMIZER,
+    PBT_STATE_FILE,
     RESTORES,
     RUNNING,
     SECONDS_TO_TARGET,
@@ -52,6 +53,7 @@ from pbt_lab.results.history import PER_TRIAL, read_history, read_saved_states
 from pbt_lab.results.lineage import member_schedule, pbt_summary, read_pbt_state
 from pbt_lab.results.lineage import plain as _plain
 from pbt_lab.results.ray_files import (
+    REMOTE_SIZES,
     last_checkpoint,
     last_error,
     ray_trial_states,
@@ -171,6 +173,7 @@ def write_tables(
     if is_uri(run_dir):
         outputs = (TRIALS, HISTORY, LINEAGE, RESTORES, SUMMARY, FIGURES)
         with staged(str(run_dir), tables_inputs, upload=outputs) as (local, sizes):
+            (local / REMOTE_SIZES).write_text(json.dumps(sizes))  # what stayed behind: checkpoints' arrays
             try:
                 tables = write_tables(
                     local,
@@ -211,7 +214,7 @@ def write_tables(
     trials = read_trials(run_dir, history, stopped_as, ray_states)
     write_parquet(run_dir / HISTORY, history.drop(columns=PER_TRIAL))
     write_parquet(run_dir / TRIALS, trials)
-    kind = kind or previous.get("kind")
+    kind = kind or previous.get("kind") or ("pbt" if (run_dir / PBT_STATE_FILE).is_file() else None)
     # The lab's PBT records its decisions; other schedulers (Ray's PB2 in a comparison) keep none.
     decisions = read_pbt_state(run_dir).get("decisions", []) if kind == "pbt" else None
     restores = restore_rows(history)
@@ -283,10 +286,10 @@ def incomplete(run_dir: Path, trials: pd.DataFrame, ray_states: dict, cut_short:
             + (f" ({unstarted} never started)" if unstarted else "")
             + " (--resume goes on)"
         )
+    if read_pbt_state(run_dir).get("cut_short"):
+        cut_short = [*cut_short, f"{PBT_STATE_FILE} (no decisions to match the exploits with)"]
     if cut_short:
-        missing.append(
-            f"Ray's experiment state {', '.join(cut_short)} is cut short (the one before it was read)"
-        )
+        missing.append(f"cut short: {'; '.join(cut_short)}")
     broken = [c for c in run_dir.glob("*/checkpoint_*") if c.is_dir() and not whole_checkpoint(c)]
     if broken:
         missing.append(f"{len(broken)} checkpoint(s) cut short mid-copy (never restored)")

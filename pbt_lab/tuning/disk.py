@@ -92,19 +92,12 @@ class CheckpointKeeper:
             return  # PBT may copy the donor from it again
         checkpoint = source.checkpoint
         target = f"{recipient.storage.trial_fs_path}/{COPY_PREFIX}{decision:06d}"
-        checkpoint.filesystem.create_dir(target)  # local storage wants it; object stores ignore it
-        fs.copy_files(
-            checkpoint.path,
-            target,
-            source_filesystem=checkpoint.filesystem,
-            destination_filesystem=checkpoint.filesystem,
+        _move(checkpoint, target)
+        manager._latest_checkpoint_result = _TrainingResult(
+            Checkpoint(target, checkpoint.filesystem), waiting.metrics
         )
-        moved = Checkpoint(target, checkpoint.filesystem)
-        manager._latest_checkpoint_result = _TrainingResult(moved, waiting.metrics)
         self.moved[target] = (recipient.trial_id, checkpoint.filesystem)
-        registered.remove(source)  # no longer the donor's: deleted
-        with contextlib.suppress(OSError):
-            checkpoint.filesystem.delete_dir(checkpoint.path)
+        registered.remove(source)  # no longer the donor's
         self.scheduler.decisions[decision]["moved"] = {"to": target, "why": MOVED}
 
     def _redirect(self, recipient: Trial, donor: Trial, latest: _TrainingResult, why: str) -> None:
@@ -200,10 +193,15 @@ class CheckpointKeeper:
         )
 
     def _stored_snapshot(self) -> int | None:
-        """The number of the snapshot storage holds, from its ``pbt_state.json`` (None: none yet)."""
+        """The number of the snapshot storage holds, from its ``pbt_state.json`` (None: none yet). Not
+        while Ray is uploading one: it copies the files one by one, and ``pbt_state.json`` may land
+        before Ray's own experiment state is whole (Ray 2.60's private syncer state; absent, read)."""
         if not self._trial_state:
             return None
         storage = next(iter(self._trial_state)).storage
+        uploading = getattr(getattr(storage.syncer, "_sync_process", None), "is_running", False)
+        if uploading:
+            return None
         try:
             with storage.storage_filesystem.open_input_stream(
                 f"{storage.experiment_fs_path}/{PBT_STATE_FILE}"
@@ -213,6 +211,21 @@ class CheckpointKeeper:
             return None
         found = re.match(r'\{"snapshot": (\d+)', head)
         return int(found[1]) if found else None
+
+
+def _move(checkpoint: Checkpoint, target: str) -> None:
+    """A checkpoint's directory renamed to ``target`` (no second copy on a nearly full disk); where
+    the filesystem cannot rename a directory (an object store), copied, then deleted."""
+    filesystem = checkpoint.filesystem
+    try:
+        filesystem.move(checkpoint.path, target)
+    except (OSError, NotImplementedError):
+        filesystem.create_dir(target)  # local storage wants it; object stores ignore it
+        fs.copy_files(
+            checkpoint.path, target, source_filesystem=filesystem, destination_filesystem=filesystem
+        )
+        with contextlib.suppress(OSError):
+            filesystem.delete_dir(checkpoint.path)
 
 
 def _own(trial: Trial) -> set[str]:

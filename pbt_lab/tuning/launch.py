@@ -20,7 +20,7 @@ from ray.tune.error import TuneError
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pbt_lab import StorageFull, UserError
-from pbt_lab.storage import RUN_BYTES, is_storage_full
+from pbt_lab.storage import is_storage_full, reserve_bytes
 from pbt_lab.tuning.callbacks import NameRestores, StopWhenStorageFull
 from pbt_lab.tuning.trainable import LabTrainable
 
@@ -145,9 +145,7 @@ def fit(
         {"cpu": res.cpu, "gpu": res.gpu, **slot},
     )
     every = tune_run.checkpoint_every if checkpoint_every is None else checkpoint_every
-    # Room kept for what must still be written when the run stops: a turn's checkpoints on every slot
-    # (a save and a pause's save), Ray's last snapshot and the tables.
-    full = StopWhenStorageFull(run.storage_path, 2 * run.session.slots * run.checkpoint_bytes + RUN_BYTES)
+    full = StopWhenStorageFull(run.storage_path, reserve_bytes(run.session.slots, run.checkpoint_bytes))
     run.session.started_at, start = time.time(), time.perf_counter()
     if run.resume:
         tuner = tune.Tuner.restore(str(run.run_dir), trainable, resume_unfinished=True, resume_errored=True)

@@ -117,6 +117,16 @@ class LabPBT(PopulationBasedTraining):
         self._restored: dict = {}  # a resumed run's member states, applied as Ray re-adds the trials
         self.decisions: list[dict] = []
 
+    def __setstate__(self, state: dict) -> None:
+        """A run started before the checkpoint keeper and the map of pending recipients (its
+        ``tuner.pkl`` holds the scheduler as it was) resumes with them."""
+        self.__dict__.update(state)
+        if isinstance(self._pending, set):
+            self._pending = dict.fromkeys(self._pending)
+        self.__dict__.setdefault("_gone", set())
+        if "keeper" not in state:
+            self.keeper = CheckpointKeeper(self, 3)
+
     # --- bookkeeping on every result -------------------------------------------------------
 
     def on_trial_add(self, tune_controller, trial: Trial):
