@@ -128,6 +128,8 @@ class Run:
         slots = min(trials, res.max_concurrent or trials, max(1, int((os.cpu_count() or 1) / res.cpu)))
         need = run_bytes(trials, self.cfg.train.most_checks, checkpoints, self.checkpoint_bytes)
         need += reserve_bytes(slots, self.checkpoint_bytes)
+        if self.resume and not is_uri(self.run_dir):  # what it holds already is part of what it needs
+            need -= sum(f.stat().st_size for f in self.run_dir.rglob("*") if f.is_file())
         check_room(self.storage_path, need, f"this run ({trials} trials, {checkpoints} checkpoints at most)")
 
     def check_run_dir(self) -> None:

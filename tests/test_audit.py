@@ -556,9 +556,13 @@ def test_a_donor_report_without_a_slots_digest_verifies_no_same_optimizer_exploi
 
 
 def test_a_run_from_before_fresh_digests_keeps_the_step_counter_check_for_its_switches():
-    assert audited(True, fresh_slots_sha256=None)["verdict"] == "verified"
-    verdict = audited(True, fresh_slots_sha256=None, restored_optimizer_steps=20)
+    legacy = {"fresh_slots_sha256": None, "lr_used": None, "restored_lr": 0.05}  # what such a run reported
+    assert audited(True, **legacy)["verdict"] == "verified"
+    verdict = audited(True, **legacy, restored_optimizer_steps=20)
     assert verdict["problem"] == "optimizer step counter is neither the donor's nor fresh"
+    assert audited(True, **{**legacy, "restored_lr": 1e-3})["problem"] == "live rate is not the new config's"
+    # A run of today's that did not report the fresh digest is not let off so.
+    assert audited(True, fresh_slots_sha256=None)["problem"] == "optimizer slots are not fresh"
 
 
 # --- the audit fails closed ----------------------------------------------------------------------
