@@ -36,7 +36,8 @@ from pbt_lab.names import (
 from pbt_lab.results import audit, lineage
 from pbt_lab.results.tables import read_history, read_saved_states
 from pbt_lab.training.optimizers import OptimizerBank
-from pbt_lab.tuning.trainable import LabTrainable, trial_space
+from pbt_lab.tuning.trainable import LabTrainable
+from pbt_lab.tuning.trial_config import trial_space
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +165,9 @@ def test_a_switch_that_kept_the_recipients_used_slots_is_mismatched(
     # check before the exploit survives the copy, which a step-counter check alone would not see.
     switch = OptimizerBank.switch
 
-    def switch_keeping_slots(bank, name, lr, **overrides):
+    def switch_keeping_slots(bank, name, lr, in_flight=None, **overrides):
         kept = [v.numpy() for v in bank.optimizer.variables] if bank.built and bank.name == name else None
-        switch(bank, name, lr, **overrides)
+        switch(bank, name, lr, in_flight, **overrides)
         for variable, value in zip(bank.optimizer.variables, kept or []):
             if variable is not bank.optimizer.iterations and variable is not bank.optimizer.learning_rate:
                 variable.assign(value)
@@ -218,11 +219,11 @@ def test_a_bank_that_remembers_used_slots_as_fresh_is_caught(member_class, donor
     # The audit compares with a newly built optimizer, built apart from the bank.
     switch = OptimizerBank.switch
 
-    def switch_remembering_used_slots(bank, name, lr, **overrides):
+    def switch_remembering_used_slots(bank, name, lr, in_flight=None, **overrides):
         if bank.built:
             used = [v.numpy() for v in bank.optimizer.variables]
             bank._built[bank._key] = bank._built[bank._key]._replace(fresh=used)
-        switch(bank, name, lr, **overrides)
+        switch(bank, name, lr, in_flight, **overrides)
 
     monkeypatch.setattr(OptimizerBank, "switch", switch_remembering_used_slots)
 

@@ -36,7 +36,7 @@ def test_budget_stop_counts_what_was_trained_and_a_restore_retrains():
 
 def test_pb2s_place_maps_onto_the_optimizers_range_in_log_space():
     from pbt_lab.config import ModelConfig, TrainConfig
-    from pbt_lab.tuning.trainable import train_config, trial_space
+    from pbt_lab.tuning.trial_config import train_config, trial_space
 
     space = trial_space(TrainConfig(), ModelConfig(), threads=1, optimizer="adam", lr=1.0, seed=0)
     ranges = {"adam": [1e-4, 1e-2]}

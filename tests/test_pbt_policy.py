@@ -15,24 +15,30 @@ from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 
 from pbt_lab.config import PBTConfig
+from pbt_lab.config.space import Space, build_space
 from pbt_lab.names import LR, OPTIMIZER
-from pbt_lab.tuning.explore import ExplorePolicy, explore, truncate
+from pbt_lab.tuning import explore as explore_by_kind
+from pbt_lab.tuning.explore import operation_text, truncate
 from pbt_lab.tuning.scheduler import LabPBT
 
 RANGES = {"adam": (1e-4, 1e-2), "gd": (1e-2, 1.0), "adadelta": (1.0, 100.0)}
 
 
-def policy(**kwargs) -> ExplorePolicy:
-    return ExplorePolicy(
-        **{
-            "optimizers": tuple(RANGES),
-            "lr_ranges": RANGES,
-            "perturbation_factors": (0.8, 1.2),
-            "resample_probability": 0.25,
-            "switch_probability": 0.0,
-            **kwargs,
-        }
+def policy(switch_probability=0.0, resample_probability=0.25, perturbation_factors=(0.8, 1.2)) -> Space:
+    """The study's space over RANGES' optimizers (what PBTConfig builds without ``pbt.space``)."""
+    pbt = SimpleNamespace(
+        optimizers=list(RANGES),
+        lr_ranges=RANGES,
+        perturbation_factors=perturbation_factors,
+        resample_probability=resample_probability,
+        optimizer_switch_probability=switch_probability,
     )
+    return build_space(pbt, {})
+
+
+def explore(optimizer: str, lr: float, space: Space, rng) -> dict:
+    new, operations = explore_by_kind.explore({OPTIMIZER: optimizer, LR: lr}, space, rng)
+    return {**new, "operation": operation_text(operations)}
 
 
 def place(lr, low, high):
@@ -176,7 +182,15 @@ def test_config_refuses_ranges_a_reflected_step_would_leave():
 
 
 def scheduler(seed=0) -> LabPBT:
-    return LabPBT(policy(), seed=seed, metric="score", perturbation_interval=2, quantile_fraction=0.2)
+    return LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=seed,
+        metric="score",
+        perturbation_interval=2,
+        quantile_fraction=0.2,
+    )
 
 
 def added_member(scheduler: LabPBT, name: str):
@@ -254,7 +268,15 @@ def test_turns_go_to_the_least_trained_then_to_who_reported_longest_ago():
 def test_synchronous_turns_never_run_a_member_past_the_next_sync_point():
     # Ray's rule, which the lab's turn-taking keeps: a member exploited while queued (its clock now
     # its donor's, at the sync point) is not chosen again until everyone has reached the point.
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=2, synch=True)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=2,
+        synch=True,
+    )
     s._next_perturbation_sync = 4
     controller = waiting_population(s, {"exploited": 4, "behind": 2}, {"exploited": 1, "behind": 5})
     assert s.choose_trial_to_run(controller).trial_id == "behind"
@@ -365,6 +387,8 @@ class Member:
         self.run_metadata = SimpleNamespace(checkpoint_manager=Manager())
         self.temporary_state, self.is_restoring = SimpleNamespace(saving_to=None), False
         self.storage = Storage(root / name)
+        self.local_experiment_path = self.local_dir = str(root)  # where Ray's policy logs go
+        self.last_result: dict = {}
 
     def is_finished(self):
         return self.status in (Trial.TERMINATED, Trial.ERROR)
@@ -422,7 +446,14 @@ def population(s: LabPBT, lrs: dict) -> tuple[Controller, dict]:
 
 
 def report(s: LabPBT, controller, member: Member, iteration: int, score: float, **extra) -> str:
-    result = {"training_iteration": iteration, "score": score, "diverged": False, **extra}
+    # As the lab's trainable reports: every result says which exploit it carries out (None: none).
+    result = {
+        "training_iteration": iteration,
+        "score": score,
+        "diverged": False,
+        "exploit_decision": None,
+        **extra,
+    }
     member.status, member.last_result = Trial.RUNNING, result  # a member that reports runs
     return s.on_trial_result(controller, member, result)
 
@@ -430,7 +461,15 @@ def report(s: LabPBT, controller, member: Member, iteration: int, score: float, 
 def test_a_recipient_is_neither_ranked_nor_a_donor_until_it_reports_a_fresh_score():
     # Six members at 20 %: one is replaced among six, and among the five fresh ones while a copy is
     # in flight; the recipient's old score would take that one slot and shield the real laggard.
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+        quantile_fraction=0.2,
+    )
     controller, m = population(s, dict.fromkeys("abcdef", 1e-3))
     for name, score in zip("abcdef", (0.50, 0.60, 0.70, 0.80, 0.90, 0.95)):
         report(s, controller, m[name], 1, score)
@@ -445,7 +484,15 @@ def test_a_recipient_is_neither_ranked_nor_a_donor_until_it_reports_a_fresh_scor
 
 def test_one_recipient_at_a_time_in_a_population_of_five():
     # 20 % of the four fresh scores left while a copy is in flight is nobody: no cascade of exploits.
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+        quantile_fraction=0.2,
+    )
     controller, m = population(s, dict.fromkeys("abcde", 1e-3))
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
         report(s, controller, m[name], 1, score)
@@ -462,7 +509,15 @@ def test_one_recipient_at_a_time_in_a_population_of_five():
 
 
 def test_a_rescued_member_with_an_old_top_score_donates_nothing_until_it_reports_again():
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+        quantile_fraction=0.2,
+    )
     controller, m = population(s, dict.fromkeys("abcdef", 1e-3))
     for name, score in zip("abcdef", (0.50, 0.60, 0.70, 0.80, 0.85, 0.95)):
         report(s, controller, m[name], 1, score)
@@ -477,7 +532,15 @@ def test_a_rescued_member_with_an_old_top_score_donates_nothing_until_it_reports
 
 
 def test_the_next_report_records_whether_an_exploit_was_carried_out():
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+        quantile_fraction=0.2,
+    )
     controller, m = population(s, dict.fromkeys("abcde", 1e-3))
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
         report(s, controller, m[name], 1, score)
@@ -492,7 +555,16 @@ def test_the_next_report_records_whether_an_exploit_was_carried_out():
 
 
 def synchronous(n=3) -> tuple[LabPBT, Controller, dict]:
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=2, quantile_fraction=0.34, synch=True)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=2,
+        quantile_fraction=0.34,
+        synch=True,
+    )
     controller, m = population(s, {name: 1e-3 for name in "abc"[:n]})
     return s, controller, m
 
@@ -543,7 +615,15 @@ def held(member: Member) -> list[str]:
 
 
 def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_bound():
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+        quantile_fraction=0.2,
+    )
     controller, m = population(s, dict.fromkeys("abcde", 1e-3))
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
         report(s, controller, m[name], 1, score, state_id=f"{name}1")
@@ -570,7 +650,15 @@ def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_
 
 
 def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
-    s = LabPBT(policy(), seed=0, metric="score", perturbation_interval=1, quantile_fraction=0.2)
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+        quantile_fraction=0.2,
+    )
     controller, m = population(s, dict.fromkeys("abcde", 1e-3))
     for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
         report(s, controller, m[name], 1, score, state_id=f"{name}1")

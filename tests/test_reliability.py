@@ -23,7 +23,7 @@ from pbt_lab import grid, pbt
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import LINEAGE
 from pbt_lab.results import ray_trial_states, read_tables, write_tables
-from pbt_lab.tuning.trainable import trial_space
+from pbt_lab.tuning.trial_config import trial_space
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GRID_QUICK, PBT_QUICK = str(CONFIGS / "grid-quick.yaml"), str(CONFIGS / "pbt-quick.yaml")

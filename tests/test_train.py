@@ -273,4 +273,5 @@ def test_reset_trains_exactly_like_a_new_trainer(bundled):
     first.check()
     for a, b in zip(weights(reused), weights(first)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not reused.reset(TrainConfig(batch_size=50))  # baked into the traced call: needs a new Trainer
+    assert not reused.reset(TrainConfig(jit_compile=True))  # baked into the traced call: needs a new Trainer
+    assert reused.reset(TrainConfig(batch_size=50)) and reused.optimizers.tracing_count == 2  # no retrace

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pbt_lab.config.checks import OPTIMIZER_NAMES, TARGET_METRICS, canonical_name, coerce, positive, require
+from pbt_lab.config.checks import OPTIMIZER_NAMES, canonical_name, coerce, positive, require
 from pbt_lab.config.shared import Experiment, TrainConfig
-from pbt_lab.names import VAL_ACC
+from pbt_lab.config.space import Space, build_space
+from pbt_lab.names import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+
+RANKED_METRICS = (VAL_ACC, VAL_LOSS, TRAIN_ACC, TRAIN_LOSS)  # what a check reports, PBT may rank by
 
 
 def quantile_size(fraction: float, ranked: int, population: int | None = None) -> int:
@@ -85,7 +88,12 @@ class PBTConfig:
     lr_ranges: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_LR_RANGES.items()})
     """Per optimizer [low, high]: initial rates are drawn and mutations kept inside it."""
     metric: str = VAL_ACC
-    """What ranks members at each perturbation: val_acc or train_acc."""
+    """What ranks members at each perturbation: val_acc, val_loss, train_acc or train_loss."""
+    mode: str | None = None
+    """max or min: whether a higher ``metric`` ranks higher (null: max for accuracies, min for losses)."""
+    space: dict = field(default_factory=dict)
+    """Searched keys beyond (or replacing) the study's optimizer and rate: config/space.py, e.g.
+    {weight_decay: {log: [1.0e-6, 1.0e-3]}, batch_size: {log_int: [32, 256]}}."""
     perturbation_interval: int = 4
     """Checks between perturbations (each member checkpoints at each)."""
     burn_in_period: int = 0
@@ -137,9 +145,12 @@ class PBTConfig:
             ranges[name] = r
         object.__setattr__(self, "lr_ranges", ranges)
         require(
-            self.metric in TARGET_METRICS,
-            f"pbt.metric must be one of {', '.join(TARGET_METRICS)}, got {self.metric!r}",
+            self.metric in RANKED_METRICS,
+            f"pbt.metric must be one of {', '.join(RANKED_METRICS)}, got {self.metric!r}",
         )
+        mode = self.mode or ("min" if self.metric in (TRAIN_LOSS, VAL_LOSS) else "max")
+        require(mode in ("max", "min"), f"pbt.mode must be max or min, got {self.mode!r}")
+        object.__setattr__(self, "mode", mode)
         positive("pbt.perturbation_interval", self.perturbation_interval, int)
         require(
             isinstance(self.burn_in_period, int) and self.burn_in_period >= 0,
@@ -174,6 +185,12 @@ class PBTConfig:
         for name in ("resample_probability", "optimizer_switch_probability"):
             value = getattr(self, name)
             require(0 <= value <= 1, f"pbt.{name} must be in [0, 1], got {value!r}")
+        object.__setattr__(self, "_space", build_space(self, self.space))
+
+    @property
+    def search_space(self) -> Space:
+        """The searched keys with their kinds: the study's optimizer and rate and ``space``'s."""
+        return self._space
 
 
 @dataclass(frozen=True)

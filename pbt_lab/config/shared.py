@@ -50,7 +50,19 @@ class TrainConfig:
     optimizer_args: dict = field(default_factory=dict)
     """Keras arguments that override the optimizer's TF1 defaults, e.g. {epsilon: 1e-7}."""
     batch_size: int = 100
-    """Images per training step."""
+    """Images per training step (PBT may change it: steps and budgets stay in optimizer steps)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay: each step first shrinks every weight by lr × weight_decay of itself."""
+    momentum: float | None = None
+    """The momentum optimizer's momentum (null: its TF1 default 0.5, or optimizer_args')."""
+    beta_1: float | None = None
+    """Adam's β₁ (null: 0.9, or optimizer_args')."""
+    beta_2: float | None = None
+    """Adam's β₂ (null: 0.999, or optimizer_args')."""
+    label_smoothing: float = 0.0
+    """The loss's label smoothing: targets (1 − s) one-hot + s / K."""
+    clip_norm: float | None = None
+    """Gradients scaled down to this global norm when above it (null: no clipping)."""
     steps_per_check: int = 50
     """Training steps fused into one call; metrics, target and budgets are checked between calls."""
     target: float = 0.97
@@ -84,6 +96,14 @@ class TrainConfig:
         positive("train.lr", self.lr)
         require(isinstance(self.optimizer_args, dict), "train.optimizer_args must be a mapping")
         positive("train.batch_size", self.batch_size, int)
+        for name in ("weight_decay", "label_smoothing", "momentum", "beta_1", "beta_2"):
+            value = getattr(self, name)
+            require(
+                value is None
+                or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1),
+                f"train.{name} must be in [0, 1), got {value!r}",
+            )
+        positive("train.clip_norm", self.clip_norm, allow_none=True)
         positive("train.steps_per_check", self.steps_per_check, int)
         require(
             isinstance(self.target, (int, float)) and 0 < self.target <= 1,

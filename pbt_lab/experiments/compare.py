@@ -38,12 +38,13 @@ from ray.tune.search import BasicVariantGenerator
 
 from pbt_lab import StorageFull, UserError, cli, results
 from pbt_lab.config import CompareExperiment
+from pbt_lab.config.space import nested, set_path
 from pbt_lab.experiments.pbt import population_setup, random_configs
 from pbt_lab.names import LR, LR_PLACE, LR_RANGES, OPTIMIZER, SCORE, STOPPED, TEST_EVERY_CHECK, VAL_ACC
 from pbt_lab.storage import is_uri
 from pbt_lab.tuning.callbacks import BudgetStop
 from pbt_lab.tuning.launch import fit
-from pbt_lab.tuning.trainable import points_space, trial_space
+from pbt_lab.tuning.trial_config import points_space, trial_space
 
 ASHA_SAMPLES = 20  # ASHA draws up to this many times the grid's trials: the budget stops it first
 
@@ -67,7 +68,7 @@ def sampler(run: cli.Run, method: str, n: int) -> list[dict]:
     """Random starting points for ``method`` at this run's seed (its own stream per method)."""
     p, seed = run.cfg.pbt, run.cfg.train.seed
     rng = np.random.default_rng([seed, ["random", "asha", "pb2"].index(method)])
-    return random_configs(p.optimizers, p.lr_ranges, n, rng, seed)
+    return random_configs(p.search_space, n, rng, seed)
 
 
 def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
@@ -90,7 +91,9 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
         return {**trials, TEST_EVERY_CHECK: True}, {**arguments, **stop}
     samples = {"random": n_grid, "asha": n_grid * ASHA_SAMPLES, "pb2": cfg.pbt.population}[method]
     points = sampler(run, method, samples)
-    searcher = BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.train.seed)
+    searcher = BasicVariantGenerator(
+        points_to_evaluate=[nested(x) for x in points], random_state=cfg.train.seed
+    )
     if method == "random":
         return space(**points_space(points)), {
             "search_alg": searcher,
@@ -115,8 +118,14 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
     p = cfg.pbt
     members = points[: p.population]
     for m in members:
-        low, high = p.lr_ranges[m[OPTIMIZER]]
+        low, high = p.search_space[LR].range_for(m[OPTIMIZER])
         m[LR_PLACE] = float(np.log(m[LR] / low) / np.log(high / low))
+    # PB2's Gaussian process bounds real numbers: the rate as its place, every other real range as is
+    # (linear, as Ray's PB2 searches); choices and ints keep each member's drawn value.
+    bounds = {LR_PLACE: [0.0, 1.0]}
+    for h in p.search_space.params:
+        if h.continuous and h.key != LR:
+            bounds = set_path(bounds, h.key, list(h.bounds))
     run.cfg = replace(cfg, train=replace(cfg.train, max_steps=budget // p.population))
     trials = space(**points_space(members))
     pb2 = PB2(
@@ -124,12 +133,15 @@ def method_setup(run: cli.Run, method: str, budget: int) -> tuple[dict, dict]:
         metric=SCORE,
         mode="max",
         perturbation_interval=p.perturbation_interval,
-        hyperparam_bounds={LR_PLACE: [0.0, 1.0]},
+        hyperparam_bounds=bounds,
         quantile_fraction=p.quantile_fraction,
     )
-    return {**trials, LR_RANGES: p.lr_ranges, "population": scored, TEST_EVERY_CHECK: True}, {
+    ranges = {o: list(p.search_space[LR].range_for(o)) for o in p.search_space[OPTIMIZER].values}
+    return {**trials, LR_RANGES: ranges, "population": scored, TEST_EVERY_CHECK: True}, {
         "scheduler": pb2,
-        "search_alg": BasicVariantGenerator(points_to_evaluate=members, random_state=cfg.train.seed),
+        "search_alg": BasicVariantGenerator(
+            points_to_evaluate=[nested(m) for m in members], random_state=cfg.train.seed
+        ),
         "num_samples": p.population,
         "checkpoint_every": p.perturbation_interval,
         **stop,

@@ -14,7 +14,7 @@ from ray import tune
 from pbt_lab import cli
 from pbt_lab.config import GridExperiment
 from pbt_lab.tuning.launch import fit
-from pbt_lab.tuning.trainable import trial_space
+from pbt_lab.tuning.trial_config import trial_space
 
 
 def validate(run: cli.Run) -> None:

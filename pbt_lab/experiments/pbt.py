@@ -21,13 +21,14 @@ from ray.tune.search import BasicVariantGenerator
 
 from pbt_lab import UserError, cli
 from pbt_lab.config import PBTConfig, PBTExperiment
+from pbt_lab.config.space import Space, nested
 from pbt_lab.experiments.replay import check_same_data, replay_schedule, run_replay, source_config
-from pbt_lab.names import LR, OPTIMIZER, SCORE, SEED, STOPPED
+from pbt_lab.names import SCORE, SEED, STOPPED
 from pbt_lab.tuning.callbacks import KeepPBTState, PopulationStop
-from pbt_lab.tuning.explore import ExplorePolicy
+from pbt_lab.tuning.explore import sample
 from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.scheduler import LabPBT
-from pbt_lab.tuning.trainable import points_space, trial_space
+from pbt_lab.tuning.trial_config import points_space, trial_space
 
 
 def seeds(p: PBTConfig) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
@@ -36,22 +37,15 @@ def seeds(p: PBTConfig) -> tuple[np.random.SeedSequence, np.random.SeedSequence]
     return population, scheduler
 
 
-def random_configs(optimizers: list[str], lr_ranges: dict, n: int, rng, seed: int) -> list[dict]:
-    """``n`` starting points: a random optimizer and a log-uniform rate in its range each, seeds
-    ``seed``, ``seed + 1``, … (PBT's population; random search, ASHA and PB2 in the comparison)."""
-    configs = []
-    for i in range(n):
-        optimizer = optimizers[rng.integers(len(optimizers))]
-        low, high = lr_ranges[optimizer]
-        configs.append(
-            {OPTIMIZER: optimizer, LR: float(np.exp(rng.uniform(np.log(low), np.log(high)))), SEED: seed + i}
-        )
-    return configs
+def random_configs(space: Space, n: int, rng, seed: int) -> list[dict]:
+    """``n`` starting points drawn from ``space`` (each key by its kind; a rate in its optimizer's range),
+    seeds ``seed``, ``seed + 1``, … (PBT's population; random search, ASHA and PB2 in the comparison)."""
+    return [{**sample(space, rng), SEED: seed + i} for i in range(n)]
 
 
 def initial_population(p: PBTConfig, seed: int) -> list[dict]:
     """Members' starting points, drawn from ``pbt.seed``."""
-    return random_configs(p.optimizers, p.lr_ranges, p.population, np.random.default_rng(seeds(p)[0]), seed)
+    return random_configs(p.search_space, p.population, np.random.default_rng(seeds(p)[0]), seed)
 
 
 def validate(run: cli.Run) -> None:
@@ -87,7 +81,11 @@ def population_setup(run: cli.Run) -> tuple[dict, dict]:
     members = initial_population(p, train.seed)
     # A diverged member waits for PBT to copy a donor into it: past burn-in, PBT decides at least
     # once per interval, and a donor may lack a checkpoint at the first decision.
-    population = {"metric": p.metric, "rescue_checks": p.burn_in_period + 2 * p.perturbation_interval}
+    population = {
+        "metric": p.metric,
+        "rescue_checks": p.burn_in_period + 2 * p.perturbation_interval,
+        "searched": p.search_space.keys,
+    }
     # The searched keys must be in the space; points_to_evaluate gives each member its values.
     space = trial_space(
         train,
@@ -97,9 +95,12 @@ def population_setup(run: cli.Run) -> tuple[dict, dict]:
         **points_space(members),
     )
     scheduler = LabPBT(
-        ExplorePolicy.of(p),
-        seed=seeds(p)[1],
+        time_attr="training_iteration",  # one check
         metric=SCORE,
+        mode=p.mode,
+        log_config=True,  # Ray's own policy logs, for Ray's PopulationBasedTrainingReplay
+        space=p.search_space,
+        seed=seeds(p)[1],
         perturbation_interval=p.perturbation_interval,
         burn_in_period=p.burn_in_period,
         quantile_fraction=p.quantile_fraction,
@@ -108,7 +109,9 @@ def population_setup(run: cli.Run) -> tuple[dict, dict]:
     )
     return space, {
         "scheduler": scheduler,
-        "search_alg": BasicVariantGenerator(points_to_evaluate=members, random_state=p.seed),
+        "search_alg": BasicVariantGenerator(
+            points_to_evaluate=[nested(m) for m in members], random_state=p.seed
+        ),
         "num_samples": p.population,
         "stop": PopulationStop() if p.stop_at_target else None,
         "callbacks": [KeepPBTState(scheduler)],

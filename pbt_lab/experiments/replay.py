@@ -3,11 +3,12 @@
     python -m pbt_lab.pbt --replay RUN_DIR --set model.scale=1      # the winner, wider
     python -m pbt_lab.pbt --replay RUN_DIR --member TRIAL_ID        # any member
 
-The schedule is the ancestry in the member's last checkpoint (segments of step, optimizer, rate and
-data-order stream since step 0), not rebuilt from the tables. One trial whose trainable switches
-optimizer, rate and data stream at the schedule's steps, from the seed its lineage started with
-(weights, dropout, data order). (Ray's PopulationBasedTrainingReplay pauses and restores the trial
-at each change; on this Ray it dropped results around the pauses and once stopped the trial early.)
+The schedule is the ancestry in the member's last checkpoint (segments of step, recipe: every searched
+key, and data-order stream since step 0), not rebuilt from the tables. One trial whose trainable sets
+the recipe (a new optimizer with fresh slots, a rebuilt model for a builder option) and data stream at
+the schedule's steps, from the seed its lineage started with (weights, dropout, data order). (Ray's
+PopulationBasedTrainingReplay pauses and restores the trial at each change; on this Ray it dropped
+results around the pauses and once stopped the trial early.)
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 
 from pbt_lab import UserError, cli, results
 from pbt_lab.config import PBTExperiment
-from pbt_lab.names import ANCESTRY, LR, OPTIMIZER, SEED, STEP, TRIAL_ID
+from pbt_lab.names import ANCESTRY, RECIPE, SEED, STEP, TRIAL_ID
 from pbt_lab.results.lineage import schedule
 from pbt_lab.tuning.launch import fit
-from pbt_lab.tuning.trainable import trial_space
+from pbt_lab.tuning.trial_config import trial_space
 
 
 def source_config(args) -> dict | None:
@@ -49,7 +50,7 @@ def check_same_data(source: str | Path, data) -> None:
 
 
 def replay_schedule(source: str | Path, member: str | None = None) -> tuple[str, int, list[dict]]:
-    """A PBT run's winner (or ``member``), its lineage's seed and its schedule [{step, optimizer, lr, seed}],
+    """A PBT run's winner (or ``member``), its lineage's seed and its schedule [{step, recipe, seed}, …],
     read from the ancestry in the member's last checkpoint."""
     trials, _, summary = results.read_tables(source)
     member = member or summary["winner"][TRIAL_ID]
@@ -72,14 +73,9 @@ def run_replay(run: cli.Run) -> int:
     member, seed, changes = replay_schedule(source, run.args.member)
     space = {
         **trial_space(
-            train,
-            run.cfg.model,
-            threads=run.cfg.resources.threads,
-            optimizer=changes[0][OPTIMIZER],
-            lr=changes[0][LR],
-            seed=seed,
+            train, run.cfg.model, threads=run.cfg.resources.threads, seed=seed, **changes[0][RECIPE]
         ),
-        "schedule": [[c[STEP], c[OPTIMIZER], c[LR], c[SEED]] for c in changes],
+        "schedule": [[c[STEP], c[RECIPE], c[SEED]] for c in changes],
     }
     with cli.one_line_errors(run):
         fit(run, space)

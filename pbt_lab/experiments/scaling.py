@@ -19,7 +19,7 @@ from pbt_lab import cli
 from pbt_lab.config import ScalingExperiment
 from pbt_lab.names import LR, OPTIMIZER, SECONDS_TO_TARGET, STEPS_TO_TARGET
 from pbt_lab.tuning.launch import fit
-from pbt_lab.tuning.trainable import trial_space
+from pbt_lab.tuning.trial_config import trial_space
 
 
 def main(argv: list[str] | None = None, call: cli.Call | None = None) -> int:

@@ -16,7 +16,7 @@ from ray import tune
 from pbt_lab import UserError, cli, results
 from pbt_lab.config import TraceExperiment
 from pbt_lab.tuning.launch import fit
-from pbt_lab.tuning.trainable import trial_space
+from pbt_lab.tuning.trial_config import trial_space
 
 
 def grid_best_rates(run_dir: str) -> dict:

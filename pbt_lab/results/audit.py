@@ -25,6 +25,7 @@ import math
 
 import pandas as pd
 
+from pbt_lab.config.space import IN_FLIGHT_OPTIMIZER_ARGS, OPTIMIZER_ARGS
 from pbt_lab.names import (
     CAPPED,
     EXPLOIT,
@@ -55,6 +56,7 @@ from pbt_lab.names import (
     STOPPED,
     TRIAL_ID,
     UNVERIFIABLE,
+    USED,
     VERDICTS,
     VERIFIED,
 )
@@ -83,6 +85,29 @@ def _same_lr(a, b) -> bool:
         and not pd.isna(b)
         and math.isclose(a, b, rel_tol=1e-6)
     )
+
+
+def _same_value(used, expected) -> bool:
+    """A value the traced call read (float32 for reals) against the config's."""
+    if used is None or expected is None or pd.isna(used):
+        return used is expected or (expected is None and pd.isna(used))
+    if isinstance(expected, str) or isinstance(used, str):
+        return used == expected
+    return math.isclose(float(used), float(expected), rel_tol=1e-6)
+
+
+def _used_keys(d: dict | None, r: pd.Series) -> list[tuple[str, object]]:
+    """The searched keys beyond the optimizer and rate an exploit set, with their new values, that the
+    recipient's live objects read: its optimizer's own arguments only where the new optimizer has them."""
+    if d is None:
+        return []
+    new = d.get("new") or {}
+    reads = OPTIMIZER_ARGS.get(new.get(OPTIMIZER, r[OPTIMIZER]), ())
+    return [
+        (key, value)
+        for key, value in new.items()
+        if key not in (OPTIMIZER, LR) and (key not in IN_FLIGHT_OPTIMIZER_ARGS or key in reads)
+    ]
 
 
 def restore_kind(row: pd.Series) -> str:
@@ -171,6 +196,10 @@ def _problem(
         (
             rate is None or _same_lr(rate, r[LR]),
             "live rate is not the new config's" if exploit else "live rate is not its config's",
+        ),
+        *(
+            (rate is None or _same_value(r.get(key + USED), value), f"live {key} is not the new config's")
+            for key, value in _used_keys(d, r)
         ),
         (
             r[RESTORED_SLOTS_SHA256] == slots,

@@ -10,6 +10,7 @@ from pbt_lab.names import (
     CHECK_STARTED_AT,
     DATA_SEED,
     DIVERGED_FLAG,
+    EXAMPLES,
     EXPLOIT,
     FRESH_SLOTS_SHA256,
     LEGACY_RESTORED_LR,
@@ -18,6 +19,7 @@ from pbt_lab.names import (
     NODE_ID,
     OPTIMIZER,
     OPTIMIZER_STEPS,
+    RECIPE,
     REPORTED_AT,
     RESTORE_KIND,
     RESTORED_ID,
@@ -40,6 +42,7 @@ from pbt_lab.names import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
     TRIAL_ID,
+    USED,
     VAL_ACC,
     VAL_LOSS,
     WEIGHTS,
@@ -120,6 +123,7 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
         for r in trial_reports:
             row = {
                 **{k: r.get(k) for k in HISTORY_COLUMNS},
+                **recipe_columns(r),
                 "iteration": r["training_iteration"],
                 "trial_seconds": r.get("time_total_s"),
                 "trial_dir": trial_dir,
@@ -143,7 +147,8 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
             kept.append(row)
         frames.append(pd.DataFrame(kept))
     history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    history = history.reindex(columns=[*HISTORY_COLUMNS, *PER_TRIAL])
+    searched = [c for c in history.columns if c not in HISTORY_COLUMNS and c not in PER_TRIAL]
+    history = history.reindex(columns=[*HISTORY_COLUMNS, *searched, *PER_TRIAL])
     return history.astype(
         {
             VAL_ACC: float,
@@ -159,6 +164,23 @@ def read_history(reports: dict[str, list[dict]]) -> pd.DataFrame:
             EXPLOIT: "Int64",
         }
     ).reset_index(drop=True)
+
+
+def recipe_keys(history: pd.DataFrame) -> list[str]:
+    """The history's columns of searched keys beyond the optimizer and rate (``recipe_columns``)."""
+    return [
+        c
+        for c in history.columns
+        if c not in (*HISTORY_COLUMNS, *PER_TRIAL, EXAMPLES) and not c.endswith(USED)
+    ]
+
+
+def recipe_columns(report: dict) -> dict:
+    """A report's searched keys beyond the optimizer and rate (its recipe, one column each), the values
+    its traced call read (``KEY_used``) and the examples seen."""
+    recipe = {k: v for k, v in (report.get(RECIPE) or {}).items() if k not in HISTORY_COLUMNS}
+    used = {k: v for k, v in report.items() if k.endswith(USED) and k not in HISTORY_COLUMNS}
+    return {**recipe, **used, EXAMPLES: report.get(EXAMPLES)}
 
 
 def read_saved_states(reports: dict[str, list[dict]]) -> pd.DataFrame:

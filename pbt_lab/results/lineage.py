@@ -14,15 +14,18 @@ import numpy as np
 import pandas as pd
 
 from pbt_lab.config import quantile_size
+from pbt_lab.config.space import segment_recipe
 from pbt_lab.names import (
     ANCESTRY,
     CHECK_SECONDS,
     DATA_SEED,
     EXPLOIT,
     FINAL_VAL_ACC,
+    FINAL_VAL_LOSS,
     LR,
     OPTIMIZER,
     PBT_STATE_FILE,
+    RECIPE,
     REPORTED_AT,
     RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS,
@@ -38,8 +41,10 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     TRIAL_ID,
     VAL_ACC,
+    VAL_LOSS,
 )
 from pbt_lab.results.audit import exploit_counts, exploit_rows, exploited_decisions, undone_exploits
+from pbt_lab.results.history import recipe_keys
 from pbt_lab.results.ray_files import read_checkpoint_meta
 
 LINEAGE_COLUMNS = [
@@ -115,10 +120,36 @@ def lineage_table(
                 "timestamp": e["timestamp"],
                 REPORTED_AT: e[REPORTED_AT],
                 "recipient_iteration": e["iteration"],
+                **key_columns(d),
             }
         )
-    table = pd.DataFrame(rows, columns=LINEAGE_COLUMNS)
+    extra = sorted({k for r in rows for k in r} - set(LINEAGE_COLUMNS))
+    table = pd.DataFrame(rows, columns=[*LINEAGE_COLUMNS, *extra])
     return table.astype({"decision": "Int64"}).sort_values([REPORTED_AT, "recipient"]).reset_index(drop=True)
+
+
+def changed_keys(decisions: list[dict]) -> dict[str, int]:
+    """How many exploits changed each searched key (new value other than the recipient's old one)."""
+    counts: dict[str, int] = {}
+    for d in exploited_decisions(decisions).values():
+        for key, value in (d.get("new") or {}).items():
+            counts[key] = counts.get(key, 0) + int(value != (d.get("old") or {}).get(key))
+    return counts
+
+
+def key_columns(d: dict) -> dict:
+    """An exploit's searched keys beyond the optimizer and rate: old_KEY, new_KEY and operation_KEY."""
+    operations = d.get("operations") or {}
+    return {
+        f"{which}_{key}": value
+        for key in (d.get("new") or {})
+        if key not in (OPTIMIZER, LR)
+        for which, value in (
+            ("old", d["old"].get(key)),
+            ("new", d["new"][key]),
+            ("operation", operations.get(key)),
+        )
+    }
 
 
 def quantile_sizes(decisions: list[dict], fraction: float) -> list[dict]:
@@ -149,32 +180,42 @@ def quantile_sizes(decisions: list[dict], fraction: float) -> list[dict]:
     ]
 
 
-def choose_winner(trials: pd.DataFrame, history: pd.DataFrame, stopped_at_target: bool) -> str | None:
-    """The run's answer, chosen on validation only (never on the test split).
+def choose_winner(
+    trials: pd.DataFrame,
+    history: pd.DataFrame,
+    stopped_at_target: bool,
+    metric: str = VAL_ACC,
+    mode: str = "max",
+) -> str | None:
+    """The run's answer, chosen by the metric PBT ranked by (``pbt.metric``, ``pbt.mode``), never on the
+    test split.
 
     With ``pbt.stop_at_target`` the member that reached the target first wins (the run stopped for
-    it); otherwise the member with the best final validation accuracy, ties to the earlier trial.
+    it); otherwise the member with the best final ``metric``, ties to the earlier trial.
     """
     if stopped_at_target:
         reached = history[history[STEPS_TO_TARGET].notna()].sort_values(["timestamp", TRAIN_SECONDS])
         if len(reached):
             return reached.iloc[0][TRIAL_ID]
-    ranked = trials.dropna(subset=[FINAL_VAL_ACC]).sort_values(
-        [FINAL_VAL_ACC, TRIAL_ID], ascending=[False, True]
-    )
+    final = f"final_{metric}"
+    ranked = trials.dropna(subset=[final]).sort_values([final, TRIAL_ID], ascending=[mode == "min", True])
     return ranked.iloc[0][TRIAL_ID] if len(ranked) else None
 
 
-SCHEDULED = (OPTIMIZER, LR, SEED)  # what a schedule entry sets: optimizer, rate and data-order stream
+def schedule_entry(step: int, recipe: dict, seed) -> dict:
+    """One change of a schedule: from ``step`` on, the searched keys at ``recipe``'s values (the optimizer
+    and rate also at the top) and the data-order stream ``seed``."""
+    return {STEP: int(step), OPTIMIZER: recipe.get(OPTIMIZER), LR: recipe.get(LR), RECIPE: recipe, SEED: seed}
 
 
 def schedule(ancestry: list[dict]) -> list[dict]:
-    """The ancestry as a schedule: [{step, optimizer, lr, seed}], one entry per change, from step 0
-    (``seed``: the data-order stream the lineage drew from there on)."""
+    """The ancestry as a schedule: [{step, optimizer, lr, recipe, seed}], one entry per change, from
+    step 0 (``recipe``: every searched key; ``seed``: the data-order stream the lineage drew from)."""
     out = []
     for s in ancestry:
-        if not out or tuple(out[-1][k] for k in SCHEDULED) != tuple(s[k] for k in SCHEDULED):
-            out.append({STEP: int(s[STEP]), OPTIMIZER: s[OPTIMIZER], LR: float(s[LR]), SEED: int(s[SEED])})
+        recipe = segment_recipe(s)
+        if not out or (out[-1][RECIPE], out[-1][SEED]) != (recipe, int(s[SEED])):
+            out.append(schedule_entry(s[STEP], recipe, int(s[SEED])))
     return out
 
 
@@ -208,21 +249,22 @@ def member_schedule(history: pd.DataFrame, trial_id: str, before: float | None =
 
 
 def schedule_changes(rows: pd.DataFrame) -> list[dict]:
-    """Where the (optimizer, rate, data seed) of a run of rows changes: [{step, optimizer, lr, seed}, …],
-    from step 0: ``schedule`` as the reports recorded it.
+    """Where the recipe (every searched key) or data seed of a run of rows changes: [{step, optimizer,
+    lr, recipe, seed}, …], from step 0: ``schedule`` as the reports recorded it.
 
     A change always comes with a restore (or a replay's switch), whose row names the step it
     started from; that step is used, not the previous row's.
     """
     changes, current, start = [], None, 0
+    keys = recipe_keys(rows)
     for _, r in rows.iterrows():
         if pd.notna(r[SEGMENT_STEP]):
             start = int(r[SEGMENT_STEP])
         seed = None if pd.isna(r.get(DATA_SEED)) else int(r[DATA_SEED])  # runs before data streams: none
-        here = (r[OPTIMIZER], r[LR], seed)
-        if here != current:
-            changes.append({STEP: start, OPTIMIZER: r[OPTIMIZER], LR: float(r[LR]), SEED: seed})
-            current = here
+        recipe = {OPTIMIZER: r[OPTIMIZER], LR: float(r[LR]), **{k: plain(r[k]) for k in keys}}
+        if (recipe, seed) != current:
+            changes.append(schedule_entry(start, recipe, seed))
+            current = (recipe, seed)
         start = int(r[STEP])
     return changes
 
@@ -240,13 +282,16 @@ def pbt_summary(
     target, the decisions' quantile sizes, the exploits' audit (``verdicts``: every restore's), the
     checkpoints left on disk."""
     p = config["pbt"]
-    winner_id = choose_winner(trials, history, p["stop_at_target"])
+    winner_id = choose_winner(
+        trials, history, p["stop_at_target"], p.get("metric", VAL_ACC), p.get("mode") or "max"
+    )
     winner = {TRIAL_ID: winner_id}
     if winner_id:
         row = trials.set_index(TRIAL_ID).loc[winner_id]
         winner.update(
             {
                 VAL_ACC: plain(row[FINAL_VAL_ACC]),
+                VAL_LOSS: plain(row.get(FINAL_VAL_LOSS)),
                 TEST_ACC: plain(row[TEST_ACC]),
                 STATUS: row[STATUS],
                 "steps": int(row["steps"]),
@@ -285,6 +330,7 @@ def pbt_summary(
         "exploits": {
             **exploit_counts(verdicts, decisions, undone),
             "optimizer_switches": int((table[RESTORED_OPTIMIZER] != table["new_optimizer"]).sum()),
+            "changed": changed_keys(decisions),
         },
         "checkpoints": {
             "count": len(checkpoints),

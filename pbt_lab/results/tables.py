@@ -22,8 +22,10 @@ from pbt_lab.names import (
     BEST_VAL_ACC,
     BUILDER,
     ERROR,
+    EXAMPLES,
     FIGURES,
     FINAL_VAL_ACC,
+    FINAL_VAL_LOSS,
     HISTORY,
     LINEAGE,
     LR,
@@ -40,16 +42,18 @@ from pbt_lab.names import (
     SUMMARY,
     TEST_ACC,
     TRAIN_ACC,
+    TRAIN_LOSS,
     TRAIN_SECONDS,
     TRIAL_ID,
     TRIALS,
     VAL_ACC,
+    VAL_LOSS,
     WEIGHTS,
 )
 from pbt_lab.results.analysis import scaling_summary
 from pbt_lab.results.audit import audit, restore_counts, restore_rows, restore_table
 from pbt_lab.results.breakdown import check_breakdown, time_breakdown
-from pbt_lab.results.history import PER_TRIAL, read_history, read_saved_states
+from pbt_lab.results.history import PER_TRIAL, read_history, read_saved_states, recipe_keys
 from pbt_lab.results.lineage import member_schedule, pbt_summary, read_pbt_state
 from pbt_lab.results.lineage import plain as _plain
 from pbt_lab.results.ray_files import (
@@ -73,6 +77,21 @@ from pbt_lab.results.summary import (
     versions,
 )
 from pbt_lab.storage import is_uri, replace_atomically, staged
+
+
+def final_recipes(trials: pd.DataFrame, by_dir: dict) -> pd.DataFrame:
+    """Each trial's searched keys beyond the optimizer and rate (history's recipe columns): initial_KEY
+    from its first report, KEY from its last."""
+    rows = []
+    for trial_dir in trials["trial_dir"]:
+        h = by_dir.get(trial_dir)
+        keys = [] if h is None else [c for c in recipe_keys(h) if h[c].notna().any()]
+        row = {}
+        for key in keys:
+            values = h[key].dropna()
+            row |= {f"initial_{key}": values.iloc[0], key: values.iloc[-1]}
+        rows.append(row)
+    return pd.DataFrame(rows, index=trials.index)
 
 
 def read_trials(
@@ -123,7 +142,10 @@ def read_trials(
                 "compute_train_seconds": last.get("compute_train_seconds", 0.0),
                 "compute_trial_seconds": last.get("compute_trial_seconds", 0.0),
                 "final_train_acc": last.get(TRAIN_ACC),
+                "final_train_loss": last.get(TRAIN_LOSS),
                 FINAL_VAL_ACC: val.iloc[-1] if len(val) else None,
+                FINAL_VAL_LOSS: h[VAL_LOSS].dropna().iloc[-1] if h[VAL_LOSS].notna().any() else None,
+                EXAMPLES: last.get(EXAMPLES),
                 BEST_VAL_ACC: val.max() if len(val) else None,
                 # Evaluated once, on the final state of a trial that ended on its own and learned (not
                 # diverged or stalled); never used to choose.
@@ -138,6 +160,7 @@ def read_trials(
             }
         )
     trials = pd.DataFrame(rows)
+    trials = trials.join(final_recipes(trials, by_dir))
     return trials.astype(
         {
             STEPS_TO_TARGET: "Int64",
@@ -146,6 +169,8 @@ def read_trials(
             FINAL_VAL_ACC: float,
             BEST_VAL_ACC: float,
             "final_train_acc": float,
+            "final_train_loss": float,
+            FINAL_VAL_LOSS: float,
             TEST_ACC: float,
         }
     ).sort_values([OPTIMIZER, LR, SEED])

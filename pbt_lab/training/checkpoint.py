@@ -78,7 +78,8 @@ def restore(trainer, directory: str | os.PathLike) -> dict:
         for i, v in enumerate(bank.optimizer.variables):
             v.assign(arrays[f"optimizer/{i}"])
     else:
-        bank.switch(bank.name, bank.lr, **trainer.cfg.optimizer_args)  # a different one starts fresh
+        # A different one starts fresh, with the live in-flight arguments.
+        bank.switch(bank.name, bank.lr, trainer.optimizer_args, **trainer.cfg.optimizer_args)
     bank.set_lr(bank.lr)
     trainer.progress = Progress.from_meta(meta)
     trainer.order.restore(meta["data_order"])

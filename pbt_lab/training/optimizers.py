@@ -15,9 +15,11 @@ from typing import NamedTuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from pbt_lab import UserError
 from pbt_lab.config import OPTIMIZER_NAMES, canonical_name
+from pbt_lab.config.space import IN_FLIGHT_OPTIMIZER_ARGS, OPTIMIZER_ARGS
 
 
 class TF1RMSprop(keras.optimizers.RMSprop):
@@ -38,10 +40,29 @@ class TF1RMSprop(keras.optimizers.RMSprop):
         return {**super().get_config(), "initial_rms": self.initial_rms}
 
 
+class MomentumSGD(keras.optimizers.SGD):
+    """Keras SGD with momentum whose ``momentum`` may be a variable its traced step reads (PBT changes it
+    in flight): Keras's update without its Python test of the value (same arithmetic, in the same order)."""
+
+    def __init__(self, *args, name: str = "SGD", **kwargs):  # Keras's SGD's name: its variables' paths
+        super().__init__(*args, name=name, **kwargs)
+
+    def update_step(self, gradient, variable, learning_rate):
+        m = self.momentums[self._get_variable_index(variable)]
+        momentum = keras.ops.cast(self.momentum, variable.dtype)
+        gradient = keras.ops.cast(gradient, variable.dtype)
+        learning_rate = keras.ops.cast(learning_rate, variable.dtype)
+        self.assign(
+            m,
+            keras.ops.subtract(keras.ops.multiply(m, momentum), keras.ops.multiply(gradient, learning_rate)),
+        )
+        self.assign_add(variable, m)
+
+
 # name → (Keras class, TF1 defaults). Names are the study's.
 OPTIMIZERS: dict[str, tuple[type, dict]] = {
     "gd": (keras.optimizers.SGD, {}),
-    "momentum": (keras.optimizers.SGD, {"momentum": 0.5}),
+    "momentum": (MomentumSGD, {"momentum": 0.5}),
     "adam": (keras.optimizers.Adam, {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-8}),
     "adagrad": (keras.optimizers.Adagrad, {"initial_accumulator_value": 0.1, "epsilon": 1e-8}),
     "adadelta": (keras.optimizers.Adadelta, {"rho": 0.95, "epsilon": 1e-8}),
@@ -91,6 +112,7 @@ class _Built(NamedTuple):
     optimizer: keras.optimizers.Optimizer
     fresh: list  # its variables' values as built: what a switch to it assigns
     train_fn: object  # its traced training call
+    own: dict  # its in-flight arguments' values as built (defaults and overrides)
 
 
 class OptimizerBank:
@@ -98,10 +120,17 @@ class OptimizerBank:
 
     Switching back and forth (as PBT does) costs a variable reset, not a retrace: each optimizer
     keeps its fresh variable values and the training call traced for it (``trace(optimizer)``).
+    ``in_flight`` holds the hyperparameters the traced call reads from variables: the optimizers' own
+    (``OPTIMIZER_ARGS``: momentum, Adam's β₁ and β₂, read by their updates) and the training step's
+    (``step_args``): PBT changes them without a retrace or new slots.
     """
 
-    def __init__(self, variables: list, trace):
+    def __init__(self, variables: list, trace, step_args: tuple[str, ...]):
         self._variables, self._trace = variables, trace
+        self.in_flight = {
+            name: tf.Variable(0.0, trainable=False, name=name)
+            for name in (*step_args, *IN_FLIGHT_OPTIMIZER_ARGS)
+        }
         self._built: dict[str, _Built] = {}
         self._key, self.name, self.lr = "", "", 0.0
         self.overrides: dict = {}  # the live optimizer's Keras arguments beside the TF1 defaults
@@ -115,8 +144,9 @@ class OptimizerBank:
         """The traced training call of the live optimizer."""
         return self._built[self._key].train_fn
 
-    def switch(self, name: str, lr: float, **overrides) -> None:
-        """Make ``name`` live with fresh slots and rate ``lr``."""
+    def switch(self, name: str, lr: float, in_flight: dict | None = None, **overrides) -> None:
+        """Make ``name`` live with fresh slots, rate ``lr`` and its in-flight arguments ``in_flight``
+        (a value of None: its own default or override)."""
         name = canonical_name(name)
         self.overrides = overrides
         key = f"{name} {sorted(overrides.items())}"
@@ -124,12 +154,27 @@ class OptimizerBank:
             optimizer = make_optimizer(name, lr, **overrides)
             optimizer.build(self._variables)
             fresh = [v.numpy() for v in optimizer.variables]
-            self._built[key] = _Built(optimizer, fresh, self._trace(optimizer))
+            own = {arg: float(getattr(optimizer, arg)) for arg in OPTIMIZER_ARGS.get(name, ())}
+            for arg in own:  # built with the float; its traced update reads the variable
+                setattr(optimizer, arg, self.in_flight[arg])
+            self._built[key] = _Built(optimizer, fresh, self._trace(optimizer), own)
         optimizer, fresh = self._built[key].optimizer, self._built[key].fresh
         for variable, value in zip(optimizer.variables, fresh):
             variable.assign(value)
         self.name, self._key = name, key
         self.set_lr(lr)
+        self.set_in_flight(in_flight or {})
+
+    def set_in_flight(self, values: dict) -> None:
+        """Assign the live optimizer's in-flight arguments (None: its own value as built)."""
+        for arg, own in self._built[self._key].own.items():
+            value = values.get(arg)
+            self.in_flight[arg].assign(own if value is None else value)
+
+    @property
+    def in_flight_args(self) -> tuple[str, ...]:
+        """The in-flight arguments the live optimizer reads."""
+        return tuple(self._built[self._key].own)
 
     def set_lr(self, lr: float) -> None:
         """Assign the live optimizer's learning-rate variable: the traced call reads it, no retrace."""

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pbt_lab.names import RUNNING, SECONDS_TO_TARGET, STATUS, STEP, STEPS_TO_TARGET, TRAIN_SECONDS
+from pbt_lab.names import EXAMPLES, RUNNING, SECONDS_TO_TARGET, STATUS, STEP, STEPS_TO_TARGET, TRAIN_SECONDS
 
 
 class DataOrder:
@@ -68,6 +68,8 @@ class Progress:
 
     step: int = 0
     """Training steps taken."""
+    examples: int = 0
+    """Training examples seen (steps × each step's batch size)."""
     checks: int = 0
     """Checks (fused calls of ``steps_per_check`` steps) done."""
     train_seconds: float = 0.0
@@ -90,6 +92,7 @@ class Progress:
         """For a checkpoint's metadata (the metric names as keys)."""
         return {
             STEP: self.step,
+            EXAMPLES: self.examples,
             "checks": self.checks,
             TRAIN_SECONDS: self.train_seconds,
             STATUS: self.status,
@@ -102,14 +105,15 @@ class Progress:
     @classmethod
     def from_meta(cls, meta: dict) -> Progress:
         return cls(
-            meta[STEP],
-            meta["checks"],
-            meta[TRAIN_SECONDS],
-            meta[STATUS],
-            meta[STEPS_TO_TARGET],
-            meta[SECONDS_TO_TARGET],
-            meta.get("last", {}),
-            meta.get("checks_at_chance", 0),
+            step=meta[STEP],
+            examples=meta.get(EXAMPLES, 0),  # a checkpoint from before examples were counted: 0
+            checks=meta["checks"],
+            train_seconds=meta[TRAIN_SECONDS],
+            status=meta[STATUS],
+            steps_to_target=meta[STEPS_TO_TARGET],
+            seconds_to_target=meta[SECONDS_TO_TARGET],
+            last=meta.get("last", {}),
+            checks_at_chance=meta.get("checks_at_chance", 0),
         )
 
     def as_dict(self) -> dict:

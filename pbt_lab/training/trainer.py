@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,15 +26,17 @@ import numpy as np
 import tensorflow as tf
 
 from pbt_lab.config import ModelConfig, TrainConfig
+from pbt_lab.config.space import IN_FLIGHT_OPTIMIZER_ARGS
 from pbt_lab.names import (
     BUILDER,
     CAPPED,
     COMPILE,
     DATA_SEED,
     DIVERGED,
+    EXAMPLES,
     FINAL_VAL_ACC,
     LR,
-    LR_USED,
+    MODEL_OPTIONS,
     OPTIMIZER,
     REACHED,
     RUNNING,
@@ -48,6 +51,7 @@ from pbt_lab.names import (
     TRAIN_LOSS,
     TRAIN_PART,
     TRAIN_SECONDS,
+    USED,
     VAL_ACC,
     VAL_LOSS,
     VALIDATE,
@@ -59,9 +63,11 @@ from pbt_lab.training.data import Dataset
 from pbt_lab.training.model import build_model, builder_name, resolve_builder
 from pbt_lab.training.optimizers import OptimizerBank
 from pbt_lab.training.state import DataOrder, Progress
+from pbt_lab.training.steps import STEP_ARGS, evaluation, train_steps
 
-EVAL_BATCH = 1000
-TRACED = ("batch_size", "jit_compile", "divergence_loss", "stop_on_divergence")  # baked into the traced call
+TRACED = ("jit_compile", "divergence_loss", "stop_on_divergence")  # baked into the traced call
+NO_CLIP = float("inf")
+CLIP_NORM = "clip_norm"
 
 
 def seed_everything(seed: int) -> None:
@@ -86,9 +92,8 @@ def configure_tensorflow(threads: int | None = None) -> None:
         pass  # TF already initialized in this process: its settings stand
 
 
-def model_inputs(images: tf.Tensor) -> tf.Tensor:
-    """What the model sees: uint8 images scaled to [0, 1]; float32 images as the user gave them."""
-    return tf.cast(images, tf.float32) / 255.0 if images.dtype == tf.uint8 else images
+def optimizer_args(train: TrainConfig) -> dict:
+    return {arg: getattr(train, arg) for arg in IN_FLIGHT_OPTIMIZER_ARGS}
 
 
 class Trainer:
@@ -141,7 +146,7 @@ class Trainer:
         self.num_classes = data.num_classes
         self.clock = clock
         self._eval_fn = self._make_eval_fn()
-        self.optimizers = OptimizerBank(self.model.trainable_variables, self._make_train_fn)
+        self.optimizers = OptimizerBank(self.model.trainable_variables, self._make_train_fn, STEP_ARGS)
         self.reset(self.cfg)
 
     def reset(self, train: TrainConfig) -> bool:
@@ -158,69 +163,61 @@ class Trainer:
         seed_everything(train.seed)  # what else draws (dropout's generators are variables: assigned above)
         self.cfg = train
         self.order = DataOrder(len(self._splits[TRAIN_ACC][1]), train.seed)
-        self.optimizers.switch(train.optimizer, train.lr, **train.optimizer_args)
+        self.optimizers.switch(train.optimizer, train.lr, optimizer_args(train), **train.optimizer_args)
+        self._assign_step_args(train)
         self.progress = Progress()
         return True
+
+    def set_recipe(self, train: TrainConfig) -> None:
+        """Go on with ``train``'s hyperparameters from the state this trainer holds: a new optimizer starts
+        with fresh slots; the rate, the in-flight settings and the batch size change in place (no retrace)."""
+        if any(getattr(train, k) != getattr(self.cfg, k) for k in TRACED):
+            raise ValueError(
+                f"set_recipe cannot change {', '.join(TRACED)}: they are baked into the traced call"
+            )
+        bank, args = self.optimizers, optimizer_args(train)
+        if train.optimizer != bank.name or train.optimizer_args != bank.overrides:
+            bank.switch(train.optimizer, train.lr, args, **train.optimizer_args)
+        else:
+            bank.set_lr(train.lr)
+            bank.set_in_flight(args)
+        self.cfg = train
+        self._assign_step_args(train)
+
+    @property
+    def optimizer_args(self) -> dict:
+        """The in-flight optimizer arguments of this trainer's config (None: the optimizer's own)."""
+        return optimizer_args(self.cfg)
+
+    def recipe(self, keys) -> dict:
+        """The live value of each searched key (a trial config path): what the trainer trains with now."""
+        live = {OPTIMIZER: self.optimizers.name, LR: self.optimizers.lr}
+        return {
+            key: live[key]
+            if key in live
+            else self.model_cfg.options.get(key.removeprefix(MODEL_OPTIONS + "."))
+            if key.startswith(MODEL_OPTIONS + ".")
+            else getattr(self.cfg, key)
+            for key in keys
+        }
+
+    def _assign_step_args(self, train: TrainConfig) -> None:
+        for name in STEP_ARGS:
+            value = getattr(train, name)
+            self.optimizers.in_flight[name].assign(NO_CLIP if value is None else value)
 
     # --- the traced calls --------------------------------------------------------------------
 
     def _make_train_fn(self, optimizer):
-        model, (x, y) = self.model, self._splits[TRAIN_ACC]
-        variables = model.trainable_variables
-        max_loss = self.cfg.divergence_loss or float("inf")
-        stop = self.cfg.stop_on_divergence
-
-        @tf.function(
-            input_signature=[tf.TensorSpec([None, self.cfg.batch_size], tf.int32)],
-            jit_compile=self.cfg.jit_compile,
-        )
-        def train_steps(batches):
-            done, loss_sum, correct = tf.constant(0), tf.constant(0.0), tf.constant(0)
-            diverged = tf.constant(False)
-            # The rate this call's updates read, returned as read here: what a restore must have left live.
-            lr_used = tf.identity(optimizer.learning_rate)
-            for i in tf.range(tf.shape(batches)[0]):
-                xb = model_inputs(tf.gather(x, batches[i]))
-                yb = tf.gather(y, batches[i])
-                with tf.GradientTape() as tape:
-                    logits = model(xb, training=True)
-                    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
-                if not tf.math.is_finite(loss) or loss > max_loss:
-                    diverged = tf.constant(True)
-                    if stop:
-                        break  # before the update: the weights stay as they were
-                optimizer.apply(tape.gradient(loss, variables), variables)
-                done += 1
-                loss_sum += loss
-                correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1, output_type=tf.int32) == yb, tf.int32))
-            return done, loss_sum, correct, diverged, lr_used
-
-        self._compile(train_steps, run=not self.cfg.jit_compile)  # XLA compiles per shape: on real calls
-        return train_steps
+        x, y = self._splits[TRAIN_ACC]
+        traced = train_steps(self.model, x, y, optimizer, self.optimizers.in_flight, self.cfg)
+        self._compile(traced, run=not self.cfg.jit_compile)  # XLA compiles per shape: on real calls
+        return traced
 
     def _make_eval_fn(self):
-        model, images = self.model, self._splits[TRAIN_ACC][0]
-
-        @tf.function(
-            input_signature=[
-                tf.TensorSpec([None, *images.shape[1:]], images.dtype),
-                tf.TensorSpec([None], tf.int32),
-            ]
-        )
-        def evaluate(x, y):
-            n = tf.shape(y)[0]
-            loss_sum, correct = tf.constant(0.0), tf.constant(0)
-            for start in tf.range(0, n, EVAL_BATCH):
-                xb = model_inputs(x[start : start + EVAL_BATCH])
-                yb = y[start : start + EVAL_BATCH]
-                logits = model(xb, training=False)
-                loss_sum += tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
-                correct += tf.reduce_sum(tf.cast(tf.argmax(logits, 1, output_type=tf.int32) == yb, tf.int32))
-            n_float = tf.cast(n, tf.float32)
-            return tf.cast(correct, tf.float32) / n_float, loss_sum / n_float
-
-        self._compile(evaluate)
-        return evaluate
+        traced = evaluation(self.model, self._splits[TRAIN_ACC][0])
+        self._compile(traced)
+        return traced
 
     def _compile(self, traced, run: bool = True) -> None:
         """Trace ``traced`` now and, with ``run``, optimize its graph by running it on empty inputs (its
@@ -236,19 +233,23 @@ class Trainer:
     # --- training ----------------------------------------------------------------------------
 
     def train(self, steps: int) -> dict:
-        """Run ``steps`` training steps in one call (fewer if the loss diverges)."""
+        """Run ``steps`` training steps in one call (fewer if the loss diverges). Returns its metrics and,
+        as ``KEY_used``, each hyperparameter as the call read it."""
         batches = self.order.take(steps, self.cfg.batch_size)
         with self._part(TRAIN_PART):
             start = time.perf_counter()
-            done, loss_sum, correct, diverged, lr_used = self.optimizers.train_fn(batches)
+            done, loss_sum, correct, diverged, used = self.optimizers.train_fn(batches)
             done = int(done)  # note: a device-to-host sync point, so the time below is the real one
             self.progress.train_seconds += time.perf_counter() - start
         self.progress.step += done
+        self.progress.examples += done * self.cfg.batch_size
+        used = {name: value.numpy().item() for name, value in used.items()}
+        used[CLIP_NORM] = None if used[CLIP_NORM] == NO_CLIP else used[CLIP_NORM]
         return {
             TRAIN_ACC: float(correct) / (done * self.cfg.batch_size) if done else float("nan"),
             TRAIN_LOSS: float(loss_sum) / done if done else float("nan"),
             DIVERGED: bool(diverged),
-            LR_USED: float(lr_used),
+            **{name + USED: value for name, value in used.items()},
         }
 
     def evaluate(self, x=None, y=None) -> tuple[float, float]:
@@ -282,8 +283,9 @@ class Trainer:
             VAL_LOSS: None,
             OPTIMIZER: self.optimizers.name,
             LR: self.optimizers.lr,
-            LR_USED: result[LR_USED],
             DATA_SEED: self.order.seed,
+            EXAMPLES: p.examples,
+            **{k: v for k, v in result.items() if k.endswith(USED)},
         }
         if result[DIVERGED] and cfg.stop_on_divergence:
             p.status = DIVERGED
@@ -361,6 +363,13 @@ class Trainer:
 
     def restore(self, directory: str | os.PathLike) -> dict:
         return checkpoint.restore(self, directory)
+
+    def take_state(self, other: Trainer) -> None:
+        """Go on from ``other``'s state (weights, the slots where the optimizer is the same, progress, data
+        order) through a checkpoint: a model rebuilt with other builder options that a replay reaches."""
+        with tempfile.TemporaryDirectory() as directory:
+            other.save(directory)
+            self.restore(directory)
 
     def state_digests(self) -> tuple[str, str]:
         return checkpoint.digests(self)

@@ -1,76 +1,122 @@
 """PBT's choices as pure functions (no Ray, seeded): who is replaced and who donates (``truncate``),
-and the new hyperparameters drawn from a donor's (``explore``). Unit-tested on hand-made inputs.
+the new hyperparameters drawn from a donor's (``explore``, by each key's kind in the search space) and
+a population's starting points (``sample``). Unit-tested on hand-made inputs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from pbt_lab.config import quantile_size
-from pbt_lab.names import LR, OPTIMIZER
+from pbt_lab.config.space import (
+    CHOICES,
+    INTS,
+    LINEAR,
+    LOG,
+    LOG_INT,
+    ORDERED,
+    Hyperparameter,
+    Space,
+    log_place,
+)
+from pbt_lab.names import OPTIMIZER
+
+KEPT_VALUE = "kept"  # an operation: the key keeps the donor's value
 
 
-@dataclass(frozen=True)
-class ExplorePolicy:
-    """How an exploit's new hyperparameters are drawn from its donor's."""
-
-    optimizers: tuple[str, ...]
-    lr_ranges: dict  # optimizer -> (low, high)
-    perturbation_factors: tuple[float, ...] = (0.8, 1.2)
-    resample_probability: float = 0.25
-    switch_probability: float = 0.0
-
-    @classmethod
-    def of(cls, pbt) -> ExplorePolicy:
-        """The policy of a ``PBTConfig``."""
-        return cls(
-            tuple(pbt.optimizers),
-            {o: tuple(pbt.lr_ranges[o]) for o in pbt.optimizers},
-            tuple(pbt.perturbation_factors),
-            pbt.resample_probability,
-            pbt.optimizer_switch_probability,
-        )
+def _uniform(h: Hyperparameter, low: float, high: float, rng: np.random.Generator):
+    """A value drawn uniformly (on a log scale for log kinds) from [low, high]."""
+    if h.kind == LOG:
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    if h.kind == LINEAR:
+        return float(rng.uniform(low, high))
+    if h.kind == LOG_INT:
+        return int(min(high, max(low, round(math.exp(rng.uniform(math.log(low), math.log(high)))))))
+    return int(rng.integers(low, high + 1))
 
 
-def _place(lr: float, low: float, high: float) -> float:
-    """Where ``lr`` sits in [low, high] on a log scale: 0 at low, 1 at high (clamped)."""
-    return min(max((math.log(lr) - math.log(low)) / (math.log(high) - math.log(low)), 0.0), 1.0)
+def sample(space: Space, rng: np.random.Generator) -> dict:
+    """A starting point: each key drawn from its kind ({key: value}, dotted keys), the optimizer first."""
+    out: dict = {}
+    for h in space.params:
+        if h.kind in CHOICES:
+            out[h.key] = h.values[rng.integers(len(h.values))]
+        else:
+            out[h.key] = _uniform(h, *h.range_for(out.get(OPTIMIZER)), rng)
+    return out
 
 
-def explore(optimizer: str, lr: float, policy: ExplorePolicy, rng: np.random.Generator) -> dict:
-    """New hyperparameters from a donor's: ``{optimizer, lr, operation}``.
+def _perturbed(h: Hyperparameter, value, low, high, rng: np.random.Generator) -> tuple:
+    """(value × f, operation), reflected (× 1/f) where × f would leave [low, high]; ints rounded and
+    moved at least one, then kept inside."""
+    factor = h.factors[rng.integers(len(h.factors))]
+    new, operation = value * factor, f"* {factor:g}"
+    if not low <= new <= high:
+        new, operation = value / factor, f"* {1 / factor:g} (reflected)"
+    if h.kind in INTS:
+        up = (new > value) if new != value else factor > 1
+        new = round(new)
+        if new == value:
+            new = value + (1 if up else -1)
+        if not low <= new <= high:
+            new = value - (1 if up else -1)
+        return int(min(high, max(low, new))), operation
+    return float(new), operation
 
-    With ``switch_probability`` another optimizer (any of the others: names have no neighbours),
-    at the same relative place in its range. Then, with ``resample_probability``, a rate drawn
-    log-uniform from that optimizer's own range; otherwise the rate × f for an f of the factors,
-    reflected at the range's bound (× 1/f) when × f would leave it. A perturbed rate therefore
-    never equals the donor's and never leaves its range.
-    """
-    new = optimizer
-    others = [o for o in policy.optimizers if o != optimizer]
-    if others and rng.random() < policy.switch_probability:
-        new = others[rng.integers(len(others))]
-    low, high = policy.lr_ranges[new]
-    if new == optimizer:
-        base = min(max(lr, low), high)
+
+def _explore_one(h: Hyperparameter, value, old_optimizer, optimizer, rng: np.random.Generator) -> tuple:
+    """(new value, operation) of one key from the donor's ``value``."""
+    if h.kind in CHOICES:
+        others = [v for v in h.values if v != value]
+        if others and rng.random() < h.resample_probability:
+            new = others[rng.integers(len(others))]
+            return new, (f"switch {value}->{new}" if h.key == OPTIMIZER else "resample")
+        if h.kind == ORDERED and value in h.values:
+            i = h.values.index(value)
+            neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(h.values)]
+            j = neighbours[rng.integers(len(neighbours))]
+            return h.values[j], f"{'down' if j < i else 'up'} one"
+        return value, KEPT_VALUE
+    low, high = h.range_for(optimizer)
+    if optimizer != old_optimizer and h.bounds_by:  # the same relative place in the new optimizer's range
+        value = math.exp(math.log(low) + log_place(value, *h.range_for(old_optimizer)) * math.log(high / low))
     else:
-        place = _place(lr, *policy.lr_ranges[optimizer])
-        base = math.exp(math.log(low) + place * (math.log(high) - math.log(low)))
-    switch = f"switch {optimizer}->{new}, " if new != optimizer else ""
-    if rng.random() < policy.resample_probability:
-        return {
-            OPTIMIZER: new,
-            LR: float(math.exp(rng.uniform(math.log(low), math.log(high)))),
-            "operation": f"{switch}resample",
-        }
-    factor = policy.perturbation_factors[rng.integers(len(policy.perturbation_factors))]
-    if low <= base * factor <= high:
-        return {OPTIMIZER: new, LR: base * factor, "operation": f"{switch}* {factor:g}"}
-    # Reflected: the config check (ranges span max(f, 1/f)²) keeps base / factor inside.
-    return {OPTIMIZER: new, LR: base / factor, "operation": f"{switch}* {1 / factor:g} (reflected)"}
+        value = min(max(value, low), high)
+    if rng.random() < h.resample_probability:
+        return _uniform(h, low, high, rng), "resample"
+    new, operation = _perturbed(h, value, low, high, rng)
+    if new == value:  # × f of 0 is 0: a perturbation that changes nothing is redrawn
+        return _uniform(h, low, high, rng), "resample (× f changed nothing)"
+    return new, operation
+
+
+def explore(donor: dict, space: Space, rng: np.random.Generator) -> tuple[dict, dict]:
+    """New hyperparameters from a donor's: ({key: value}, {key: operation}) for every key of ``space``
+    (the donor's ``donor`` values by dotted key).
+
+    Ranges: × f for an f of the key's factors, reflected at the range's bound (× 1/f) when × f would
+    leave it, or with the key's ``resample_probability`` drawn from the range (log-uniform for log
+    kinds); ints rounded and always changed. A rate's range is its optimizer's: after a switch the rate
+    keeps its relative place. Choices: with ``resample_probability`` another value; otherwise an ordered
+    choice moves to a neighbour and an unordered one is kept. Never a no-op: a draw that changes no key
+    is redrawn.
+    """
+    for _ in range(1000):
+        new, operations = {}, {}
+        for h in space.params:
+            new[h.key], operations[h.key] = _explore_one(
+                h, donor[h.key], donor.get(OPTIMIZER), new.get(OPTIMIZER, donor.get(OPTIMIZER)), rng
+            )
+        if any(new[k] != donor[k] for k in new):
+            return new, operations
+    raise RuntimeError("explore: 1000 draws changed nothing (a space whose keys cannot change)")
+
+
+def operation_text(operations: dict) -> str:
+    """One line of an exploit's operations: ``optimizer: switch adam->gd, lr: * 1.2``."""
+    return ", ".join(f"{k}: {op}" for k, op in operations.items() if op != KEPT_VALUE)
 
 
 def ranked_members(scores: dict, diverged: set) -> list:

@@ -1,20 +1,26 @@
 """The lab's population-based training: Ray Tune's PBT with the semantics DESIGN §7 promises.
 
-    scheduler = LabPBT(ExplorePolicy.of(pbt_config), seed=0, ...)   # ExplorePolicy: tuning.explore
-    tune.Tuner(..., tune_config=TuneConfig(scheduler=scheduler),
-               run_config=RunConfig(callbacks=[KeepPBTState(scheduler)]))
+    scheduler = LabPBT(metric="loss", mode="min", perturbation_interval=2, seed=0,
+                       hyperparam_mutations={"lr": tune.loguniform(1e-4, 1e-1), "opt": {"beta": [0.9, 0.99]}})
+    tune.Tuner(any_trainable, tune_config=TuneConfig(scheduler=scheduler),
+               run_config=RunConfig(callbacks=[KeepPBTState(scheduler)]))   # its record, resume, disk bound
 
-What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
+Every argument of Ray's ``PopulationBasedTraining`` means what it means there, on any Ray trainable
+(function or class API); ``space`` (config/space.py) replaces ``hyperparam_mutations`` for the lab's own
+runs. What Ray's PBT does differently, and the lab changes:
 
 - **Truncation**: Ray replaces ``ceil(q × N)`` members; the lab ``floor(q × N)`` of the N fresh scores
   (``truncate``): a recipient is neither ranked nor a donor until it reports again. Divergence is an
   explicit flag in each result, never read off a score: a diverged member is never a donor and
   always replaced.
-- **Explore** (``explore``): a rate is perturbed × f and reflected at its optimizer's range, or
-  resampled log-uniform inside that range; an optimizer switch keeps the rate's relative place. The
-  recipient keeps its own seed (its data stream after the copy derives from it).
-- **Seeded**: ranking ties, donors and explore draw from one generator seeded by ``pbt.seed``
-  (Ray's own draw from the unseeded ``random`` and NumPy generators).
+- **Explore** (``explore``, by each key's kind): a range is perturbed × f and reflected at its bounds
+  (Ray clips), or resampled inside it; an int always changes; a list moves to a neighbour, a
+  ``tune.choice`` is resampled or kept; a rate's range may depend on the optimizer, whose switch keeps
+  the rate's relative place; a draw that changes nothing is redrawn. ``custom_explore_fn`` runs after.
+  The recipient keeps its own ``seed`` where its config has one (its data stream derives from it).
+- **Seeded**: ranking ties, donors and explore draw from one generator seeded by ``seed``
+  (Ray's own draw from the unseeded ``random`` and NumPy generators). Ray's policy logs
+  (``pbt_global.txt``, ``pbt_policy_*.txt``) are written as Ray writes them (``log_config``).
 - **Recorded**: every decision (ranked, replaced, donors, scores, new config) lands in
   ``pbt_state.json``; a recipient's config carries its decision's number, so the tables join
   each restore to the decision behind it, and its next report says whether it carried it out.
@@ -36,72 +42,78 @@ What Ray's ``PopulationBasedTraining`` does differently, and the lab changes:
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
+from pbt_lab.config.space import Space, set_path
 from pbt_lab.names import (
     DIVERGED_FLAG,
     EXPLOIT,
     EXPLOITED,
     KEPT,
-    LR,
     NO_CHECKPOINT,
-    OPTIMIZER,
-    PBT_STATE_FILE,
     SAVED,
     SCORE,
     SEED,
     SEGMENT_FROM,
     STATE_ID,
 )
-from pbt_lab.storage import replace_atomically
 from pbt_lab.tuning.disk import CheckpointKeeper
-from pbt_lab.tuning.explore import ExplorePolicy, explore, ranked_members, truncate
+from pbt_lab.tuning.explore import explore, operation_text, ranked_members, truncate
+from pbt_lab.tuning.pbt_state import ResumableState, plain
+from pbt_lab.tuning.ray_space import mutations_of, space_of_mutations, values_at
 
 # --- the scheduler -------------------------------------------------------------------------
 
 
-class LabPBT(PopulationBasedTraining):
+class LabPBT(ResumableState, PopulationBasedTraining):
     """Ray's PBT with the lab's truncation, explore, seeding, record, resume and disk bound
     (module docstring). Time is ``training_iteration``: one check."""
 
     def __init__(
         self,
-        policy: ExplorePolicy,
-        *,
-        seed: int,
-        metric: str,
-        perturbation_interval: int,
-        burn_in_period: int = 0,
-        quantile_fraction: float = 0.2,
-        mode: str = "max",
+        time_attr: str = "time_total_s",
+        metric: str | None = None,
+        mode: str | None = None,
+        perturbation_interval: float = 60.0,
+        burn_in_period: float = 0.0,
+        hyperparam_mutations: dict | None = None,
+        quantile_fraction: float = 0.25,
+        resample_probability: float = 0.25,
+        perturbation_factors: tuple[float, ...] = (1.2, 0.8),
+        custom_explore_fn: Callable[[dict], dict] | None = None,
+        log_config: bool = True,
+        require_attrs: bool = True,
         synch: bool = False,
+        *,
+        seed: int | np.random.SeedSequence = 0,
+        space: Space | None = None,
         max_checkpoints_per_member: int = 3,
     ):
+        """Ray's arguments mean what they mean in Ray's ``PopulationBasedTraining`` (README: where the lab
+        differs). ``seed``: every choice PBT makes; ``space``: the lab's search space (config/space.py)
+        instead of ``hyperparam_mutations``; ``max_checkpoints_per_member``: the disk bound."""
+        self._space = space or space_of_mutations(
+            hyperparam_mutations, resample_probability, perturbation_factors
+        )
         super().__init__(
-            time_attr="training_iteration",
+            time_attr=time_attr,
             metric=metric,
             mode=mode,
             perturbation_interval=perturbation_interval,
             burn_in_period=burn_in_period,
             quantile_fraction=quantile_fraction,
-            # Named for Ray's console lines and trial tags only: ``explore`` draws the new values.
-            hyperparam_mutations={
-                OPTIMIZER: list(policy.optimizers),
-                LR: [
-                    min(r[0] for r in policy.lr_ranges.values()),
-                    max(r[1] for r in policy.lr_ranges.values()),
-                ],
-            },
-            log_config=False,  # pbt_state.json records every decision, and survives a resume
+            hyperparam_mutations=hyperparam_mutations if space is None else mutations_of(space),
+            resample_probability=resample_probability,
+            perturbation_factors=tuple(perturbation_factors),
+            custom_explore_fn=custom_explore_fn,
+            log_config=log_config,
+            require_attrs=require_attrs,
             synch=synch,
         )
-        self._policy = policy
         self._rng = np.random.default_rng(seed)
         self._diverged: set[str] = set()  # members whose last result was diverged
         # Recipients whose score is not fresh: not ranked, not donors, until they report a score again;
@@ -146,11 +158,13 @@ class LabPBT(PopulationBasedTraining):
             self._diverged.discard(trial.trial_id)
         number = self._pending.get(trial.trial_id)
         if number is not None:
-            # The member's next report says whether it carried out its exploit: the donor's checkpoint.
+            # The member's next report says whether it carried out its exploit: the donor's checkpoint
+            # (a trainable that reports no restores leaves it unknown).
             self._pending[trial.trial_id] = None
-            self.decisions[number]["carried_out"] = (
-                result.get(EXPLOIT) == number and result.get(SEGMENT_FROM) != trial.trial_id
-            )
+            if EXPLOIT in result:
+                self.decisions[number]["carried_out"] = (
+                    result.get(EXPLOIT) == number and result.get(SEGMENT_FROM) != trial.trial_id
+                )
         self._handed.discard(trial.trial_id)
         decided = len(self.decisions)
         decision = super().on_trial_result(tune_controller, trial, result)
@@ -261,7 +275,7 @@ class LabPBT(PopulationBasedTraining):
             "decision": len(self.decisions),
             "iteration": state.last_train_time,
             "member": trial.trial_id,
-            SCORE: _plain(state.last_score * self._metric_op) if state.last_score is not None else None,
+            SCORE: plain(state.last_score * self._metric_op) if state.last_score is not None else None,
             DIVERGED_FLAG: trial.trial_id in self._diverged,
             **self._deciding["sizes"],
             "action": SAVED if trial in upper_quantile else KEPT,
@@ -273,9 +287,9 @@ class LabPBT(PopulationBasedTraining):
             record.update(
                 action=NO_CHECKPOINT,
                 donor=donor.trial_id,
-                donor_score=_plain(self._trial_state[donor].last_score * self._metric_op),
-                old={OPTIMIZER: trial.config[OPTIMIZER], LR: trial.config[LR]},
-                donor_config={OPTIMIZER: donor.config[OPTIMIZER], LR: donor.config[LR]},
+                donor_score=plain(self._trial_state[donor].last_score * self._metric_op),
+                old=values_at(trial.config, self._space),
+                donor_config=values_at(donor.config, self._space),
             )
             self._deciding["exploit"] = record
             upper_quantile = [donor]  # Ray draws its donor from this list with the unseeded `random`
@@ -293,93 +307,35 @@ class LabPBT(PopulationBasedTraining):
             state.last_checkpoint = latest.checkpoint
 
     def _get_new_config(self, trial, trial_to_clone):
-        donor = trial_to_clone.config
-        new = explore(donor[OPTIMIZER], donor[LR], self._policy, self._rng)
+        new, operations = explore(values_at(trial_to_clone.config, self._space), self._space, self._rng)
+        config = trial_to_clone.config
+        for key, value in new.items():
+            config = set_path(config, key, value)
+        if self._custom_explore_fn:  # Ray's hook: it may change any key after the lab's explore
+            config = self._custom_explore_fn(config)
+            new = values_at(config, self._space)
         record = self._deciding["exploit"]
         record.update(
             action=EXPLOITED,
-            new={OPTIMIZER: new[OPTIMIZER], LR: new[LR]},
-            operation=new["operation"],
+            new=new,
+            operations=operations,
+            operation=operation_text(operations),
             donor_state_id=(self._trial_state[trial_to_clone].last_result or {}).get(STATE_ID),
         )
-        # The recipient keeps its own seed: its data stream after the copy derives from it (trainable).
-        config = {
-            **donor,
-            OPTIMIZER: new[OPTIMIZER],
-            LR: new[LR],
-            SEED: trial.config[SEED],
-            EXPLOIT: record["decision"],
-        }
-        return config, {OPTIMIZER: new["operation"], LR: new["operation"]}
+        # The recipient keeps its own seed: its data stream after the copy derives from it (trainable);
+        # its config names the decision it carries out, which its next report echoes.
+        config = {**config, EXPLOIT: record["decision"]}
+        if SEED in trial.config:
+            config[SEED] = trial.config[SEED]
+        nested: dict = {}
+        for key, operation in operations.items():
+            nested = set_path(nested, key, operation)
+        return config, nested
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
         super()._exploit(tune_controller, trial, trial_to_clone)
         self._diverged.discard(trial.trial_id)  # it now holds the donor's healthy state
         self._pending[trial.trial_id] = self._deciding["exploit"]["decision"]
-
-    # --- state across a resume --------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs to go on as if uninterrupted (JSON-ready)."""
-        members = {}
-        for trial, s in self._trial_state.items():
-            members[trial.trial_id] = {
-                "last_score": _plain(s.last_score),
-                "last_perturbation_time": s.last_perturbation_time,
-                "last_train_time": s.last_train_time,
-                "has_checkpoint": s.last_checkpoint is not None,
-                DIVERGED_FLAG: trial.trial_id in self._diverged,
-                "pending": trial.trial_id in self._pending,
-                "awaiting": self._pending.get(trial.trial_id),
-                "last_report": self._last_report.get(trial.trial_id, 0),
-            }
-        # "snapshot" first: prune() reads the stored file's first bytes only.
-        return {
-            "snapshot": self.keeper.snapshot_count,
-            "moved": {path: holder for path, (holder, _) in self.keeper.moved.items()},
-            "format": 1,
-            "rng": self._rng.bit_generator.state,
-            "reports": self._reports,
-            "next_perturbation_sync": self._next_perturbation_sync,
-            "members": members,
-            "decisions": self.decisions,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.keeper.snapshot_count = state["snapshot"]
-        self.keeper.moved = {path: (holder, None) for path, holder in state.get("moved", {}).items()}
-        self._rng.bit_generator.state = state["rng"]
-        self._reports = state["reports"]
-        self._next_perturbation_sync = state["next_perturbation_sync"]
-        self.decisions = list(state["decisions"])
-        self._restored = dict(state["members"])
-
-    def _apply_member_state(self, trial: Trial, member: dict) -> None:
-        s = self._trial_state[trial]
-        s.last_score = member["last_score"]
-        s.last_perturbation_time, s.last_train_time = (
-            member["last_perturbation_time"],
-            member["last_train_time"],
-        )
-        latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
-        if latest:
-            # It resumes from its latest checkpoint: the state of its last decision, reported then.
-            s.last_result = latest.metrics
-            if member["has_checkpoint"]:
-                s.last_checkpoint = latest.checkpoint
-        if member[DIVERGED_FLAG]:
-            self._diverged.add(trial.trial_id)
-        if member["pending"]:
-            self._pending[trial.trial_id] = member.get("awaiting")
-        self._last_report[trial.trial_id] = member["last_report"]
-
-    def write_state(self, state: dict) -> None:
-        """``pbt_state.json`` beside Ray's experiment state (synced with it): what the tables read."""
-        if self._trial_state:  # the driver's copy of the run directory, which Ray syncs to storage
-            run_dir = next(iter(self._trial_state)).local_experiment_path
-            path = Path(run_dir) / PBT_STATE_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            replace_atomically(path, lambda temporary: temporary.write_text(json.dumps(state)))
 
 
 def free_workers(tune_controller) -> int:
@@ -394,7 +350,3 @@ def worker_coming(tune_controller, trial: Trial) -> bool:
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
     actor = getattr(controller, "_trial_to_actor", {}).get(trial)
     return actor is not None and controller._actor_manager.is_actor_started(actor)
-
-
-def _plain(value):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)

@@ -5,9 +5,10 @@ trials (``reset_config``), so a worker imports TensorFlow and compiles each opti
 call once, not once per trial. The data (and a builder function the Python API was given) arrive
 through Ray's object store (``tune.with_parameters``).
 
-A trial's config is flat where Tune searches or PBT mutates (``optimizer``, ``lr``, ``seed``)
-and carries the fixed rest of the experiment as plain dicts (``train``, ``model``), plus
-``threads``, ``checkpoint_every`` and, under PBT, ``population`` settings.
+A trial's config is ``trial_config.py``'s: the searched keys at its top level (a builder option under
+``model.options``), the fixed rest as plain dicts. A searched key acts where it belongs: in flight in
+the traced step, the batch size without a retrace, a builder option in a Trainer built with it (an
+actor keeps one per model config it met).
 
 What it reports so that every restore can be audited from the two sides (names.py):
 
@@ -33,9 +34,10 @@ sums them into the run's time breakdown (``results/breakdown.py``).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import psutil
 import ray
@@ -43,6 +45,7 @@ from ray import tune
 
 from pbt_lab import StorageFull
 from pbt_lab.config import ModelConfig, TrainConfig
+from pbt_lab.config.space import segment_recipe
 from pbt_lab.names import (
     ACTOR_BORN_AT,
     ACTOR_START,
@@ -58,13 +61,12 @@ from pbt_lab.names import (
     EXPLOIT,
     FRESH_SLOTS_SHA256,
     LR,
-    LR_PLACE,
-    LR_RANGES,
-    LR_USED,
+    MODEL_OPTIONS,
     NODE_ID,
     OPTIMIZER,
     OPTIMIZER_STEPS,
     RAY,
+    RECIPE,
     REPORTED_AT,
     RESTORED_ID,
     RESTORED_OPTIMIZER,
@@ -84,14 +86,18 @@ from pbt_lab.names import (
     TEST_ACC,
     TEST_EVERY_CHECK,
     TRAINABLE,
+    USED,
+    VAL_LOSS,
     WAITING,
     WEIGHTS,
 )
 from pbt_lab.storage import is_storage_full
 from pbt_lab.training.clock import PartClock
 from pbt_lab.training.state import stream_seed
+from pbt_lab.tuning.trial_config import TRAIN_KEYS, segment, train_config
 
-SEARCHED = (OPTIMIZER, LR, SEED)
+STUDY_KEYS = (OPTIMIZER, LR)  # what a run's ancestry records where it searched nothing else
+MAX_TRAINERS = 4  # Trainers an actor keeps (one per model config it met): each holds a model and traced calls
 STATE_KEYS = (STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS)
 RESTORE_KEYS = (
     SEGMENT_FROM,
@@ -104,37 +110,6 @@ RESTORE_KEYS = (
     RESTORED_OPTIMIZER,
     EXPLOIT,
 )
-
-
-def trial_space(
-    train: TrainConfig, model: ModelConfig, threads: int, population: dict | None = None, **searched
-) -> dict:
-    """A Tune ``param_space``: the searched keys (values or Tune domains) and the fixed rest
-    (``Launch.fit`` adds ``checkpoint_every``)."""
-    fixed = {k: v for k, v in asdict(train).items() if k not in SEARCHED}
-    return {**searched, "train": fixed, "model": asdict(model), "threads": threads, "population": population}
-
-
-def points_space(points: list[dict]) -> dict:
-    """Tune domains for the keys ``points_to_evaluate`` sets: each a choice of exactly the points'
-    values, so Ray takes every point as given (a fixed value in the space that a point changes
-    makes Ray warn, once per point and key)."""
-    return {key: tune.choice(sorted({point[key] for point in points})) for key in points[0]}
-
-
-def train_config(config: dict) -> TrainConfig:
-    """The TrainConfig of one trial's config. Where it carries ``lr_place`` (PB2, which searches a
-    bounded number), the rate is that place in its optimizer's range, in log space."""
-    searched = {k: config[k] for k in SEARCHED}
-    if config.get(LR_PLACE) is not None:
-        low, high = config[LR_RANGES][config[OPTIMIZER]]
-        searched[LR] = low * (high / low) ** min(1.0, max(0.0, config[LR_PLACE]))
-    return TrainConfig(**config["train"], **searched)
-
-
-def segment(step: int, optimizer: str, lr: float, seed: int, trial: str) -> dict:
-    """One stretch of a member's ancestry: from ``step`` on, ``optimizer`` at ``lr``, in ``trial``."""
-    return {STEP: int(step), OPTIMIZER: optimizer, LR: float(lr), SEED: int(seed), "trial": trial}
 
 
 class LabTrainable(tune.Trainable):
@@ -152,11 +127,31 @@ class LabTrainable(tune.Trainable):
             self.data, self.builder = data, builder
             self._fresh_digests: dict = {}
             self._saved_bytes = 0
-            # Its training, validation and compiling count to their own parts of this actor's clock.
-            self.trainer = trainer.Trainer(
-                data, train_config(config), ModelConfig(**config["model"]), builder, self.clock
-            )
+            # A Trainer per model config (a searched builder option rebuilds the model), kept for reuse.
+            self._trainers: dict = {}
+            self.trainer = self._trainer_for(ModelConfig(**config["model"]), train_config(config))
             self._start()
+
+    def _trainer_for(self, model: ModelConfig, train: TrainConfig):
+        """This actor's Trainer of ``model``, reset to ``train`` (built the first time; its training,
+        validation and compiling count to their own parts of this actor's clock)."""
+        from pbt_lab.training.trainer import Trainer
+
+        key = json.dumps(asdict(model), sort_keys=True, default=repr)
+        held = self._trainers.get(key)
+        if held is None or not held.reset(train):  # a traced setting changed: a new Trainer
+            if len(self._trainers) >= MAX_TRAINERS:
+                self._trainers.pop(next(iter(self._trainers)))
+            held = self._trainers[key] = Trainer(self.data, train, model, self.builder, self.clock)
+        return held
+
+    @property
+    def _searched(self) -> tuple:
+        """The keys its ancestry records: PBT's search space, a replay's schedule's, or the study's."""
+        schedule = self.config.get("schedule")
+        if schedule:
+            return tuple(schedule[0][1])
+        return tuple((self.config.get("population") or {}).get("searched") or STUDY_KEYS)
 
     def _start(self) -> None:
         """A fresh trial on this actor: its ancestry starts here, at step 0."""
@@ -169,7 +164,7 @@ class LabTrainable(tune.Trainable):
     def _segment_here(self) -> dict:
         """A segment of this trial's ancestry starting where its trainer stands now."""
         t = self.trainer
-        return segment(t.progress.step, t.optimizers.name, t.optimizers.lr, t.order.seed, self.trial_id)
+        return segment(t.progress.step, t.recipe(self._searched), t.order.seed, self.trial_id)
 
     def train(self) -> dict:
         with self.clock.part(RAY):  # Ray's own work around ``step`` on the worker
@@ -190,6 +185,7 @@ class LabTrainable(tune.Trainable):
         row = self.trainer.check()
         self._live = None
         diverged = self.trainer.progress.status == DIVERGED
+        recipe = self.trainer.recipe(self._searched)
         # The check's start in wall-clock time (Ray's timestamp is whole seconds; ``_report`` adds when
         # the report left): the gaps between one report and the next check on a worker are Tune's.
         result = {
@@ -199,6 +195,9 @@ class LabTrainable(tune.Trainable):
             DIVERGED_FLAG: diverged,
             # Under PBT a diverged member keeps its slot until it exploits a better one.
             "done": self.trainer.done and not (population and diverged),
+            RECIPE: recipe,
+            # The options the model that trained was built with (the traced call reports the rest).
+            **{k + USED: v for k, v in recipe.items() if k.startswith(MODEL_OPTIONS)},
         }
         if population:
             result[SCORE] = self._rank_score(population["metric"], row)
@@ -249,28 +248,35 @@ class LabTrainable(tune.Trainable):
         return {
             **self.trainer.progress.last,
             CHECK_SECONDS: 0.0,
-            LR_USED: None,  # nothing trained: no rate was used
+            **{
+                k: None for k in self.trainer.progress.last if k.endswith(USED)
+            },  # nothing trained, nothing used
             SCORE: self._score,
             DIVERGED_FLAG: True,
             "done": self._waited > population["rescue_checks"],
         }
 
     def _follow_schedule(self) -> None:
-        """A replay's trial carries ``schedule`` [[step, optimizer, lr, data seed], …]: switch when a step is
-        reached (a new data seed: the new stream an exploit gave the member there)."""
+        """A replay's trial carries ``schedule`` [[step, {key: value}, data seed], …]: at a step it sets the
+        recipe as the member's exploit set it there (a new data seed: the new stream an exploit gave it)."""
         schedule = self.config.get("schedule")
         if not schedule:
             return
-        t, bank = self.trainer, self.trainer.optimizers
-        _, optimizer, lr, seed = [c for c in schedule if c[0] <= t.progress.step][-1]
-        if (optimizer, lr, seed) == (bank.name, bank.lr, t.order.seed):
+        t = self.trainer
+        _, recipe, seed = [c for c in schedule if c[0] <= t.progress.step][-1]
+        if recipe == t.recipe(recipe) and seed == t.order.seed:
             return
-        if optimizer != bank.name:
-            bank.switch(optimizer, lr)  # fresh slots, as when an exploit switches
-        elif lr != bank.lr:
-            bank.set_lr(lr)
-        if seed != t.order.seed:
-            t.order.reseed(seed)
+        options = {
+            k.removeprefix(MODEL_OPTIONS + "."): v for k, v in recipe.items() if k.startswith(MODEL_OPTIONS)
+        }
+        train = replace(t.cfg, **{k: v for k, v in recipe.items() if k in TRAIN_KEYS})
+        model = replace(t.model_cfg, options={**t.model_cfg.options, **options})
+        if model != t.model_cfg:  # a builder option: the same weights in a model rebuilt with it
+            self.trainer = self._trainer_for(model, train)
+            self.trainer.take_state(t)
+        self.trainer.set_recipe(train)
+        if seed != self.trainer.order.seed:
+            self.trainer.order.reseed(seed)
         self._ancestry.append(self._segment_here())
 
     def _rank_score(self, metric: str, row: dict) -> float:
@@ -279,7 +285,7 @@ class LabTrainable(tune.Trainable):
         if row.get(metric) is not None:
             self._score = row[metric]
         elif self._score is None:
-            self._score = self.trainer.evaluate()[0]
+            self._score = self.trainer.evaluate()[metric == VAL_LOSS]  # (accuracy, loss)
         return self._score
 
     def save(self, checkpoint_dir=None):
@@ -321,7 +327,7 @@ class LabTrainable(tune.Trainable):
         saver = meta.get(SAVED_BY)
         decision = self.config.get(EXPLOIT) if saver != self.trial_id else None
         # Reported, not raised: the driver's audit compares these with what the saver reported. The
-        # rate the optimizer uses is reported by the first check (LR_USED), read inside its traced call.
+        # rate the optimizer uses is reported by the first check (lr_used), read inside its traced call.
         self._restore_report = {
             SEGMENT_FROM: saver,
             SEGMENT_STEP: meta[STEP],
@@ -340,19 +346,15 @@ class LabTrainable(tune.Trainable):
             OPTIMIZER_STEPS: t.optimizers.steps,
         }
         self._ancestry = list(
-            meta.get(ANCESTRY) or [segment(0, meta[OPTIMIZER], meta[LR], t.order.seed, saver)]
+            meta.get(ANCESTRY)
+            or [segment(0, {OPTIMIZER: meta[OPTIMIZER], LR: meta[LR]}, t.order.seed, saver)]
         )
         if decision is not None:
             # A copy keeps its donor's weights and slots, not its batches: its own data stream from here.
             t.order.reseed(stream_seed(int(self.config[SEED]), int(decision)))
             self._live = None
-        last = self._ancestry[-1]
-        here = self._segment_here()
-        if saver != self.trial_id or (last[OPTIMIZER], last[LR], last[SEED]) != (
-            here[OPTIMIZER],
-            here[LR],
-            here[SEED],
-        ):
+        last, here = self._ancestry[-1], self._segment_here()
+        if saver != self.trial_id or (segment_recipe(last), last[SEED]) != (here[RECIPE], here[SEED]):
             self._ancestry.append(here)
         population = self.config.get("population")
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
@@ -362,7 +364,8 @@ class LabTrainable(tune.Trainable):
         """The slots digest of a newly built optimizer of the live kind on this model (once per kind and
         worker): what a switch must have left, computed apart from the bank that switched."""
         bank = self.trainer.optimizers
-        key = (bank.name, repr(sorted(bank.overrides.items())))
+        shapes = tuple(tuple(v.shape) for v in self.trainer.model.trainable_variables)
+        key = (shapes, bank.name, repr(sorted(bank.overrides.items())))
         if key not in self._fresh_digests:
             from pbt_lab.training.optimizers import new_slots_sha256  # Keras: on the worker only
 
@@ -376,13 +379,8 @@ class LabTrainable(tune.Trainable):
             return False  # TF's thread pools are fixed once it has started
         # The seconds since this actor's last call: it held its slot with no trial to train.
         with self.clock.part(ACTOR_START, gap=WAITING):
-            model, train_cfg = ModelConfig(**new_config["model"]), train_config(new_config)
-            if model != self.trainer.model_cfg or not self.trainer.reset(train_cfg):
-                # Another width (the scaling study) or traced setting: a new Trainer in this worker.
-                # Ray 2.60 fails the trial if a reused actor answers False here: it starts no fresh one.
-                from pbt_lab.training.trainer import Trainer
-
-                self.trainer = Trainer(self.data, train_cfg, model, self.builder, self.clock)
-                self._fresh_digests = {}
+            # Another width (the scaling study), builder option or traced setting: another Trainer in this
+            # worker (Ray 2.60 fails the trial if a reused actor answers False here: it starts no fresh one).
+            self.trainer = self._trainer_for(ModelConfig(**new_config["model"]), train_config(new_config))
             self._start()
         return True
