@@ -217,7 +217,8 @@ def check_model(run: Run) -> None:
     """Build the model once for this data (the builder imports, returns a keras.Model with one logit per
     class), record a builder function's name in the config, count the weights, and try the optimizers
     on it with ``train.optimizer_args``."""
-    from pbt_lab.training.model import build_model, builder_name  # Keras loads here: only once checked
+    # Keras loads here: only once checked
+    from pbt_lab.training.model import build_model, builder_name, check_options_keep_shapes
     from pbt_lab.training.optimizers import check_optimizer_args
 
     model_cfg = run.cfg.model
@@ -240,6 +241,9 @@ def check_model(run: Run) -> None:
         model_cfg.options,
     )
     run.weights = model.count_params()
+    space = getattr(getattr(run.cfg, "pbt", None), "search_space", None)
+    searched = {h.key: h.values or h.bounds for h in space.params} if space else {}
+    check_options_keep_shapes(run.builder or model_cfg.builder, run.data, model_cfg, model, searched)
     if run.cfg.train.optimizer_args:
         check_optimizer_args(run.cfg.optimizers, run.cfg.train.optimizer_args, model.trainable_variables)
 

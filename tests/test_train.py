@@ -4,7 +4,9 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
+import keras
 import numpy as np
 import pytest
 
@@ -275,3 +277,47 @@ def test_reset_trains_exactly_like_a_new_trainer(bundled):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not reused.reset(TrainConfig(jit_compile=True))  # baked into the traced call: needs a new Trainer
     assert reused.reset(TrainConfig(batch_size=50)) and reused.optimizers.tracing_count == 2  # no retrace
+
+
+def test_in_flight_hyperparameters_act_at_once_and_retrace_nothing(bundled):
+    t = trainer(bundled, optimizer="gd", lr=0.1, steps_per_check=1)
+    plain = trainer(bundled, optimizer="gd", lr=0.1, steps_per_check=1)
+    traces = t.optimizers.tracing_count
+    t.set_recipe(replace(t.cfg, weight_decay=0.01))
+    def trained(t):
+        return [v.numpy() for v in t.model.trainable_variables]
+
+    start = trained(t)
+    row, plain_row = t.check(), plain.check()
+    # Decoupled decay: the same gradient step, and every weight shrunk by lr × decay of itself.
+    for w0, a, b in zip(start, trained(t), trained(plain)):
+        np.testing.assert_allclose(a - b, -0.1 * 0.01 * w0, atol=1e-6)
+    assert row["weight_decay_used"] == pytest.approx(0.01) and plain_row["weight_decay_used"] == 0.0
+    t.set_recipe(replace(t.cfg, weight_decay=0.0, clip_norm=1e-6, label_smoothing=0.1, batch_size=50))
+    start, row = trained(t), t.check()
+    assert max(np.abs(a - b).max() for a, b in zip(trained(t), start)) < 1e-6  # a gradient of norm 1e-6
+    assert (row["clip_norm_used"], row["batch_size_used"]) == (pytest.approx(1e-6), 50)
+    assert row["label_smoothing_used"] == pytest.approx(0.1) and row["examples"] == 100 + 50
+    t.set_recipe(replace(t.cfg, optimizer="momentum", momentum=0.9, clip_norm=None))
+    row = t.check()
+    assert row["momentum_used"] == pytest.approx(0.9) and row["clip_norm_used"] is None
+    t.set_recipe(replace(t.cfg, momentum=0.5))
+    assert t.check()["momentum_used"] == pytest.approx(0.5)
+    t.set_recipe(replace(t.cfg, optimizer="adam", lr=1e-3, beta_1=0.8))
+    row = t.check()
+    assert (row["beta_1_used"], row["beta_2_used"]) == (pytest.approx(0.8), pytest.approx(0.999))
+    assert "momentum_used" not in row  # Adam reads no momentum
+    assert t.optimizers.tracing_count == traces + 2  # one trace per new optimizer, none per value
+
+
+def test_the_momentum_optimizer_with_a_variable_momentum_updates_as_keras_sgd(bundled):
+    # The subclass that reads momentum in flight does Keras's arithmetic: same weights as Keras's own SGD.
+    from pbt_lab.training.optimizers import MomentumSGD
+
+    variables = [keras.Variable(np.arange(4.0, dtype="float32"))]
+    ours, keras_sgd = MomentumSGD(0.1, momentum=0.5), keras.optimizers.SGD(0.1, momentum=0.5)
+    theirs = [keras.Variable(np.arange(4.0, dtype="float32"))]
+    for _ in range(3):
+        ours.apply([keras.ops.ones(4)], variables)
+        keras_sgd.apply([keras.ops.ones(4)], theirs)
+    np.testing.assert_array_equal(variables[0].numpy(), theirs[0].numpy())

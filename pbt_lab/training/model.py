@@ -21,6 +21,7 @@ import keras
 from keras import layers
 
 from pbt_lab import UserError
+from pbt_lab.names import MODEL_OPTIONS
 
 
 def build_cnn(
@@ -129,3 +130,23 @@ def build_model(
             f"({num_classes},): one logit per class"
         )
     return model
+
+
+def check_options_keep_shapes(builder, data, model_cfg, model: keras.Model, searched: dict) -> None:
+    """A searched builder option (``searched``: {key: values to try}, keys ``model.options.NAME``) must
+    leave every weight's shape as ``model``'s (a recipient loads its donor's weights into a model rebuilt
+    with its own options): the model is built at each value and compared; one line if a shape differs."""
+    shapes = [tuple(w.shape) for w in model.weights]
+    for key, values in searched.items():
+        if not key.startswith(MODEL_OPTIONS + "."):
+            continue
+        name = key.removeprefix(MODEL_OPTIONS + ".")
+        for value in values:
+            options = {**model_cfg.options, name: value}
+            built = build_model(builder, data.input_shape, data.num_classes, model_cfg.scale, options)
+            if [tuple(w.shape) for w in built.weights] != shapes:
+                raise UserError(
+                    f"pbt.space.{key}: {name}={value!r} changes the model's weights "
+                    f"({built.count_params():,} against {model.count_params():,}): weights must transfer "
+                    f"between members, so a searched builder option may not change a weight's shape"
+                )
