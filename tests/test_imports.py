@@ -24,7 +24,7 @@ ALLOWED = {
     "commands": {"names", "config", "cli", "training", "experiments"},
     "report": {"names", "storage", "cli", "results", "plots"},
     "bench": {"names", "config", "storage", "cli", "training", "results", "tuning", "experiments"},
-    "api": {"names", "config", "cli", "results", "experiments"},
+    "api": {"names", "config", "cli", "results", "tuning", "experiments"},  # LabPBT for any Ray trainable
     "root": {"api"},  # lazily, on first use of pbt_lab.run_pbt
 }
 # What each room must never import from outside the package.

@@ -284,6 +284,7 @@ def test_in_flight_hyperparameters_act_at_once_and_retrace_nothing(bundled):
     plain = trainer(bundled, optimizer="gd", lr=0.1, steps_per_check=1)
     traces = t.optimizers.tracing_count
     t.set_recipe(replace(t.cfg, weight_decay=0.01))
+
     def trained(t):
         return [v.numpy() for v in t.model.trainable_variables]
 

@@ -165,6 +165,34 @@ def plot_lr_schedules(history: pd.DataFrame, path: Path) -> Path:
     return save(fig, path)
 
 
+def plot_key_schedules(
+    history: pd.DataFrame, keys: list[str], title: str, path: Path, lineage_of: str | None = None
+) -> Path:
+    """One panel per searched key: its value over steps for every member in ``history`` (a log axis
+    where a key's values span more than a decade), coloured by the optimizer in use; with
+    ``lineage_of``, ``history`` is that member's rows along its lineage, drawn as one line."""
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 1.9 * len(keys) + 1), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        values = pd.to_numeric(history[key], errors="coerce")
+        rows = history.assign(**{key: values})
+        for _, h in rows.groupby(TRIAL_ID) if lineage_of is None else [(lineage_of, rows)]:
+            for seg in _segments(h) if lineage_of is None else [h]:
+                for _, part in seg.groupby((seg[OPTIMIZER] != seg[OPTIMIZER].shift()).cumsum()):
+                    ax.step(
+                        part[STEP], part[key], where="pre", color=COLOURS.get(part[OPTIMIZER].iloc[0]), lw=1
+                    )
+        positive = values[values > 0]
+        if len(positive) and positive.max() > 10 * positive.min():
+            ax.set_yscale("log")
+        ax.set_ylabel(key.removeprefix("model.options."), fontsize=8)
+    for name in sorted(history[OPTIMIZER].unique()):
+        axes[0, 0].plot([], [], "-", color=COLOURS.get(name), label=name)
+    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("training step")
+    return save(fig, path)
+
+
 def plot_lineage(history: pd.DataFrame, lineage: pd.DataFrame, path: Path) -> Path:
     """Who copied whom, when: a row per member over wall time, an arrow from donor to recipient."""
     members = sorted(history[TRIAL_ID].unique())
@@ -213,9 +241,18 @@ def pbt_figures(tables: dict, out_dir: Path) -> list[Path]:
         plot_population(history, lineage, VAL_ACC, out_dir / "population.png"),
         plot_lr_schedules(history, out_dir / "lr_schedules.png"),
     ]
+    keys = tables.get("searched") or [LR]
+    if len(keys) > 1:  # a recipe beyond the rate: a panel per key, for the population and the winner
+        made.append(
+            plot_key_schedules(history, keys, "Every searched key of every member", out_dir / "schedules.png")
+        )
     if lineage is not None and len(lineage):
         made.append(plot_lineage(history, lineage, out_dir / "lineage.png"))
     winner = (summary.get("best") or {}).get(TRIAL_ID)
+    if winner and len(keys) > 1 and tables.get("winner_rows") is not None:
+        title = f"Winner {winner}: its schedule of every searched key"
+        path = out_dir / "winner_schedules.png"
+        made.append(plot_key_schedules(tables["winner_rows"], keys, title, path, lineage_of=winner))
     if winner and tables.get("winner_rows") is not None:
         made.append(
             plot_schedule(

@@ -289,6 +289,7 @@ def write_tables(
             }
     if kind in ("pbt", "replay") and summary["best"]:
         tables["winner_rows"] = member_schedule(history, summary["best"][TRIAL_ID])  # for the figure
+        tables["searched"] = [LR, *recipe_keys(history)]  # a schedule panel per key
     if figures:
         from pbt_lab import plots
 
