@@ -129,27 +129,25 @@ def lineage_table(
 
 
 def changed_keys(decisions: list[dict]) -> dict[str, int]:
-    """How many exploits changed each searched key (new value other than the recipient's old one)."""
+    """How many exploits mutated each searched key (its new value other than the donor's)."""
     counts: dict[str, int] = {}
     for d in exploited_decisions(decisions).values():
         for key, value in (d.get("new") or {}).items():
-            counts[key] = counts.get(key, 0) + int(value != (d.get("old") or {}).get(key))
+            counts[key] = counts.get(key, 0) + int(value != (d.get("donor_config") or {}).get(key))
     return counts
 
 
 def key_columns(d: dict) -> dict:
-    """An exploit's searched keys beyond the optimizer and rate: old_KEY, new_KEY and operation_KEY."""
-    operations = d.get("operations") or {}
-    return {
-        f"{which}_{key}": value
-        for key in (d.get("new") or {})
-        if key not in (OPTIMIZER, LR)
-        for which, value in (
-            ("old", d["old"].get(key)),
-            ("new", d["new"][key]),
-            ("operation", operations.get(key)),
-        )
-    }
+    """An exploit's searched keys: the recipient's old value, the donor's it was explored from, the new
+    one and the operation (old_KEY, donor_KEY, new_KEY, operation_KEY; the optimizer's and rate's old and
+    new are columns of their own)."""
+    operations, donor = d.get("operations") or {}, d.get("donor_config") or {}
+    columns = {}
+    for key, new in (d.get("new") or {}).items():
+        if key not in (OPTIMIZER, LR):
+            columns |= {f"old_{key}": d["old"].get(key), f"new_{key}": new}
+        columns |= {f"donor_{key}": donor.get(key), f"operation_{key}": operations.get(key)}
+    return columns
 
 
 def quantile_sizes(decisions: list[dict], fraction: float) -> list[dict]:
