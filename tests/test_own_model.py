@@ -194,6 +194,7 @@ def test_own_model_from_python_grid_pbt_and_replay(project, ray_session):
         storage_path=project / "api",
         name="pbt",
         pbt={"population": 4},
+        resources={"cpu": 2},  # one member at a time: its lineage, and so its winner, a function of the seed
         **{**own, "train": {"target": 0.9, "max_steps": 200}},
     )
     assert pbt.ok and len(pbt.trials) == 4 and len(pbt.lineage) == pbt.summary["exploits"]["exploits"]

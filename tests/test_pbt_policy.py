@@ -671,3 +671,60 @@ def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
     s.keeper._move_to_recipient(m["a"], m["e"], newest)
     assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided
     assert Path(decided.checkpoint.path).is_dir()
+
+
+def test_a_trainable_that_reports_no_restores_leaves_carried_out_unknown():
+    # A user's own Ray trainable does not report the decision it carries out: neither done nor undone.
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+    )
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score)
+    report(s, controller, m["a"], 2, 0.10)
+    decision = s.decisions[-1]
+    assert decision["action"] == "exploit"
+    result = {"training_iteration": 3, "score": 0.85, "diverged": False}  # no exploit_decision key
+    m["a"].last_result = result
+    s.on_trial_result(controller, m["a"], result)
+    assert "carried_out" not in decision
+
+
+def test_an_exploit_writes_rays_own_policy_logs_with_the_new_config():
+    s = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+    )
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score)
+    report(s, controller, m["a"], 2, 0.10)
+    decision = s.decisions[-1]
+    root = Path(m["a"].local_experiment_path)
+    line = json.loads((root / "pbt_global.txt").read_text().splitlines()[-1])
+    assert line[5][LR] == decision["new"][LR] and line[5]["exploit_decision"] == decision["decision"]
+    assert (root / "pbt_policy_a.txt").is_file()  # Ray's replay reads this member's file
+    quiet = LabPBT(
+        space=policy(),
+        time_attr="training_iteration",
+        mode="max",
+        seed=0,
+        metric="score",
+        perturbation_interval=1,
+        log_config=False,
+    )
+    controller, m = population(quiet, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(quiet, controller, m[name], 1, score)
+    report(quiet, controller, m["a"], 2, 0.10)
+    assert quiet.decisions[-1]["action"] == "exploit"
+    assert not (Path(m["a"].local_experiment_path) / "pbt_global.txt").exists()

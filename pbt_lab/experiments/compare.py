@@ -7,12 +7,15 @@ spends it at every seed (``compare.seeds``; a seed sets the data order, the init
 searcher's choices):
 
 - grid: every optimizer × rate of ``grid``, one seed;
-- random: as many trials, each a random optimizer of ``pbt.optimizers`` at a log-uniform rate in
-  its ``pbt.lr_ranges`` range (the prior PBT, ASHA and PB2 are given too);
+- random: as many trials, each a point drawn from PBT's search space (``pbt.space``; by default a
+  random optimizer of ``pbt.optimizers`` at a log-uniform rate in its ``pbt.lr_ranges`` range): the
+  prior PBT, ASHA and PB2 are given too;
 - asha: such random trials under Ray's ASHAScheduler, sampled until the budget is spent;
 - pbt: the lab's PBT, ``pbt.population`` members of budget / population steps each;
 - pb2: Ray's PB2 with as many members; it searches the rate's place in its optimizer's range (log
-  space); a member's optimizer is drawn at random and changes only when it copies a donor.
+  space) and every other real-valued range of the space (linearly, as PB2 does); a member's
+  optimizer, ints and choices are drawn at random and change only when it copies a donor.
+- the grid stays optimizers × rates: the space's other keys keep their ``train`` / ``model`` values.
 
 Every trial trains its whole length (no stop at the target or at divergence) and validates at every
 check. ASHA, PBT and PB2 stop when the steps their trials took (a member that copies a donor

@@ -10,8 +10,10 @@ from pbt_lab.names import (
     FIGURES,
     HISTORY,
     LR,
+    MODEL_OPTIONS,
     OPTIMIZER,
     REACHED,
+    RECIPE,
     SECONDS_TO_TARGET,
     SLOT_IDLE,
     STALLED,
@@ -23,6 +25,7 @@ from pbt_lab.names import (
     TRAIN_SECONDS,
     TRIAL_ID,
     TRIALS,
+    VAL_LOSS,
     VERDICTS,
     VERIFIED,
 )
@@ -31,6 +34,20 @@ from pbt_lab.results.breakdown import breakdown_table
 
 # Of the slot-seconds: healthy runs leave 0.2–2 % idle (README), a population on one of two slots 50 %.
 IDLE_WARNING = 0.10
+
+
+def recipe_text(best: dict) -> str:
+    """The searched keys beyond the optimizer and rate that the best trial ended with: `` (weight_decay
+    2.1e-05, dropout 0.135, batch_size 127)``; empty where nothing else was searched."""
+    recipe = ((best.get("schedule") or [{}])[-1].get(RECIPE)) or {}
+    named = [
+        f"{k.removeprefix(MODEL_OPTIONS + '.')} {v:.3g}"
+        if isinstance(v, float)
+        else f"{k.removeprefix(MODEL_OPTIONS + '.')} {v}"
+        for k, v in recipe.items()
+        if k not in (OPTIMIZER, LR)
+    ]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def console_summary(tables: dict, run_dir: Path) -> str:
@@ -80,9 +97,13 @@ def console_summary(tables: dict, run_dir: Path) -> str:
             if best.get(TEST_ACC) is not None
             else ""
         )
+        ranked = ((s.get("config") or {}).get("pbt") or {}).get("metric")
+        loss = (s.get("winner") or {}).get(VAL_LOSS)
+        by_loss = f", validation loss {loss:.4f}" if ranked == VAL_LOSS and loss is not None else ""
         lines.append(
             f"{'winner' if s.get('kind') == 'pbt' else 'best'} {best['trial_id']}: {best[OPTIMIZER]} at lr "
-            f"{best[LR]:.3g}, validation accuracy {best['final_val_acc'] or float('nan'):.4f}{test}"
+            f"{best[LR]:.3g}{recipe_text(best)}, "
+            f"validation accuracy {best['final_val_acc'] or float('nan'):.4f}{by_loss}{test}"
         )
     if "exploits" in s:
         e = s["exploits"]

@@ -81,13 +81,20 @@ def _trial_states(experiment_state: dict) -> dict[str, dict]:
 def trial_params(trial_dir: Path, ray_config: dict | None) -> dict:
     """A trial's config: its ``params.json``, else (cut short by a killed driver) Ray's experiment state."""
     try:
-        return json.loads((trial_dir / "params.json").read_text())
+        params = json.loads((trial_dir / "params.json").read_text())
     except ValueError:
         if ray_config is None:
             raise UserError(
                 f"{trial_dir / 'params.json'} is corrupt and Ray's experiment state lacks the trial"
             ) from None
-        return ray_config
+        params = ray_config
+    if not isinstance(params, dict) or not isinstance(params.get("model"), dict) or "train" not in params:
+        raise UserError(
+            f"{trial_dir.parent} is a Ray Tune run of another trainable (its trials' configs have no "
+            f"train and model sections): pbt_lab's tables read its own trainable's runs; LabPBT's "
+            f"decisions are in its pbt_state.json"
+        )
+    return params
 
 
 def last_error(trial_dir: Path) -> str:
