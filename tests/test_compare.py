@@ -191,3 +191,30 @@ def test_a_bad_comparison_from_the_command_line(tmp_path):
     )
     assert done.returncode == 2 and "compare.methods: unknown 'hyperband'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_every_searcher_draws_from_pbts_space_and_pb2_searches_its_real_ranges():
+    from types import SimpleNamespace
+
+    from pbt_lab.config import PBTConfig
+    from pbt_lab.experiments.compare import method_setup
+
+    space = {
+        "weight_decay": {"log": [1e-5, 1e-2]},
+        "model.options.dropout": {"linear": [0.1, 0.6]},
+        "batch_size": {"log_int": [32, 256]},
+    }
+    cfg = CompareExperiment(pbt=PBTConfig(population=4, optimizers=["adam", "momentum"], space=space))
+    run = SimpleNamespace(cfg=cfg)
+    trials, arguments = method_setup(run, "random", cfg.budget)
+    points = arguments["search_alg"]._points_to_evaluate
+    assert all(1e-5 <= p["weight_decay"] <= 1e-2 and 32 <= p["batch_size"] <= 256 for p in points)
+    assert all(0.1 <= p["model"]["options"]["dropout"] <= 0.6 for p in points)  # nested as Ray nests it
+    assert trials["model"]["builder"] == cfg.model.builder  # the fixed model config kept beside the option
+    _, arguments = method_setup(SimpleNamespace(cfg=cfg), "pb2", cfg.budget)
+    bounds = arguments["scheduler"]._hyperparam_bounds
+    assert bounds == {
+        "lr_place": [0.0, 1.0],
+        "weight_decay": [1e-5, 1e-2],
+        "model": {"options": {"dropout": [0.1, 0.6]}},
+    }

@@ -41,6 +41,12 @@ def explore(optimizer: str, lr: float, space: Space, rng) -> dict:
     return {**new, "operation": operation_text(operations)}
 
 
+def lab_pbt(**kwargs) -> LabPBT:
+    """The lab's scheduler over the study's space (``policy()``), ranking ``score`` higher-better, a check
+    its unit of time."""
+    return LabPBT(space=policy(), time_attr="training_iteration", mode="max", metric="score", **kwargs)
+
+
 def place(lr, low, high):
     return (math.log(lr) - math.log(low)) / (math.log(high) - math.log(low))
 
@@ -182,12 +188,8 @@ def test_config_refuses_ranges_a_reflected_step_would_leave():
 
 
 def scheduler(seed=0) -> LabPBT:
-    return LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    return lab_pbt(
         seed=seed,
-        metric="score",
         perturbation_interval=2,
         quantile_fraction=0.2,
     )
@@ -268,12 +270,8 @@ def test_turns_go_to_the_least_trained_then_to_who_reported_longest_ago():
 def test_synchronous_turns_never_run_a_member_past_the_next_sync_point():
     # Ray's rule, which the lab's turn-taking keeps: a member exploited while queued (its clock now
     # its donor's, at the sync point) is not chosen again until everyone has reached the point.
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=2,
         synch=True,
     )
@@ -458,15 +456,20 @@ def report(s: LabPBT, controller, member: Member, iteration: int, score: float, 
     return s.on_trial_result(controller, member, result)
 
 
+def first_exploit(s: LabPBT) -> tuple[Controller, dict, dict]:
+    """Five members ranked once (a lowest, e highest), then a reports the lowest score: its exploit."""
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score)
+    report(s, controller, m["a"], 2, 0.10)
+    return controller, m, s.decisions[-1]
+
+
 def test_a_recipient_is_neither_ranked_nor_a_donor_until_it_reports_a_fresh_score():
     # Six members at 20 %: one is replaced among six, and among the five fresh ones while a copy is
     # in flight; the recipient's old score would take that one slot and shield the real laggard.
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=1,
         quantile_fraction=0.2,
     )
@@ -484,12 +487,8 @@ def test_a_recipient_is_neither_ranked_nor_a_donor_until_it_reports_a_fresh_scor
 
 def test_one_recipient_at_a_time_in_a_population_of_five():
     # 20 % of the four fresh scores left while a copy is in flight is nobody: no cascade of exploits.
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=1,
         quantile_fraction=0.2,
     )
@@ -509,12 +508,8 @@ def test_one_recipient_at_a_time_in_a_population_of_five():
 
 
 def test_a_rescued_member_with_an_old_top_score_donates_nothing_until_it_reports_again():
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=1,
         quantile_fraction=0.2,
     )
@@ -532,12 +527,8 @@ def test_a_rescued_member_with_an_old_top_score_donates_nothing_until_it_reports
 
 
 def test_the_next_report_records_whether_an_exploit_was_carried_out():
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=1,
         quantile_fraction=0.2,
     )
@@ -555,12 +546,8 @@ def test_the_next_report_records_whether_an_exploit_was_carried_out():
 
 
 def synchronous(n=3) -> tuple[LabPBT, Controller, dict]:
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=2,
         quantile_fraction=0.34,
         synch=True,
@@ -615,12 +602,8 @@ def held(member: Member) -> list[str]:
 
 
 def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_bound():
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=1,
         quantile_fraction=0.2,
     )
@@ -650,12 +633,8 @@ def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_
 
 
 def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
+    s = lab_pbt(
         seed=0,
-        metric="score",
         perturbation_interval=1,
         quantile_fraction=0.2,
     )
@@ -675,19 +654,8 @@ def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
 
 def test_a_trainable_that_reports_no_restores_leaves_carried_out_unknown():
     # A user's own Ray trainable does not report the decision it carries out: neither done nor undone.
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
-        seed=0,
-        metric="score",
-        perturbation_interval=1,
-    )
-    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
-    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
-        report(s, controller, m[name], 1, score)
-    report(s, controller, m["a"], 2, 0.10)
-    decision = s.decisions[-1]
+    s = lab_pbt(seed=0, perturbation_interval=1)
+    controller, m, decision = first_exploit(s)
     assert decision["action"] == "exploit"
     result = {"training_iteration": 3, "score": 0.85, "diverged": False}  # no exploit_decision key
     m["a"].last_result = result
@@ -696,35 +664,11 @@ def test_a_trainable_that_reports_no_restores_leaves_carried_out_unknown():
 
 
 def test_an_exploit_writes_rays_own_policy_logs_with_the_new_config():
-    s = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
-        seed=0,
-        metric="score",
-        perturbation_interval=1,
-    )
-    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
-    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
-        report(s, controller, m[name], 1, score)
-    report(s, controller, m["a"], 2, 0.10)
-    decision = s.decisions[-1]
+    _, m, decision = first_exploit(lab_pbt(seed=0, perturbation_interval=1))
     root = Path(m["a"].local_experiment_path)
     line = json.loads((root / "pbt_global.txt").read_text().splitlines()[-1])
     assert line[5][LR] == decision["new"][LR] and line[5]["exploit_decision"] == decision["decision"]
     assert (root / "pbt_policy_a.txt").is_file()  # Ray's replay reads this member's file
-    quiet = LabPBT(
-        space=policy(),
-        time_attr="training_iteration",
-        mode="max",
-        seed=0,
-        metric="score",
-        perturbation_interval=1,
-        log_config=False,
-    )
-    controller, m = population(quiet, dict.fromkeys("abcde", 1e-3))
-    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
-        report(quiet, controller, m[name], 1, score)
-    report(quiet, controller, m["a"], 2, 0.10)
-    assert quiet.decisions[-1]["action"] == "exploit"
+    _, m, decision = first_exploit(lab_pbt(seed=0, perturbation_interval=1, log_config=False))
+    assert decision["action"] == "exploit"
     assert not (Path(m["a"].local_experiment_path) / "pbt_global.txt").exists()

@@ -18,6 +18,7 @@ EVAL_BATCH = 1000
 # Read in flight by the training step (the trainer's variables); the optimizer's own arguments
 # (momentum, β₁, β₂) are read by its update (optimizers.OPTIMIZER_ARGS).
 STEP_ARGS = ("weight_decay", "label_smoothing", "clip_norm")
+NO_CLIP = float("inf")  # the clipping norm's variable without clipping
 
 
 def model_inputs(images: tf.Tensor) -> tf.Tensor:
@@ -58,12 +59,15 @@ def train_steps(model, x, y, optimizer, in_flight: dict, cfg: TrainConfig):
                 if stop:
                     break  # before the update: the weights stay as they were
             gradients = tape.gradient(loss, variables)
-            # Scaled to the clipping norm when above it (× 1 exactly without clipping: its norm is inf).
-            scale = tf.minimum(1.0, clip_norm / tf.linalg.global_norm(gradients))
-            gradients = [g * scale for g in gradients]
-            decay = weight_decay * tf.cast(optimizer.learning_rate, tf.float32)
-            for v in variables:  # decoupled weight decay, before the update (Keras's own order)
-                v.assign_sub(v * decay)
+            # Each a branch of the graph taken only when in use (a pass over every weight costs as much as
+            # an update of plain gradient descent): scaled to the clipping norm when above it...
+            if clip_norm < NO_CLIP:
+                scale = tf.minimum(1.0, clip_norm / tf.linalg.global_norm(gradients))
+                gradients = [g * scale for g in gradients]
+            if weight_decay > 0.0:  # ...and decoupled weight decay, before the update (Keras's order)
+                decay = weight_decay * tf.cast(optimizer.learning_rate, tf.float32)
+                for v in variables:
+                    v.assign_sub(v * decay)
             optimizer.apply(gradients, variables)
             done += 1
             loss_sum += loss

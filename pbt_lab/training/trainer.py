@@ -63,10 +63,9 @@ from pbt_lab.training.data import Dataset
 from pbt_lab.training.model import build_model, builder_name, resolve_builder
 from pbt_lab.training.optimizers import OptimizerBank
 from pbt_lab.training.state import DataOrder, Progress
-from pbt_lab.training.steps import STEP_ARGS, evaluation, train_steps
+from pbt_lab.training.steps import NO_CLIP, STEP_ARGS, evaluation, train_steps
 
 TRACED = ("jit_compile", "divergence_loss", "stop_on_divergence")  # baked into the traced call
-NO_CLIP = float("inf")
 CLIP_NORM = "clip_norm"
 
 
