@@ -27,7 +27,7 @@ def __getattr__(name: str):
     """The Python API (``pbt_lab.run_pbt``, ``pbt_lab.run_grid``) and the scheduler for any Ray trainable
     (``pbt_lab.LabPBT`` with its callback ``pbt_lab.KeepPBTState``), imported on first use: Ray and the
     experiments load only when asked for."""
-    if name in ("run_pbt", "run_grid", "RunResult", "LabPBT", "KeepPBTState"):
+    if name in ("run_pbt", "run_grid", "RunResult", "LabPBT", "KeepPBTState", "audited"):
         from pbt_lab import api
 
         return getattr(api, name)

@@ -25,10 +25,18 @@ import pandas as pd
 from pbt_lab import cli
 from pbt_lab.config import merge
 from pbt_lab.experiments import grid, pbt
+from pbt_lab.tuning import audited
 from pbt_lab.tuning.callbacks import KeepPBTState
 from pbt_lab.tuning.scheduler import LabPBT
 
-__all__ = ["KeepPBTState", "LabPBT", "RunResult", "run_grid", "run_pbt"]  # LabPBT: on any Ray trainable
+__all__ = [
+    "KeepPBTState",
+    "LabPBT",
+    "RunResult",
+    "audited",
+    "run_grid",
+    "run_pbt",
+]  # LabPBT: on any Ray trainable
 
 
 @dataclass

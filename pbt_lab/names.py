@@ -107,6 +107,7 @@ EXPLOIT = "exploit_decision"  # the scheduler's decision number, carried in the 
 RECIPE = "recipe"  # an ancestry segment's {searched key: value}
 ANCESTRY = "ancestry"  # a checkpoint's lineage: segments of step, optimizer, lr, seed, trial since step 0
 SAVED_BY = "trial_id"  # a checkpoint's metadata: the trial that saved it
+SAVED_BY_TRIAL = "saved_by"  # the same, in the record another trainable keeps (tuning/audited.py)
 # Why a trial restored a checkpoint (the driver names it in the first report after the restore):
 RESTORE_KIND = "restore_kind"
 EXPLOIT_RESTORE = "exploit"  # another member's checkpoint, as a PBT decision said

@@ -613,3 +613,51 @@ def test_an_exploit_left_undone_is_explained_only_by_the_runs_end():
     )
     assert [(u["decision"], u["explained"]) for u in undone] == [(0, True), (1, False), (2, False)]
     assert undone[2]["why"] == "its member reported again without carrying it out"
+
+
+# --- another trainable's restores (tuning/audited.py's records) ----------------------------------
+
+
+def test_another_trainables_restores_are_verified_only_by_what_their_saver_reported():
+    from pbt_lab.results.audit import audit_digests, digest_audit_lines
+    from pbt_lab.tuning import audited
+
+    state, record = [3, 0.5], None
+    record = audited.saving(state)  # outside a trial: no trial id of its own
+    record["saved_by"] = "b"
+    saved = {"trial_id": "b", "training_iteration": 3, **record}
+    decision = {"decision": 0, "action": "exploit", "member": "a", "donor": "b"}
+
+    def first_report(trial, loaded, rec, config_decision=0):
+        return {
+            "trial_id": trial,
+            "training_iteration": 4,
+            "config": {"exploit_decision": config_decision},
+            **audited.restored(loaded, rec),
+        }
+
+    good = audit_digests({"b": [saved], "a": [first_report("a", state, record)]}, [decision])
+    assert (
+        good["verdict"].tolist() == ["verified"]
+        and good["matched"].all()
+        and good["kind"].tolist() == ["exploit"]
+    )
+    assert digest_audit_lines(good)[1]
+    tampered = audit_digests({"b": [saved], "a": [first_report("a", [3, 0.5000001], record)]}, [decision])
+    assert tampered["verdict"].tolist() == ["mismatched"]
+    lines, passed = digest_audit_lines(tampered)
+    assert not passed and lines[1].startswith("MISMATCHED: a at iteration 4 restored b's state")
+    unknown = audit_digests(
+        {"a": [first_report("a", state, {**record, "state_id": "never-reported"})]}, [decision]
+    )
+    assert unknown["verdict"].tolist() == ["unverifiable"] and not digest_audit_lines(unknown)[1]
+    undecided = audit_digests(
+        {"b": [saved], "a": [first_report("a", state, record, config_decision=7)]}, [decision]
+    )
+    assert not undecided["matched"].any() and not digest_audit_lines(undecided)[1]
+    own = audit_digests({"b": [saved, first_report("b", state, record)]}, [])
+    assert (
+        own["kind"].tolist() == ["own"] and own["matched"].all() and own["verdict"].tolist() == ["verified"]
+    )
+    # A digest is of dtype, shape and bytes: the same numbers in another shape are another state.
+    assert audited.digest([[1.0, 2.0]]) != audited.digest([[[1.0], [2.0]]]) != audited.digest([[1, 2]])

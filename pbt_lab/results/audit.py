@@ -9,8 +9,8 @@ A restore is audited from independent records:
   step and data order; the optimizer's slots and step counter), under the state id the checkpoint
   carries;
 - the restoring trial's first report after the restore: the id and digests of what it loaded, read
-  from the live objects, the digest of a newly built optimizer where it switched, and the rate its
-  first check's traced call read;
+  from the live objects, the digest of a newly built optimizer where it switched, and the rate and
+  every other searched key its first check's traced call read (a rebuilt model: its options);
 - for an exploit, the scheduler's decision: recipient, donor, the donor state it meant to copy, the
   new hyperparameters, and whether the member's next report carried it out.
 
@@ -124,7 +124,8 @@ def exploited_decisions(decisions: list[dict]) -> dict[int, dict]:
 
 def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict] | None) -> pd.DataFrame:
     """One verdict per restore (index of ``restores``): its ``kind``, ``matched`` (an exploit: the
-    scheduler decided it, this recipient, this donor's checkpoint, this new optimizer and rate; a
+    scheduler decided it, this recipient, this donor's checkpoint, this new optimizer and rate (and every
+    other searched key live: ``_used_keys``); a
     restore of one's own checkpoint needs no decision, nor an exploit where the scheduler keeps no
     record, ``decisions`` None: Ray's PB2), and ``verdict``: verified, mismatched (with the
     ``problem``) or unverifiable (the saver never reported the state, or an exploit's first check
@@ -308,3 +309,63 @@ def audit_failures(summary: dict) -> list[str]:
             if not u["explained"]
         ]
     return lines
+
+
+def audit_digests(
+    reports: dict[str, list[dict]], decisions: list[dict], more_reports: dict[str, list[dict]] | None = None
+) -> pd.DataFrame:
+    """Every restore of a run of another trainable that reports ``tuning/audited.py``'s records (its first
+    report after a restore carries ``restored_id``): one row with the trial, the saver, ``kind`` (exploit:
+    another trial's checkpoint), ``matched`` (an exploit: LabPBT decided this member copies this donor,
+    read from the decision number its config carries) and ``verdict``: verified when the digest of what
+    it loaded equals what the saver reported under that state id, mismatched when it differs,
+    unverifiable when no saver reported the id. ``more_reports``: other records of the savers' reports
+    (Ray's ``progress.csv``, which keeps rows a function trainable's ``result.json`` can lose)."""
+    rows = [r for trial in reports.values() for r in trial]
+    saves = rows + [r for trial in (more_reports or {}).values() for r in trial]
+    saved = {r[STATE_ID]: r.get(STATE_SHA256) for r in saves if r.get(STATE_ID)}
+    decided = exploited_decisions(decisions)
+    out = []
+    for r in rows:
+        if RESTORED_SHA256 not in r or r[RESTORED_SHA256] is None:
+            continue
+        trial, source = r.get(TRIAL_ID), r.get(SEGMENT_FROM)
+        exploit = source is not None and source != trial
+        number = (r.get("config") or {}).get(EXPLOIT)
+        d = decided.get(int(number)) if exploit and number is not None else None
+        expected = saved.get(r.get(RESTORED_ID))
+        verdict = (
+            UNVERIFIABLE if expected is None else VERIFIED if expected == r[RESTORED_SHA256] else MISMATCHED
+        )
+        out.append(
+            {
+                TRIAL_ID: trial,
+                "source": source,
+                RESTORED_ID: r.get(RESTORED_ID),
+                "iteration": int(r["training_iteration"])
+                if r.get("training_iteration") is not None
+                else None,
+                "kind": EXPLOIT_RESTORE if exploit else OWN_RESTORE,
+                "matched": not exploit or (d is not None and d["member"] == trial and d["donor"] == source),
+                "verdict": verdict,
+            }
+        )
+    return pd.DataFrame(
+        out, columns=[TRIAL_ID, "source", RESTORED_ID, "iteration", "kind", "matched", "verdict"]
+    )
+
+
+def digest_audit_lines(restores: pd.DataFrame) -> tuple[list[str], bool]:
+    """The console's lines for ``audit_digests``' table, and whether every restore passed (verified, and
+    every exploit matched to a decision)."""
+    kinds = ", ".join(f"{n} {k}" for k, n in restores["kind"].value_counts().sort_index().items())
+    verdicts = ", ".join(f"{n} {v}" for v, n in restores["verdict"].value_counts().sort_index().items())
+    lines = [f"restores: {len(restores)} ({kinds or 'none'}): {verdicts or 'none to audit'}"]
+    failed = restores[(restores["verdict"] != VERIFIED) | ~restores["matched"].astype(bool)]
+    for _, r in failed.iterrows():
+        why = r["verdict"] if r["verdict"] != VERIFIED else "no decision made this exploit"
+        lines.append(
+            f"{r['verdict'].upper()}: {r[TRIAL_ID]} at iteration {r['iteration']} restored {r['source']}'s "
+            f"state {r[RESTORED_ID]}: {why}"
+        )
+    return lines, failed.empty

@@ -78,6 +78,45 @@ def _trial_states(experiment_state: dict) -> dict[str, dict]:
     return found
 
 
+def read_progress(run_dir: Path) -> dict[str, list[dict]]:
+    """Trial dir name → every report in Ray's ``progress.csv`` (null for an empty cell; ``config/KEY``
+    columns back under ``config``; only the keys of each trial's first report: Ray's header). A function
+    trainable's ``result.json`` can lack rows before a pause that this file keeps (Ray 2.60: four rows of
+    a trial, the state it then restored included)."""
+    import pandas as pd  # results' own dependency; read here only for another trainable's runs
+
+    found = {}
+    for trial_dir in trial_dirs(run_dir):
+        path = trial_dir / "progress.csv"
+        if not path.is_file() or not path.stat().st_size:
+            continue
+        rows = pd.read_csv(path, dtype=object).astype(object).where(lambda f: f.notna(), None)
+        reports = []
+        for row in rows.to_dict("records"):
+            config = {k.removeprefix("config/"): v for k, v in row.items() if k.startswith("config/")}
+            reports.append(
+                {**{k: v for k, v in row.items() if not k.startswith("config/")}, "config": config}
+            )
+        found[trial_dir.name] = reports
+    return found
+
+
+def _is_lab_config(params) -> bool:
+    """A trial config of the lab's trainable: its model section (builder, scale, options)."""
+    return isinstance(params, dict) and isinstance(params.get("model"), dict) and "scale" in params["model"]
+
+
+def another_trainables_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a Ray run whose trials are not the lab's trainable's (their params.json
+    has no model section)."""
+    for trial_dir in trial_dirs(run_dir):
+        try:
+            return not _is_lab_config(json.loads((trial_dir / "params.json").read_text()))
+        except ValueError:
+            continue
+    return False
+
+
 def trial_params(trial_dir: Path, ray_config: dict | None) -> dict:
     """A trial's config: its ``params.json``, else (cut short by a killed driver) Ray's experiment state."""
     try:
@@ -88,11 +127,11 @@ def trial_params(trial_dir: Path, ray_config: dict | None) -> dict:
                 f"{trial_dir / 'params.json'} is corrupt and Ray's experiment state lacks the trial"
             ) from None
         params = ray_config
-    if not isinstance(params, dict) or not isinstance(params.get("model"), dict) or "train" not in params:
+    if not _is_lab_config(params):
         raise UserError(
             f"{trial_dir.parent} is a Ray Tune run of another trainable (its trials' configs have no "
-            f"train and model sections): pbt_lab's tables read its own trainable's runs; LabPBT's "
-            f"decisions are in its pbt_state.json"
+            f"model section): pbt_lab's tables read its own trainable's runs; LabPBT's decisions are in "
+            f"its pbt_state.json"
         )
     return params
 

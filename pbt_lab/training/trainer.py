@@ -96,7 +96,7 @@ def optimizer_args(train: TrainConfig) -> dict:
 
 
 class Trainer:
-    """Trains ``model.builder``'s network on ``data`` with one optimizer and rate; see the module doc.
+    """Trains ``model.builder``'s network on ``data`` with one recipe at a time; see the module doc.
 
     ``check()`` runs one fused call of ``steps_per_check`` steps and returns its metrics;
     ``run()`` checks until the target, a budget or divergence ends the run. The live optimizer

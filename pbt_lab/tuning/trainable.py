@@ -23,8 +23,8 @@ What it reports so that every restore can be audited from the two sides (names.p
 
 A PBT recipient keeps its donor's weights and slots, not its batches: it draws from a data stream of
 its own (its seed and the decision's number). A checkpoint also carries its member's ancestry:
-segments (step, optimizer, lr, data seed, trial) from step 0, so the winner's schedule is read from
-its last checkpoint, not rebuilt.
+segments (step, recipe: every searched key, data seed, trial) from step 0, so the winner's schedule
+is read from its last checkpoint, not rebuilt.
 
 Every report also says where its actor's seconds went since the actor's last report
 (``seconds_by_part``, a ``PartClock`` started at the process's birth): training, compiling,
