@@ -661,3 +661,25 @@ def test_another_trainables_restores_are_verified_only_by_what_their_saver_repor
     )
     # A digest is of dtype, shape and bytes: the same numbers in another shape are another state.
     assert audited.digest([[1.0, 2.0]]) != audited.digest([[[1.0], [2.0]]]) != audited.digest([[1, 2]])
+
+
+@pytest.mark.parametrize(
+    "new, used, problem",
+    [
+        ({"batch_size": 64, "weight_decay": 1e-4}, {"batch_size_used": 64, "weight_decay_used": 1e-4}, None),
+        ({"batch_size": 64}, {"batch_size_used": 100}, "live batch_size is not the new config's"),
+        ({"weight_decay": 1e-4}, {"weight_decay_used": 0.0}, "live weight_decay is not the new config's"),
+        ({"weight_decay": 1e-4}, {}, "live weight_decay is not the new config's"),  # not reported: not live
+        (
+            {"model.options.dropout": 0.3},
+            {"model.options.dropout_used": 0.4},
+            "live model.options.dropout is not the new config's",
+        ),
+        ({"momentum": 0.9}, {}, None),  # Adam has no momentum: nothing to read
+        ({"beta_1": 0.8}, {"beta_1_used": 0.9}, "live beta_1 is not the new config's"),
+    ],
+)
+def test_every_searched_key_of_an_exploit_is_checked_live(new, used, problem):
+    decision = decided(new={OPTIMIZER: "adam", LR: 8e-4, **new}, donor_state_id="s1")
+    verdict = audited(decision=decision, **used)
+    assert verdict["matched"] and verdict["problem"] == problem
