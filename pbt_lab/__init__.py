@@ -25,9 +25,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def __getattr__(name: str):
     """The Python API (``pbt_lab.run_pbt``, ``pbt_lab.run_grid``) and the scheduler for any Ray trainable
-    (``pbt_lab.LabPBT`` with its callback ``pbt_lab.KeepPBTState``), imported on first use: Ray and the
+    (``pbt_lab.LabPBT`` with its callbacks ``pbt_lab.pbt_callbacks``), imported on first use: Ray and the
     experiments load only when asked for."""
-    if name in ("run_pbt", "run_grid", "RunResult", "LabPBT", "KeepPBTState", "audited"):
+    if name in ("run_pbt", "run_grid", "RunResult", "LabPBT", "KeepPBTState", "pbt_callbacks", "audited"):
         from pbt_lab import api
 
         return getattr(api, name)

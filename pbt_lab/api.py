@@ -26,7 +26,7 @@ from pbt_lab import cli
 from pbt_lab.config import merge
 from pbt_lab.experiments import grid, pbt
 from pbt_lab.tuning import audited
-from pbt_lab.tuning.callbacks import KeepPBTState
+from pbt_lab.tuning.callbacks import KeepPBTState, pbt_callbacks
 from pbt_lab.tuning.scheduler import LabPBT
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "LabPBT",
     "RunResult",
     "audited",
+    "pbt_callbacks",
     "run_grid",
     "run_pbt",
 ]  # LabPBT: on any Ray trainable

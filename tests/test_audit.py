@@ -663,6 +663,41 @@ def test_another_trainables_restores_are_verified_only_by_what_their_saver_repor
     assert audited.digest([[1.0, 2.0]]) != audited.digest([[[1.0], [2.0]]]) != audited.digest([[1, 2]])
 
 
+def test_an_exploits_restore_lost_from_result_json_is_audited_from_the_schedulers_copy():
+    """LabPBT keeps each exploit's first report of what the member loaded (its decision's ``restored``):
+    audited where Ray's result.json lost the report, and failing where the member loaded another state."""
+    from pbt_lab.results.audit import audit_digests, digest_audit_lines
+    from pbt_lab.tuning import audited
+
+    record = {**audited.saving([3, 0.5]), "saved_by": "b"}
+    saved = {"trial_id": "b", "training_iteration": 3, **record}
+    own = {**audited.saving([1, 4.0]), "saved_by": "a"}
+    a_saved = {"trial_id": "a", "training_iteration": 3, **own}
+
+    def decision(loaded, rec):
+        return {
+            "decision": 0,
+            "action": "exploit",
+            "member": "a",
+            "donor": "b",
+            "donor_state_id": record["state_id"],
+            "restored": audited.restored(loaded, rec),
+        }
+
+    lost = audit_digests({"b": [saved], "a": [a_saved]}, [decision([3, 0.5], record)])
+    assert lost["verdict"].tolist() == ["verified"] and lost["matched"].all() and digest_audit_lines(lost)[1]
+    tampered = audit_digests({"b": [saved], "a": [a_saved]}, [decision([3, 0.6], record)])
+    assert tampered["verdict"].tolist() == ["mismatched"] and not digest_audit_lines(tampered)[1]
+    # It reloaded its own state instead of the donor's: one row, failing, even beside its own report of it.
+    kept_own = decision([1, 4.0], own)
+    first = {"trial_id": "a", "training_iteration": 4, "config": {}, **kept_own["restored"]}
+    not_copied = audit_digests({"b": [saved], "a": [a_saved, first]}, [kept_own])
+    lines, passed = digest_audit_lines(not_copied)
+    assert len(not_copied) == 1 and not not_copied["matched"].any() and not passed
+    meant = "not the state a LabPBT decision meant"
+    assert lines[1] == f"VERIFIED: a at iteration 4 restored a's state {own['state_id']}: {meant}"
+
+
 @pytest.mark.parametrize(
     "new, used, problem",
     [

@@ -632,6 +632,39 @@ def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_
     assert not s.keeper.moved and not any(name.startswith("checkpoint_copy") for name in held(m["a"]))
 
 
+def test_two_recipients_waiting_on_one_checkpoint_both_restore_it_after_it_moves():
+    """One slot: a and b both copy e's state e1 and wait while e saves on; the one copy moved into a's
+    directory serves both (each restores the state decided, from a path that exists)."""
+    s = lab_pbt(seed=1, perturbation_interval=1, quantile_fraction=0.4)  # (seed 1: both draw e)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score, state_id=f"{name}1")
+    report(s, controller, m["a"], 2, 0.10, state_id="a2")
+    report(s, controller, m["b"], 2, 0.05, state_id="b2")
+    decisions = s.decisions[-2:]
+    assert [(d["member"], d["donor"], d["donor_state_id"]) for d in decisions] == [
+        ("a", "e", "e1"),
+        ("b", "e", "e1"),
+    ]
+    Storage.stored = Storage.uploading = None
+    for iteration in (2, 3, 4, 5):
+        report(s, controller, m["e"], iteration, 0.95, state_id=f"e{iteration}")
+        controller.pause_trial(m["e"])
+        s.keeper.make_room(m["e"], controller.members)
+        s.keeper.snapshot_taken()
+        Storage.stored, Storage.uploading = Storage.uploading, s.keeper.snapshot_count
+        assert len(held(m["e"])) <= 3
+    for member, decision in zip("ab", decisions):
+        waiting = Path(m[member].run_metadata.checkpoint_manager.latest_checkpoint_result.checkpoint.path)
+        assert (waiting / "state").read_text() == "e1" and "moved" in decision
+    for member, decision in zip("ab", decisions):  # each carries its exploit out; then the copy goes
+        copied = {"segment_from": "e", "exploit_decision": decision["decision"]}
+        report(s, controller, m[member], 2, 0.9, state_id=f"{member}3", **copied)
+        controller.pause_trial(m[member])
+        s.keeper.make_room(m[member], controller.members)
+        assert bool(s.keeper.moved) == (member == "a")  # b still restores from it after a saved
+
+
 def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
     s = lab_pbt(
         seed=0,
@@ -647,7 +680,7 @@ def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
     decided = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
     m["a"].status, m["a"].is_restoring = Trial.RUNNING, True
     newest = m["e"].run_metadata.checkpoint_manager.best_checkpoint_results[-1]
-    s.keeper._move_to_recipient(m["a"], m["e"], newest)
+    s.keeper._move_to_recipient(m["a"], m["e"], newest, controller.members)
     assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided
     assert Path(decided.checkpoint.path).is_dir()
 
@@ -661,6 +694,24 @@ def test_a_trainable_that_reports_no_restores_leaves_carried_out_unknown():
     m["a"].last_result = result
     s.on_trial_result(controller, m["a"], result)
     assert "carried_out" not in decision
+
+
+@pytest.mark.parametrize(
+    "loaded_from, state, carried_out", [("e", None, True), ("a", "a1", False), ("e", "e0", False)]
+)
+def test_a_trainable_reporting_audited_records_says_what_its_exploit_loaded(loaded_from, state, carried_out):
+    # tuning/audited.py's record in the first report after the exploit: the donor's decided state, or not.
+    s = lab_pbt(seed=0, perturbation_interval=1)
+    controller, m, decision = first_exploit(s)
+    loaded = {
+        "restored_id": state or decision["donor_state_id"],
+        "restored_sha256": "x",
+        "segment_from": loaded_from,
+    }
+    result = {"training_iteration": 3, "score": 0.85, "diverged": False, **loaded}
+    m["a"].last_result = result
+    s.on_trial_result(controller, m["a"], result)
+    assert decision["carried_out"] is carried_out and decision["restored"] == loaded
 
 
 def test_an_exploit_writes_rays_own_policy_logs_with_the_new_config():

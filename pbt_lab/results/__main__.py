@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         parser.exit(1, f"{parser.prog}: {args.run_dir}: its storage is full, the tables were not written\n")
     print(console_summary(tables, args.run_dir if is_uri(args.run_dir) else Path(args.run_dir)))
-    return exit_status(tables)  # the commands' own: 1 when a trial failed or the restores failed the audit
+    # The commands' own, and 1 for a run cut short (its command stopped with 1 too)
+    return max(exit_status(tables), int(bool(tables["summary"]["incomplete"])))
 
 
 if __name__ == "__main__":

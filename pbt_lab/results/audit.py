@@ -316,40 +316,61 @@ def audit_digests(
 ) -> pd.DataFrame:
     """Every restore of a run of another trainable that reports ``tuning/audited.py``'s records (its first
     report after a restore carries ``restored_id``): one row with the trial, the saver, ``kind`` (exploit:
-    another trial's checkpoint), ``matched`` (an exploit: LabPBT decided this member copies this donor,
-    read from the decision number its config carries) and ``verdict``: verified when the digest of what
-    it loaded equals what the saver reported under that state id, mismatched when it differs,
+    another trial's checkpoint), ``matched`` (an exploit: LabPBT decided this member copies this donor's
+    state, read from the decision number its config carries) and ``verdict``: verified when the digest of
+    what it loaded equals what the saver reported under that state id, mismatched when it differs,
     unverifiable when no saver reported the id. ``more_reports``: other records of the savers' reports
-    (Ray's ``progress.csv``, which keeps rows a function trainable's ``result.json`` can lose)."""
+    (Ray's ``progress.csv``, which keeps rows a function trainable's ``result.json`` can lose). An exploit
+    whose first report LabPBT kept (its decision's ``restored``) is audited from there where the trial's
+    reports lack it; one whose member loaded another state than decided fails (``matched`` false)."""
     rows = [r for trial in reports.values() for r in trial]
     saves = rows + [r for trial in (more_reports or {}).values() for r in trial]
     saved = {r[STATE_ID]: r.get(STATE_SHA256) for r in saves if r.get(STATE_ID)}
     decided = exploited_decisions(decisions)
-    out = []
-    for r in rows:
-        if RESTORED_SHA256 not in r or r[RESTORED_SHA256] is None:
-            continue
+    out, seen = [], set()
+
+    def restore_row(trial, restored: dict, iteration, d: dict | None, exploit: bool) -> dict:
+        expected = saved.get(restored.get(RESTORED_ID))
+        verdict = (
+            UNVERIFIABLE
+            if expected is None
+            else VERIFIED
+            if expected == restored[RESTORED_SHA256]
+            else MISMATCHED
+        )
+        source = restored.get(SEGMENT_FROM)
+        matched = not exploit or (
+            d is not None
+            and d["member"] == trial
+            and d["donor"] == source
+            and d.get("donor_state_id") in (None, restored.get(RESTORED_ID))
+        )
+        return {
+            TRIAL_ID: trial,
+            "source": source,
+            RESTORED_ID: restored.get(RESTORED_ID),
+            "iteration": int(iteration) if iteration is not None else None,
+            "kind": EXPLOIT_RESTORE if exploit else OWN_RESTORE,
+            "matched": matched,
+            "verdict": verdict,
+        }
+
+    restores = [r for r in rows if r.get(RESTORED_SHA256) is not None]
+    iterations = {(r.get(TRIAL_ID), r.get(RESTORED_ID)): r.get("training_iteration") for r in restores}
+    for d in decided.values():  # the scheduler's copy of each exploit's first report: never lost
+        restored = d.get("restored")
+        if restored and restored.get(RESTORED_SHA256):
+            key = (d["member"], restored.get(RESTORED_ID))
+            seen.add(key)
+            out.append(restore_row(d["member"], restored, iterations.get(key), d, exploit=True))
+    for r in restores:
         trial, source = r.get(TRIAL_ID), r.get(SEGMENT_FROM)
+        if (trial, r.get(RESTORED_ID)) in seen:
+            continue
         exploit = source is not None and source != trial
         number = (r.get("config") or {}).get(EXPLOIT)
         d = decided.get(int(number)) if exploit and number is not None else None
-        expected = saved.get(r.get(RESTORED_ID))
-        verdict = (
-            UNVERIFIABLE if expected is None else VERIFIED if expected == r[RESTORED_SHA256] else MISMATCHED
-        )
-        out.append(
-            {
-                TRIAL_ID: trial,
-                "source": source,
-                RESTORED_ID: r.get(RESTORED_ID),
-                "iteration": int(r["training_iteration"])
-                if r.get("training_iteration") is not None
-                else None,
-                "kind": EXPLOIT_RESTORE if exploit else OWN_RESTORE,
-                "matched": not exploit or (d is not None and d["member"] == trial and d["donor"] == source),
-                "verdict": verdict,
-            }
-        )
+        out.append(restore_row(trial, r, r.get("training_iteration"), d, exploit))
     return pd.DataFrame(
         out, columns=[TRIAL_ID, "source", RESTORED_ID, "iteration", "kind", "matched", "verdict"]
     )
@@ -363,7 +384,7 @@ def digest_audit_lines(restores: pd.DataFrame) -> tuple[list[str], bool]:
     lines = [f"restores: {len(restores)} ({kinds or 'none'}): {verdicts or 'none to audit'}"]
     failed = restores[(restores["verdict"] != VERIFIED) | ~restores["matched"].astype(bool)]
     for _, r in failed.iterrows():
-        why = r["verdict"] if r["verdict"] != VERIFIED else "no decision made this exploit"
+        why = r["verdict"] if r["verdict"] != VERIFIED else "not the state a LabPBT decision meant"
         lines.append(
             f"{r['verdict'].upper()}: {r[TRIAL_ID]} at iteration {r['iteration']} restored {r['source']}'s "
             f"state {r[RESTORED_ID]}: {why}"

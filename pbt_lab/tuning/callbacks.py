@@ -1,5 +1,5 @@
 """Tune callbacks: why each restore happened; beside LabPBT, its state kept across a resume, and the
-population's own stop."""
+population's own stop; Ray's result loggers minus a loss of reports."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pbt_lab import StorageFull
 from pbt_lab.names import (
@@ -177,3 +178,31 @@ class BudgetStop(tune.Stopper):
 
     def stop_all(self) -> bool:
         return self.spent >= self.budget
+
+
+class _KeepLocalLog:
+    """Ray's trial loggers minus a loss of results (Ray 2.60, seen here).
+
+    Ray copies a trial's ``result.json`` and ``progress.csv`` back from storage whenever the
+    trial restarts from a checkpoint, as PBT's members do after every pause: storage lags the
+    driver's own copy by up to an experiment snapshot (≥ 10 s), so the reports in between were
+    overwritten. These fetch the file only when this driver has none (a resumed run).
+    """
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)
+
+
+class JsonLog(_KeepLocalLog, JsonLoggerCallback):
+    """``result.json``, every report kept."""
+
+
+class CSVLog(_KeepLocalLog, CSVLoggerCallback):
+    """``progress.csv``, every report kept."""
+
+
+def pbt_callbacks(scheduler: LabPBT) -> list[tune.Callback]:
+    """What a Tuner runs beside ``LabPBT`` on any trainable: its state (``KeepPBTState``) and Ray's
+    ``result.json`` and ``progress.csv`` with every report kept (the audit reads them)."""
+    return [KeepPBTState(scheduler), JsonLog(), CSVLog()]

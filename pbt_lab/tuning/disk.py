@@ -58,7 +58,7 @@ class CheckpointKeeper:
             return
         latest = _newest(trial)
         for recipient in trials:
-            self._move_to_recipient(recipient, trial, latest)
+            self._move_to_recipient(recipient, trial, latest, trials)
         state = self._trial_state[trial]
         copied = state.last_checkpoint  # a save in flight (a future) is the latest to be
         if _path(copied) - {latest.checkpoint.path}:
@@ -74,11 +74,13 @@ class CheckpointKeeper:
         registered = len(trial.run_metadata.checkpoint_manager.best_checkpoint_results)
         return registered + sum(holder == trial.trial_id for holder, _ in self.moved.values())
 
-    def _move_to_recipient(self, recipient: Trial, donor: Trial, latest: _TrainingResult) -> None:
+    def _move_to_recipient(
+        self, recipient: Trial, donor: Trial, latest: _TrainingResult, trials: list[Trial]
+    ) -> None:
         """A checkpoint of ``donor`` older than its latest, that ``recipient`` waits to copy, moves into
-        the recipient's directory (the same state: its audit is the same)."""
-        manager = recipient.run_metadata.checkpoint_manager
-        waiting = manager.latest_checkpoint_result
+        the recipient's directory (the same state: its audit is the same). Every member whose latest
+        it is (another recipient of the same state) then restores from there."""
+        waiting = recipient.run_metadata.checkpoint_manager.latest_checkpoint_result
         decision = self._awaited(recipient.trial_id)
         registered = donor.run_metadata.checkpoint_manager.best_checkpoint_results
         source = next(
@@ -86,19 +88,25 @@ class CheckpointKeeper:
         )
         if decision is None or source is None or source.checkpoint.path == latest.checkpoint.path:
             return
-        if recipient.status not in (Trial.PAUSED, Trial.PENDING) or recipient.is_restoring:
-            return  # Ray is restoring it already: from where it lies
+        if recipient.status not in (Trial.PAUSED, Trial.PENDING):
+            return
+        sharing = [t for t in trials if _latest_path(t) == source.checkpoint.path]
+        if any(t.is_restoring for t in sharing):
+            return  # Ray is restoring one from it already: from where it lies
         if self._trial_state[donor].last_checkpoint is source.checkpoint:
             return  # PBT may copy the donor from it again
         checkpoint = source.checkpoint
         target = f"{recipient.storage.trial_fs_path}/{COPY_PREFIX}{decision:06d}"
         _move(checkpoint, target)
-        manager._latest_checkpoint_result = _TrainingResult(
-            Checkpoint(target, checkpoint.filesystem), waiting.metrics
-        )
         self.moved[target] = (recipient.trial_id, checkpoint.filesystem)
         registered.remove(source)  # no longer the donor's
-        self.scheduler.decisions[decision]["moved"] = {"to": target, "why": MOVED}
+        for member in sharing:
+            manager = member.run_metadata.checkpoint_manager
+            manager._latest_checkpoint_result = _TrainingResult(
+                Checkpoint(target, checkpoint.filesystem), manager.latest_checkpoint_result.metrics
+            )
+            if (awaited := self._awaited(member.trial_id)) is not None:
+                self.scheduler.decisions[awaited]["moved"] = {"to": target, "why": MOVED}
 
     def _redirect(self, recipient: Trial, donor: Trial, latest: _TrainingResult, why: str) -> None:
         """A recipient waiting to copy a checkpoint of ``donor`` that is gone copies ``latest`` instead,
@@ -231,6 +239,12 @@ def _move(checkpoint: Checkpoint, target: str) -> None:
 def _own(trial: Trial) -> set[str]:
     """The checkpoints a member saved itself (in its directory)."""
     return {r.checkpoint.path for r in trial.run_metadata.checkpoint_manager.best_checkpoint_results}
+
+
+def _latest_path(trial: Trial) -> str | None:
+    """Where a member restores from next (a paused recipient: its donor's checkpoint)."""
+    latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+    return latest and latest.checkpoint.path
 
 
 def _path(checkpoint) -> set[str]:

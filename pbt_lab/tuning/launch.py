@@ -1,6 +1,6 @@
 """Runs a validated command (``cli.Run``) on Ray Tune with the lab's trainable: starts a local Ray
 or joins a cluster, checks that one trial fits, builds (or restores) the Tuner, and keeps every
-report Ray's loggers would lose.
+report (``callbacks.JsonLog``).
 
     run = cli.parse("grid", GridExperiment, __doc__, argv)
     with cli.one_line_errors(run):
@@ -12,41 +12,17 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import ray
 from ray import tune
 from ray.tune.error import TuneError
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pbt_lab import StorageFull, UserError
 from pbt_lab.storage import is_storage_full, reserve_bytes
-from pbt_lab.tuning.callbacks import NameRestores, StopWhenStorageFull
+from pbt_lab.tuning.callbacks import CSVLog, JsonLog, NameRestores, StopWhenStorageFull
 from pbt_lab.tuning.trainable import LabTrainable
 
 TRIAL_SLOT = "pbt_lab_trial_slot"  # a local Ray's custom resource: resources.max_concurrent of them
-
-
-class _KeepLocalLog:
-    """Ray's trial loggers minus a loss of results (Ray 2.60, seen here).
-
-    Ray copies a trial's ``result.json`` and ``progress.csv`` back from storage whenever the
-    trial restarts from a checkpoint, as PBT's members do after every pause: storage lags the
-    driver's own copy by up to an experiment snapshot (≥ 10 s), so the reports in between were
-    overwritten. These fetch the file only when this driver has none (a resumed run).
-    """
-
-    def _restore_from_remote(self, file_name: str, trial) -> None:
-        if not Path(trial.local_path, file_name).exists():
-            super()._restore_from_remote(file_name, trial)
-
-
-class JsonLog(_KeepLocalLog, JsonLoggerCallback):
-    """``result.json``, every report kept."""
-
-
-class CSVLog(_KeepLocalLog, CSVLoggerCallback):
-    """``progress.csv``, every report kept."""
 
 
 def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:

@@ -3,7 +3,7 @@
     scheduler = LabPBT(metric="loss", mode="min", perturbation_interval=2, seed=0,
                        hyperparam_mutations={"lr": tune.loguniform(1e-4, 1e-1), "opt": {"beta": [0.9, 0.99]}})
     tune.Tuner(any_trainable, tune_config=TuneConfig(scheduler=scheduler),
-               run_config=RunConfig(callbacks=[KeepPBTState(scheduler)]))   # its record, resume, disk bound
+               run_config=RunConfig(callbacks=pbt_callbacks(scheduler)))   # its record, resume, disk bound
 
 Every argument of Ray's ``PopulationBasedTraining`` means what it means there, on any Ray trainable
 (function or class API); ``space`` (config/space.py) replaces ``hyperparam_mutations`` for the lab's own
@@ -55,6 +55,8 @@ from pbt_lab.names import (
     EXPLOITED,
     KEPT,
     NO_CHECKPOINT,
+    RESTORED_ID,
+    RESTORED_SHA256,
     SAVED,
     SCORE,
     SEED,
@@ -161,9 +163,18 @@ class LabPBT(ResumableState, PopulationBasedTraining):
             # The member's next report says whether it carried out its exploit: the donor's checkpoint
             # (a trainable that reports no restores leaves it unknown).
             self._pending[trial.trial_id] = None
+            record = self.decisions[number]
             if EXPLOIT in result:
-                self.decisions[number]["carried_out"] = (
+                record["carried_out"] = (
                     result.get(EXPLOIT) == number and result.get(SEGMENT_FROM) != trial.trial_id
+                )
+            elif RESTORED_ID in result:
+                # Another trainable's record of what it loaded (tuning/audited.py), kept here too: the
+                # audit checks it even where Ray's result.json lost the report.
+                record["restored"] = {k: result.get(k) for k in (RESTORED_ID, RESTORED_SHA256, SEGMENT_FROM)}
+                record["carried_out"] = (
+                    result.get(SEGMENT_FROM) == record["donor"]
+                    and result[RESTORED_ID] == record["donor_state_id"]
                 )
         self._handed.discard(trial.trial_id)
         decided = len(self.decisions)
