@@ -37,6 +37,7 @@ from pbt_lab.storage import (
     file_exists,
     is_storage_full,
     is_uri,
+    join,
     reserve_bytes,
     run_bytes,
     uri_exists,
@@ -107,9 +108,7 @@ class Run:
     @property
     def run_dir(self) -> Path | str:
         """``<storage_path>/<name>``: a Path, or a URI string (Path would fold ``s3://`` into ``s3:/``)."""
-        if is_uri(self.storage_path):
-            return f"{self.storage_path.rstrip('/')}/{self.name}"
-        return Path(self.storage_path) / self.name
+        return join(self.storage_path, self.name)
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
@@ -144,7 +143,7 @@ class Run:
         if self.resume and not exists:
             raise UserError(f"--resume: there is no run {self.run_dir} (check --name and --storage-path)")
         # (A comparison's directory holds its runs, not one: its own check says it starts afresh.)
-        if self.resume and self.kind != "compare" and not file_exists(f"{self.run_dir}/{TUNER_FILE}"):
+        if self.resume and self.kind != "compare" and not file_exists(join(self.run_dir, TUNER_FILE)):
             raise UserError(
                 f"--resume: {self.run_dir} holds no Ray Tune run ({TUNER_FILE} is missing): it cannot go on"
             )

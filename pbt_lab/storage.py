@@ -9,6 +9,8 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,15 @@ LOCAL_URI = "file://"  # a URI of this machine's (or a shared mount's) files: ch
 
 def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
+
+
+def join(location: str | Path, *parts: str) -> str | Path:
+    """``location/part/…``: a path, or a URI with the parts joined to its path, before its query string
+    (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``: Arrow's options stay last)."""
+    if not is_uri(location):
+        return Path(location).joinpath(*parts)
+    base, mark, query = str(location).partition("?")
+    return f"{base.rstrip('/')}/{'/'.join(parts)}{mark}{query}"
 
 
 def _filesystem(uri: str):
@@ -77,7 +88,8 @@ def check_storage(storage: str, flag: str = "--storage-path") -> None:
     """A storage path the run can write, tried without leaving anything behind (``flag`` names it)."""
     local = _local(storage)
     if local is None:
-        return  # listing it (the run-directory check) names a bad scheme, bucket or credentials
+        _try_writing(storage, flag)
+        return
     existing = _nearest_existing(local)
     if not existing.is_dir():
         raise UserError(f"{flag} {storage}: {existing} is a file, not a directory")
@@ -85,6 +97,42 @@ def check_storage(storage: str, flag: str = "--storage-path") -> None:
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError as e:
         raise UserError(f"{flag} {storage}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+PROBE_SECONDS = 30  # an object store that has not answered by then will not serve a run either
+
+
+def _try_writing(uri: str, flag: str) -> None:
+    """Write and delete an empty object under ``uri``: a bucket that does not exist, credentials the
+    store refuses, an endpoint nothing listens on or an unknown scheme fail here, in one line, before
+    Ray starts (listing alone passes a missing bucket). Bounded: an endpoint that never answers too."""
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            filesystem, root = _filesystem(uri)
+            probe = f"{root.rstrip('/')}/.pbt_lab-probe-{uuid.uuid4().hex[:8]}"
+            with filesystem.open_output_stream(probe):
+                pass
+            filesystem.delete_file(probe)
+            outcome.append(None)
+        except Exception as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=attempt, daemon=True)  # a store that hangs must not hold the exit
+    worker.start()
+    worker.join(PROBE_SECONDS)
+    if not outcome:
+        raise UserError(f"{flag} {uri}: no answer from the storage in {PROBE_SECONDS} s")
+    if isinstance(outcome[0], UserError):
+        raise UserError(f"{flag} {str(outcome[0]).removeprefix('storage ')}") from None
+    if outcome[0] is not None:
+        raise UserError(f"{flag} {uri}: cannot write there ({_first_line(outcome[0])})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """An Arrow error's first line, without the AWS SDK's request details after it."""
+    return str(error).strip().splitlines()[0]
 
 
 def run_bytes(trials: int, reports_per_trial: int, checkpoints: int, checkpoint_bytes: int) -> int:

@@ -1,10 +1,14 @@
 """Shared fixtures: the bundled data once per session, the full MNIST file when it is beside the repo,
-one local Ray, and the quick grid and quick PBT runs (each run once per session, read by several modules)."""
+one local Ray, the quick grid and quick PBT runs (each run once per session, read by several modules),
+and a local S3 server."""
 
 import json
+import os
 import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -151,3 +155,75 @@ def quick_compare(ray_session, tmp_path_factory):
     argv = ["--config", str(CONFIGS / "compare-quick.yaml"), "--storage-path", str(storage)]
     assert compare.main([*argv, "--name", "compare", *COMPARE_SMALL]) == 0
     return storage / "compare"
+
+
+@dataclass(frozen=True)
+class LocalS3:
+    """A local S3-compatible server (moto) and the one user whose keys it accepts."""
+
+    host: str  # 127.0.0.1:PORT
+    keys: dict  # AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of that user
+    bucket: str = "runs"
+
+    def uri(self, path: str, bucket: str | None = None) -> str:
+        """The form Arrow and Ray document for an S3-compatible store: options in the query string."""
+        options = f"endpoint_override={self.host}&scheme=http&region=us-east-1"
+        return f"s3://{bucket or self.bucket}/{path}?{options}"
+
+    def env(self, **more) -> dict:
+        """This process's environment with the user's keys (a run's local Ray and its workers inherit it)."""
+        return {**os.environ, **self.keys, **more}
+
+    def objects(self, prefix: str) -> dict[str, int]:
+        """Every object stored under ``prefix`` in the bucket: key → size."""
+        client = self.client(**self.keys)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+    def read_parquet(self, key: str):
+        """A table stored in the bucket, read as the user's keys allow."""
+        import io
+
+        import pandas as pd
+
+        body = self.client(**self.keys).get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return pd.read_parquet(io.BytesIO(body))
+
+    def client(self, service: str = "s3", **keys):
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=f"http://{self.host}",
+            region_name="us-east-1",
+            aws_access_key_id=keys.get("AWS_ACCESS_KEY_ID", "setup"),
+            aws_secret_access_key=keys.get("AWS_SECRET_ACCESS_KEY", "setup"),
+        )
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """moto's S3 server on the loopback address, checking credentials as S3 does: one bucket, one IAM
+    user allowed s3:*, and every request after the set-up signed with that user's keys or refused."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host = f"127.0.0.1:{server.get_host_and_port()[1]}"
+    setup = LocalS3(host, {})
+    setup.client().create_bucket(Bucket=setup.bucket)
+    iam = setup.client("iam")
+    iam.create_user(UserName="lab")
+    allow_s3 = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="lab", PolicyName="s3", PolicyDocument=json.dumps(allow_s3))
+    key = iam.create_access_key(UserName="lab")["AccessKey"]
+    # From here on moto authenticates every request (its set-up requests were the unauthenticated ones).
+    reset = f"http://{host}/moto-api/reset-auth"
+    urllib.request.urlopen(urllib.request.Request(reset, b"0", {"Content-Type": "text/plain"}, method="POST"))
+    yield LocalS3(
+        host, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    )
+    server.stop()

@@ -665,6 +665,37 @@ def test_two_recipients_waiting_on_one_checkpoint_both_restore_it_after_it_moves
         assert bool(s.keeper.moved) == (member == "a")  # b still restores from it after a saved
 
 
+def test_a_donor_checkpoint_a_recipient_resumes_from_stays_until_storage_has_a_later_snapshot():
+    """a restored e's e2 and trains on; the snapshot in storage names e2 as a's latest, so a resume
+    restores a from it: it stays while e saves on and a saves its own, until a later snapshot is stored."""
+    s = lab_pbt(seed=0, perturbation_interval=2, quantile_fraction=0.2)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 2, score, state_id=f"{name}2")
+    report(s, controller, m["a"], 4, 0.10, state_id="a4")  # a copies e2
+    decision = s.decisions[-1]
+    e2 = Path(m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result.checkpoint.path)
+    Storage.stored = Storage.uploading = None
+    report(s, controller, m["e"], 4, 0.95, state_id="e4")
+    controller.pause_trial(m["e"])  # e saves e4: e2 is no longer e's latest
+    copied = {"segment_from": "e", "exploit_decision": decision["decision"]}
+    report(s, controller, m["a"], 3, 0.6, state_id="a3", **copied)  # carried out: it trains on from e2
+    assert "a" not in s._pending or s._pending["a"] is None
+    s.keeper.snapshot_taken()  # names e2 as a's latest
+    Storage.uploading = s.keeper.snapshot_count
+    controller.pause_trial(m["a"])  # a saves a3: the live run no longer needs e2
+    for iteration in (6, 8, 10, 12):
+        report(s, controller, m["e"], iteration, 0.95, state_id=f"e{iteration}")
+        controller.pause_trial(m["e"])
+        s.keeper.make_room(m["e"], controller.members)  # waits for the upload: storage holds that snapshot
+        assert (e2 / "state").read_text() == "e2"
+    s.keeper.snapshot_taken()  # names a3
+    Storage.uploading = s.keeper.snapshot_count
+    Storage.upload()
+    s.keeper.make_room(m["e"], controller.members)
+    assert not e2.exists()
+
+
 def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
     s = lab_pbt(
         seed=0,

@@ -31,6 +31,7 @@ from pbt_lab.names import (
 )
 from pbt_lab.results.audit import audit_failures
 from pbt_lab.results.breakdown import breakdown_table
+from pbt_lab.storage import join
 
 # Of the slot-seconds: healthy runs leave 0.2–2 % idle (README), a population on one of two slots 50 %.
 IDLE_WARNING = 0.10
@@ -120,8 +121,8 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     failed = tables["trials"][tables["trials"][STATUS] == ERROR]
     for _, t in failed.iterrows():
         lines.append(f"FAILED {t['trial_id']} ({t[OPTIMIZER]}, lr {t[LR]:.3g}): {t[ERROR]}")
-    lines.append(f"tables:  {run_dir}/{{{TRIALS}, {HISTORY}, {SUMMARY}}}")
-    lines.append(f"figures: {run_dir}/{FIGURES}/")
+    lines.append(f"tables:  {join(run_dir, f'{{{TRIALS}, {HISTORY}, {SUMMARY}}}')}")
+    lines.append(f"figures: {join(run_dir, FIGURES + '/')}")
     lines.append(f"tensorboard --logdir {run_dir}")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from pbt_lab import StorageFull
 from pbt_lab.names import (
     EXPLOIT_RESTORE,
+    NODE_ID,
     PAUSE_RESTORE,
     RESTART_RESTORE,
     RESTORE_KIND,
@@ -33,11 +34,13 @@ class NameRestores(tune.Callback):
     """Names why a trial restored a checkpoint, in the first report after the restore (Ray lets a
     callback add to a result before its loggers write it): another member's checkpoint is an exploit;
     its own is a restart after a failure (Ray's ``on_trial_recover``), a resume (its first report to
-    this driver) or else a pause (PBT's turns). The audit counts restores by kind."""
+    this driver) or else a pause (PBT's turns). The audit counts restores by kind. A restart prints one
+    line: where the member trained before and where it goes on (a lost node's members move)."""
 
     def __init__(self):
         self._recovering: set[str] = set()
         self._reported: set[str] = set()  # trials that reported to this driver
+        self._node: dict[str, str] = {}  # each trial's node at its last report
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._recovering.add(trial.trial_id)
@@ -47,6 +50,9 @@ class NameRestores(tune.Callback):
         self._reported.add(trial.trial_id)
         recovering = trial.trial_id in self._recovering
         self._recovering.discard(trial.trial_id)  # a restart without a checkpoint restored nothing
+        before, self._node[trial.trial_id] = self._node.get(trial.trial_id), result.get(NODE_ID)
+        if recovering:
+            print(restart_line(trial.trial_id, before, result), flush=True)
         if result.get(RESTORED_SHA256) is None:
             return
         if result.get(SEGMENT_FROM) != trial.trial_id:
@@ -55,6 +61,19 @@ class NameRestores(tune.Callback):
             result[RESTORE_KIND] = RESTART_RESTORE
         else:
             result[RESTORE_KIND] = RESUME_RESTORE if first else PAUSE_RESTORE
+
+
+def restart_line(trial_id: str, node_before: str | None, result: dict) -> str:
+    """``MOVED:`` (on another node: its node was lost) or ``RESTARTED:`` (the same), and from what."""
+    before, after = (node_before or "?")[:8], (result.get(NODE_ID) or "?")[:8]
+    moved = node_before is not None and result.get(NODE_ID) != node_before
+    since = (
+        f"its checkpoint at step {result.get(SEGMENT_STEP)}"
+        if result.get(RESTORED_SHA256) is not None
+        else "the start (no checkpoint yet)"
+    )
+    failed = f"MOVED: {trial_id} failed on node {before}" if moved else f"RESTARTED: {trial_id} failed"
+    return f"{failed}; it continues on node {after} from {since}"
 
 
 class StopWhenStorageFull(tune.Callback):

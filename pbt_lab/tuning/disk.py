@@ -10,7 +10,11 @@ very state decided, so neither the lineage nor a seed's reproducibility depends 
 snapshots); PBT's copy of an older ranked state is dropped; and if a snapshot is still on its way to
 storage, the driver waits for it, so that the snapshot before it names nothing any more. A
 snapshot's recipient waiting on a donor's checkpoint does not hold it: if it is gone when the run
-resumes, the recipient copies the donor's checkpoint that snapshot names (``redirect_resumed``).
+resumes, the recipient copies the donor's checkpoint that snapshot names (``redirect_resumed``). A
+recipient that restored the donor's checkpoint and has not saved since resumes from it: the
+snapshot holds it in the donor's directory until storage has a later one (found on S3, where a
+resume restored a recipient from a donor checkpoint deleted after the snapshot named it); the donor
+may hold one over the bound meanwhile.
 """
 
 from __future__ import annotations
@@ -195,7 +199,9 @@ class CheckpointKeeper:
                     r.checkpoint.path
                     for t in self._trial_state
                     if (r := t.run_metadata.checkpoint_manager.latest_checkpoint_result)
-                    and r.checkpoint.path in _own(t)  # a recipient's donor checkpoint: redirect_resumed
+                    # A waiting recipient's donor checkpoint is not held (redirect_resumed); one it
+                    # restored already and has not saved over is: its resume starts there.
+                    and (r.checkpoint.path in _own(t) or self._awaited(t.trial_id) is None)
                 },
             )
         )
