@@ -387,9 +387,13 @@ class Member:
         self.storage = Storage(root / name)
         self.local_experiment_path = self.local_dir = str(root)  # where Ray's policy logs go
         self.last_result: dict = {}
+        self.retries_left = 0  # run.max_failures minus its failures so far
 
     def is_finished(self):
         return self.status in (Trial.TERMINATED, Trial.ERROR)
+
+    def should_recover(self):
+        return self.retries_left > 0
 
     @property
     def checkpoint(self):
@@ -417,6 +421,8 @@ class Controller:
 
     def __init__(self, members: list[Member], root: Path):
         self.members, self.root, self.saves = members, root, 0
+        self.recovered: list[Member] = []  # members requeued through Ray's on_trial_recover
+        self.requeued: list[Member] = []
 
     def _schedule_trial_save(self, trial, result=None):
         self.saves += 1  # a real directory, as Ray's would be, with the state's id in it
@@ -432,6 +438,21 @@ class Controller:
         if should_checkpoint:  # a pause saves the state the member last reported
             self._schedule_trial_save(trial, trial.last_result)
         trial.status = Trial.PAUSED
+
+    # Ray's private requeue, as LabPBT uses it for a member that failed while starting
+    _iteration = 0
+
+    def _requeue_trial(self, trial):  # Ray's: the scheduler told of the error again, then re-added
+        trial.status = Trial.PENDING
+        self.requeued.append(trial)
+
+    @property
+    def _trials(self):
+        return self.members
+
+    @property
+    def _callbacks(self):
+        return SimpleNamespace(on_trial_recover=lambda iteration, trials, trial: self.recovered.append(trial))
 
 
 def population(s: LabPBT, lrs: dict) -> tuple[Controller, dict]:
@@ -576,6 +597,22 @@ def test_synchronous_pbt_decides_when_a_member_ends_before_the_sync_point(leaves
     assert {d["action"] for d in s.decisions} == {"save", "exploit"}  # b copies a
     assert s._next_perturbation_sync == 4
     assert s.choose_trial_to_run(controller) is not None  # the population goes on
+
+
+@pytest.mark.parametrize("retries_left", [1, 0])
+def test_a_member_that_fails_while_its_worker_starts_is_requeued_while_it_has_retries(retries_left):
+    """Ray 2.60 retries only a running trial: one whose worker died while starting or restoring (its
+    node lost) ends in error; LabPBT requeues it (Ray's own restart path) if it has retries left."""
+    s = lab_pbt(seed=0, perturbation_interval=2)
+    controller, m = population(s, {name: 1e-3 for name in "abc"})
+    m["c"].status, m["c"].retries_left = Trial.PENDING, retries_left
+    s.on_trial_error(controller, m["c"])  # as Ray calls it, then marks the trial ERROR
+    m["c"].status = Trial.ERROR
+    s.choose_trial_to_run(controller)
+    if retries_left:
+        assert m["c"].status == Trial.PENDING and controller.recovered == controller.requeued == [m["c"]]
+    else:
+        assert m["c"].status == Trial.ERROR and not controller.recovered and "c" in s._gone
 
 
 def test_synchronous_pbt_when_the_last_to_report_is_the_one_exploited():

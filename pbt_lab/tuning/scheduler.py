@@ -177,6 +177,7 @@ class LabPBT(ResumableState, PopulationBasedTraining):
                     and result[RESTORED_ID] == record["donor_state_id"]
                 )
         self._handed.discard(trial.trial_id)
+        self._gone.discard(trial.trial_id)  # a member that failed and was retried is back
         decided = len(self.decisions)
         decision = super().on_trial_result(tune_controller, trial, result)
         if len(self.decisions) > decided:
@@ -194,7 +195,23 @@ class LabPBT(ResumableState, PopulationBasedTraining):
 
     def on_trial_error(self, tune_controller, trial: Trial):
         super().on_trial_error(tune_controller, trial)
+        if trial.should_recover() and trial.status in (Trial.ERROR, Trial.PENDING):
+            # ERROR: Ray requeues it (a running member failed). PENDING: it failed while its worker
+            # started or restored (its node lost, say): Ray 2.60 retries only a running trial and would
+            # end this one with retries left, so it is requeued at the next turn (not gone).
+            return
         self._leaves(tune_controller, trial)
+
+    def _requeue_failed_starts(self, tune_controller) -> None:
+        """The members that failed while starting go back to the queue through Ray's own requeue of a
+        running one (Ray 2.60's private controller: ``_requeue_trial``, then its callbacks)."""
+        controller = getattr(tune_controller, "_tune_controller", tune_controller)
+        for trial in list(tune_controller.get_trials()):
+            if trial.status == Trial.ERROR and trial.trial_id not in self._gone and trial.should_recover():
+                controller._requeue_trial(trial)
+                controller._callbacks.on_trial_recover(
+                    iteration=controller._iteration, trials=controller._trials, trial=trial
+                )
 
     def on_trial_remove(self, tune_controller, trial: Trial):
         super().on_trial_remove(tune_controller, trial)
@@ -228,6 +245,7 @@ class LabPBT(ResumableState, PopulationBasedTraining):
         )
 
     def choose_trial_to_run(self, tune_controller):
+        self._requeue_failed_starts(tune_controller)
         waiting = sorted(
             (
                 t
