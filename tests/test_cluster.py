@@ -26,6 +26,7 @@ import yaml
 from pbt_lab import cli
 from pbt_lab.config import PBTExperiment
 from pbt_lab.names import HISTORY, LINEAGE, SUMMARY, TRIALS
+from pbt_lab.results import read_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_CONFIGS = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -163,10 +164,9 @@ from pbt_lab import pbt
 
 head = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False}
 cluster = Cluster(initialize_head=True, head_node_args=head)
-cluster.add_node(num_cpus=2, num_gpus=1)
+second = cluster.add_node(num_cpus=2, num_gpus=1)
 cluster.wait_for_nodes()
-nodes = [cluster.head_node.node_id] + [n.node_id for n in cluster.worker_nodes]
-print("NODES " + json.dumps(nodes), flush=True)
+print("NODES " + json.dumps([cluster.head_node.node_id, second.node_id]), flush=True)
 try:
     code = pbt.main(["--address", cluster.address, *sys.argv[1:]])
 finally:
@@ -176,45 +176,46 @@ sys.exit(code)
 """
 
 
-@pytest.mark.slow
-def test_pbt_spreads_over_two_nodes_and_exploits_across_them(isolated_ray, tmp_path):
-    runs = tmp_path / "runs"  # shared by both nodes, reached as a URI the way s3:// is
-    argv = [
-        "--config",
-        PBT_QUICK,
-        "--storage-path",
-        f"file://{runs}",
-        "--name",
-        "two-nodes",
-        "--set",
-        "resources.gpu=0.5",  # one fake GPU per node: two members per node
-        "--set",
-        "train.max_steps=400",
-        "--set",
-        "pbt.quantile_fraction=0.4",
-    ]  # 2 of 5: more exploits to cross
+def two_nodes(env: dict, cwd: Path, *argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The lab's PBT on a two-node Ray cluster (``ray.cluster_utils.Cluster``), and the nodes' ids."""
     done = subprocess.run(
         [sys.executable, "-c", TWO_NODES, *argv],
-        env=isolated_ray,
-        cwd=tmp_path,
+        env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
+    (cwd / "two_nodes.log").write_text(done.stdout + done.stderr)  # the whole console, for a failure
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nodes = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("NODES "))[6:])
-    run = runs / "two-nodes"
-    assert {TRIALS, HISTORY, LINEAGE, SUMMARY} <= {
-        p.name for p in run.iterdir()
-    }  # tables written through the URI
-    trials = pd.read_parquet(run / TRIALS)
-    history = pd.read_parquet(run / HISTORY)
-    lineage = pd.read_parquet(run / LINEAGE)
+    return done, nodes
+
+
+@pytest.mark.slow
+def test_pbt_spreads_over_two_nodes_and_exploits_across_them_through_s3(
+    isolated_ray, local_s3, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", local_s3.keys["AWS_ACCESS_KEY_ID"])  # this process reads it too
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", local_s3.keys["AWS_SECRET_ACCESS_KEY"])
+    argv = [
+        *("--config", PBT_QUICK, "--storage-path", local_s3.uri("cluster"), "--name", "two-nodes"),
+        *("--set", "resources.gpu=0.5"),  # one fake GPU per node: two members per node
+        *("--set", "train.max_steps=400"),
+        *("--set", "pbt.quantile_fraction=0.4"),  # 2 of 5: more exploits to cross
+    ]
+    started = time.perf_counter()
+    _, nodes = two_nodes({**isolated_ray, **local_s3.keys}, tmp_path, *argv)
+    run = local_s3.uri("cluster/two-nodes")
+    stored = local_s3.objects("cluster/two-nodes/")
+    assert {TRIALS, HISTORY, LINEAGE, SUMMARY} <= {k.removeprefix("cluster/two-nodes/") for k in stored}
+    trials, history, summary = read_tables(run)
+    lineage = local_s3.read_parquet(f"cluster/two-nodes/{LINEAGE}")
     assert len(trials) == 5 and (trials["status"] != "error").all()
     assert set(history["node_id"]) == set(nodes) and len(nodes) == 2, "members trained on both nodes"
 
     # Where each exploit's checkpoint was written (the donor's node when it reported that step) and
-    # where it was read.
+    # where it was read: through the bucket, the only storage the nodes share.
     def node(trial_id, column, value):
         rows = history[(history["trial_id"] == trial_id) & (history[column] == value)]
         return rows["node_id"].iloc[0] if len(rows) else None
@@ -224,11 +225,12 @@ def test_pbt_spreads_over_two_nodes_and_exploits_across_them(isolated_ray, tmp_p
         for _, e in lineage.iterrows()
     ]
     assert any(written and written != read for written, read in moves), f"no exploit crossed nodes: {moves}"
-    summary = json.loads((run / SUMMARY).read_text())
-    assert summary["run_dir"] == f"file://{run}"
+    assert summary["run_dir"] == run
     e = summary["exploits"]  # every copy across nodes audited: decided, and the state the donor saved
     assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"] >= 1
     assert (lineage["verdict"] == "verified").all()
+    wall, size = time.perf_counter() - started, sum(stored.values()) / 1e6
+    print(f"two nodes on S3: {wall:.0f} s, {len(moves)} exploits, {len(stored)} objects, {size:.1f} MB")
 
 
 @pytest.mark.slow
@@ -297,6 +299,94 @@ def test_entry_point_joins_a_head_started_with_ray_start(isolated_ray, tmp_path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         trials = pd.read_parquet(tmp_path / "runs" / "joined" / TRIALS)
         assert list(trials["node_id"]) == [head_node] and list(trials["steps"]) == [100]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        log.close()
+
+
+def ray_job(address: str, env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``ray job ARGS --address ADDRESS``: Ray's Jobs CLI, with the head's auth token in ``env``."""
+    command = ["ray", "job", *args[:1], "--address", address, *args[1:]]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def job_status(address: str, env: dict, job: str) -> str:
+    """A job's status as ``ray job status`` prints it (a finished job's as a sentence)."""
+    said = re.sub(r"\x1b\[[0-9;]*m", "", (done := ray_job(address, env, "status", job, timeout=60)).stdout)
+    found = re.search(r"Status for job '[^']+': (\w+)", said)
+    ended = re.search(r"Job '[^']+' (was stopped|succeeded|failed)", said)
+    names = {"was stopped": "STOPPED", "succeeded": "SUCCEEDED", "failed": "FAILED"}
+    return found[1] if found else names[ended[1]] if ended else said + done.stderr
+
+
+@pytest.mark.slow
+def test_a_ray_job_submitted_followed_stopped_and_resumed(isolated_ray, tmp_path):
+    """Against a head started with ``ray start --head`` (its dashboard serving the Jobs API, token
+    authentication on): a quick PBT submitted as a Ray Job, followed, stopped, and resumed as another."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard = s.getsockname()[1]
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (the head process writes to it until the test ends)
+    head = subprocess.Popen(
+        [
+            *("ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1"),
+            *("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"),
+            "--block",
+        ],
+        env=isolated_ray,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    jobs, runs = f"http://127.0.0.1:{dashboard}", tmp_path / "runs"
+    entry = [
+        *(sys.executable, "-m", "pbt_lab.pbt", "--config", PBT_QUICK, "--address", "auto"),
+        *("--storage-path", str(runs), "--name", "job", "--set", "resources.gpu=0.5"),
+        *("--set", "train.max_steps=1000"),
+    ]
+    try:
+        for _ in range(90):  # the Jobs API answers once the dashboard is up
+            if ray_job(jobs, isolated_ray, "list", timeout=60).returncode == 0:
+                break
+            time.sleep(1)
+        submitted = ray_job(
+            jobs, isolated_ray, "submit", "--submission-id", "pbt-1", "--no-wait", "--", *entry
+        )
+        assert submitted.returncode == 0, (
+            submitted.stdout + submitted.stderr + (tmp_path / "head.log").read_text()
+        )
+        deadline = time.time() + 300  # followed until PBT has decided an exploit
+        while time.time() < deadline and job_status(jobs, isolated_ray, "pbt-1") in ("PENDING", "RUNNING"):
+            state = runs / "job" / "pbt_state.json"
+            if state.is_file() and any(
+                d["action"] == "exploit" for d in json.loads(state.read_text())["decisions"]
+            ):
+                break
+            time.sleep(1)
+        assert job_status(jobs, isolated_ray, "pbt-1") == "RUNNING"
+        stopped = ray_job(jobs, isolated_ray, "stop", "pbt-1")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert job_status(jobs, isolated_ray, "pbt-1") == "STOPPED"
+        first = ray_job(jobs, isolated_ray, "logs", "pbt-1").stdout
+        assert "Trial status" in first  # the job's log is the driver's console
+
+        resumed = ray_job(jobs, isolated_ray, "submit", "--submission-id", "pbt-2", "--", *entry, "--resume")
+        assert job_status(jobs, isolated_ray, "pbt-2") == "SUCCEEDED", resumed.stdout[-3000:] + resumed.stderr
+        logs = ray_job(jobs, isolated_ray, "logs", "pbt-2").stdout
+        assert re.search(r"^restores: \d+ \(.*resume.*\): \d+ verified$", logs, re.M), logs[-3000:]
+        assert re.search(r"^winner \S+: ", logs, re.M)
+        trials, _, summary = read_tables(runs / "job")
+        assert (
+            len(trials) == 5
+            and (trials["steps"] == 1000).all()
+            and set(trials["status"]) <= {"reached", "capped"}
+        )
+        e = summary["exploits"]
+        assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"] >= 1
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)

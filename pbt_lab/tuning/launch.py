@@ -50,6 +50,9 @@ def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
             # Ray itself would join that one.
             ray.init(
                 address=address or "local",
+                # A local Ray the lab starts has no dashboard (ray[default] would start one): the lab's
+                # tables and TensorBoard show the run; `ray start --head` and --address auto give one.
+                include_dashboard=False if not address else None,
                 logging_level="WARNING",
                 resources=slots or None,
                 log_to_driver=log_to_driver,  # off: workers' TensorFlow start-up lines stay in Ray's logs
