@@ -108,7 +108,10 @@ def test_default_run_names_do_not_collide(tmp_path):
     [
         (["--address", "localhost"], "--address 'localhost': expected auto or HOST:PORT"),
         (["--name", "a/b"], "--name 'a/b': use letters"),
-        (["--storage-path", "nosuchscheme://bucket/runs"], "storage nosuchscheme://bucket/runs/pbt-"),
+        (
+            ["--storage-path", "nosuchscheme://bucket/runs"],
+            "--storage-path nosuchscheme://bucket/runs: Unrecognized filesystem type",
+        ),
         (["--resume", "--name", "gone"], "--resume: there is no run"),
     ],
 )
@@ -233,11 +236,16 @@ def test_pbt_spreads_over_two_nodes_and_exploits_across_them_through_s3(
     print(f"two nodes on S3: {wall:.0f} s, {len(moves)} exploits, {len(stored)} objects, {size:.1f} MB")
 
 
-@pytest.mark.slow
-def test_entry_point_joins_a_head_started_with_ray_start(isolated_ray, tmp_path):
+def free_port() -> int:
+    """A loopback port nothing listens on now (the OS's pick)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_entry_point_joins_a_head_started_with_ray_start(isolated_ray, tmp_path):
+    port = free_port()
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (the head process writes to it until the test ends)
     head = subprocess.Popen(
         [
@@ -324,12 +332,7 @@ def job_status(address: str, env: dict, job: str) -> str:
 def test_a_ray_job_submitted_followed_stopped_and_resumed(isolated_ray, tmp_path):
     """Against a head started with ``ray start --head`` (its dashboard serving the Jobs API, token
     authentication on): a quick PBT submitted as a Ray Job, followed, stopped, and resumed as another."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dashboard = s.getsockname()[1]
+    port, dashboard = free_port(), free_port()
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (the head process writes to it until the test ends)
     head = subprocess.Popen(
         [
