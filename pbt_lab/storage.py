@@ -47,7 +47,7 @@ def _filesystem(uri: str):
     try:
         return fs.FileSystem.from_uri(uri)
     except Exception as e:  # unknown scheme, no credentials, bucket not found…
-        raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"storage {uri}: {_first_line(e)}") from None
 
 
 def uri_exists(uri: str) -> bool:
@@ -58,7 +58,7 @@ def uri_exists(uri: str) -> bool:
     try:
         return any(filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)))
     except OSError as e:
-        raise UserError(f"storage {uri}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"storage {uri}: {_first_line(e)}") from None
 
 
 def file_exists(path: str | Path) -> bool:
@@ -71,7 +71,7 @@ def file_exists(path: str | Path) -> bool:
     try:
         return filesystem.get_file_info(where).type == fs.FileType.File
     except OSError as e:
-        raise UserError(f"storage {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"storage {path}: {_first_line(e)}") from None
 
 
 def _local(storage: str) -> Path | None:
