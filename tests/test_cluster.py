@@ -332,12 +332,13 @@ def job_status(address: str, env: dict, job: str) -> str:
 def test_a_ray_job_submitted_followed_stopped_and_resumed(isolated_ray, tmp_path):
     """Against a head started with ``ray start --head`` (its dashboard serving the Jobs API, token
     authentication on): a quick PBT submitted as a Ray Job, followed, stopped, and resumed as another."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()  # (another head's agent may linger)
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (the head process writes to it until the test ends)
     head = subprocess.Popen(
         [
             *("ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1"),
             *("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"),
+            f"--dashboard-agent-listen-port={agent}",
             "--block",
         ],
         env=isolated_ray,
@@ -352,13 +353,13 @@ def test_a_ray_job_submitted_followed_stopped_and_resumed(isolated_ray, tmp_path
         *("--set", "train.max_steps=1000"),
     ]
     try:
-        for _ in range(90):  # the Jobs API answers once the dashboard is up
-            if ray_job(jobs, isolated_ray, "list", timeout=60).returncode == 0:
+        for _ in range(90):  # the head takes jobs once its dashboard and its node's agent are up
+            submitted = ray_job(
+                jobs, isolated_ray, "submit", "--submission-id", "pbt-1", "--no-wait", "--", *entry
+            )
+            if submitted.returncode == 0:  # (a refused submission creates no job: it is sent again)
                 break
             time.sleep(1)
-        submitted = ray_job(
-            jobs, isolated_ray, "submit", "--submission-id", "pbt-1", "--no-wait", "--", *entry
-        )
         assert submitted.returncode == 0, (
             submitted.stdout + submitted.stderr + (tmp_path / "head.log").read_text()
         )
