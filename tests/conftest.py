@@ -170,6 +170,11 @@ class LocalS3:
         options = f"endpoint_override={self.host}&scheme=http&region=us-east-1"
         return f"s3://{bucket or self.bucket}/{path}?{options}"
 
+    def use_keys(self, monkeypatch) -> None:
+        """This process reads the bucket too (the tables, through pyarrow): the user's keys, for the test."""
+        for name, value in self.keys.items():
+            monkeypatch.setenv(name, value)
+
     def env(self, **more) -> dict:
         """This process's environment with the user's keys (a run's local Ray and its workers inherit it)."""
         return {**os.environ, **self.keys, **more}

@@ -199,8 +199,7 @@ def two_nodes(env: dict, cwd: Path, *argv: str) -> tuple[subprocess.CompletedPro
 def test_pbt_spreads_over_two_nodes_and_exploits_across_them_through_s3(
     isolated_ray, local_s3, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", local_s3.keys["AWS_ACCESS_KEY_ID"])  # this process reads it too
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", local_s3.keys["AWS_SECRET_ACCESS_KEY"])
+    local_s3.use_keys(monkeypatch)  # this process reads the bucket too
     argv = [
         *("--config", PBT_QUICK, "--storage-path", local_s3.uri("cluster"), "--name", "two-nodes"),
         *("--set", "resources.gpu=0.5"),  # one fake GPU per node: two members per node

@@ -765,17 +765,18 @@ def test_a_trainable_that_reports_no_restores_leaves_carried_out_unknown():
 
 
 @pytest.mark.parametrize(
-    "loaded_from, state, carried_out", [("e", None, True), ("a", "a1", False), ("e", "e0", False)]
+    "loaded_from, state, carried_out", [("e", "e1", True), ("a", "a1", False), ("e", "e0", False)]
 )
 def test_a_trainable_reporting_audited_records_says_what_its_exploit_loaded(loaded_from, state, carried_out):
     # tuning/audited.py's record in the first report after the exploit: the donor's decided state, or not.
     s = lab_pbt(seed=0, perturbation_interval=1)
-    controller, m, decision = first_exploit(s)
-    loaded = {
-        "restored_id": state or decision["donor_state_id"],
-        "restored_sha256": "x",
-        "segment_from": loaded_from,
-    }
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score, state_id=f"{name}1")
+    report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e's state e1
+    decision = s.decisions[-1]
+    assert (decision["donor"], decision["donor_state_id"]) == ("e", "e1")
+    loaded = {"restored_id": state, "restored_sha256": "x", "segment_from": loaded_from}
     result = {"training_iteration": 3, "score": 0.85, "diverged": False, **loaded}
     m["a"].last_result = result
     s.on_trial_result(controller, m["a"], result)

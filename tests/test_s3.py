@@ -46,8 +46,7 @@ def stored_decisions(local_s3, key: str) -> list[dict]:
 def test_pbt_on_s3_resumes_after_a_kill_and_its_tables_rebuild_and_its_winner_replays(
     local_s3, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", local_s3.keys["AWS_ACCESS_KEY_ID"])  # this process reads it too
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", local_s3.keys["AWS_SECRET_ACCESS_KEY"])
+    local_s3.use_keys(monkeypatch)  # this process reads the bucket too
     storage, env = local_s3.uri("lab"), local_s3.env()
     run = local_s3.uri("lab/cut")
     argv = ["--config", str(CONFIGS / "pbt-quick.yaml"), "--storage-path", storage, "--name", "cut"]
@@ -115,8 +114,7 @@ def test_pbt_on_s3_resumes_after_a_kill_and_its_tables_rebuild_and_its_winner_re
 
 @pytest.mark.slow
 def test_a_grid_on_s3_named_by_the_endpoint_variable(local_s3, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", local_s3.keys["AWS_ACCESS_KEY_ID"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", local_s3.keys["AWS_SECRET_ACCESS_KEY"])
+    local_s3.use_keys(monkeypatch)  # this process reads the bucket too
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{local_s3.host}")  # the plain URI's endpoint
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     started = time.perf_counter()
