@@ -1,11 +1,13 @@
 """Shared fixtures: the bundled data once per session, the full MNIST file when it is beside the repo,
 one local Ray, the quick grid and quick PBT runs (each run once per session, read by several modules),
-and a local S3 server."""
+and a local S3 server; a private Ray cluster of two nodes in a subprocess."""
 
 import json
 import os
+import secrets
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -15,7 +17,8 @@ import pytest
 
 from pbt_lab.training.data import load_dataset
 
-FULL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
+ROOT = Path(__file__).resolve().parents[1]
+FULL_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +44,7 @@ def ray_session():
     ray.shutdown()
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 
 
 @pytest.fixture(scope="session")
@@ -232,3 +235,79 @@ def local_s3():
         host, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
     )
     server.stop()
+
+
+# --- a private two-node Ray cluster ------------------------------------------------------------
+
+
+@pytest.fixture
+def isolated_ray(tmp_path):
+    """Environment for a private Ray: its own temp dir (short: Ray's socket paths must fit in
+    107 bytes) and token authentication with a fresh token."""
+    temp = tempfile.mkdtemp(prefix="pl", dir="/tmp")
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_TMPDIR=temp,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(ROOT),
+    )
+    yield env
+    subprocess.run(["rm", "-rf", temp], check=False)
+
+
+# The second node is lost (its raylet killed, no graceful drain) once the run holds LOSE_AFTER
+# checkpoints, if asked: the line LOST says when.
+TWO_NODES = """
+import importlib, json, os, re, sys, threading, time
+import pyarrow.fs
+import ray
+from ray.cluster_utils import Cluster
+
+head = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False}
+cluster = Cluster(initialize_head=True, head_node_args=head)
+second = cluster.add_node(num_cpus=2, num_gpus=1)
+cluster.wait_for_nodes()
+print("NODES " + json.dumps([cluster.head_node.node_id, second.node_id]), flush=True)
+
+def lose_second(run, after):
+    fs, path = pyarrow.fs.FileSystem.from_uri(run)
+    while True:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+        if len({m[0] for i in found if (m := re.search(r".*/checkpoint_[0-9]+", i.path))}) >= after:
+            print(f"LOST {time.time()}", flush=True)
+            cluster.remove_node(second, allow_graceful=False)
+            return
+        time.sleep(0.2)
+
+if os.environ.get("LOSE_RUN"):
+    args = (os.environ["LOSE_RUN"], int(os.environ["LOSE_AFTER"]))
+    threading.Thread(target=lose_second, args=args, daemon=True).start()
+command = importlib.import_module("pbt_lab.experiments." + sys.argv[1])
+try:
+    code = command.main(["--address", cluster.address, *sys.argv[2:]])
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+sys.exit(code)
+"""
+
+
+def two_nodes(env: dict, cwd: Path, command: str, *argv: str) -> tuple[subprocess.CompletedProcess, list]:
+    """The lab's ``command`` (pbt, grid) on a two-node Ray cluster (``ray.cluster_utils.Cluster``), and
+    the nodes' ids, head first."""
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_NODES, command, *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    (cwd / "two_nodes.log").write_text(done.stdout + done.stderr)  # the whole console, for a failure
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    nodes = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("NODES "))[6:])
+    return done, nodes

@@ -10,18 +10,17 @@ machine. They use token authentication, as the cluster configs do.
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import two_nodes
 
 from pbt_lab import cli
 from pbt_lab.config import PBTExperiment
@@ -140,61 +139,6 @@ def test_an_existing_run_behind_a_uri_is_not_overwritten(tmp_path, capsys):
 # --- real clusters in subprocesses -----------------------------------------------------------
 
 
-@pytest.fixture
-def isolated_ray(tmp_path):
-    """Environment for a private Ray: its own temp dir (short: Ray's socket paths must fit in
-    107 bytes) and token authentication with a fresh token."""
-    temp = tempfile.mkdtemp(prefix="pl", dir="/tmp")
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        RAY_TMPDIR=temp,
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token),
-        RAY_USAGE_STATS_ENABLED="0",
-        PYTHONPATH=str(ROOT),
-    )
-    yield env
-    subprocess.run(["rm", "-rf", temp], check=False)
-
-
-TWO_NODES = """
-import json, sys
-import ray
-from ray.cluster_utils import Cluster
-from pbt_lab import pbt
-
-head = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False}
-cluster = Cluster(initialize_head=True, head_node_args=head)
-second = cluster.add_node(num_cpus=2, num_gpus=1)
-cluster.wait_for_nodes()
-print("NODES " + json.dumps([cluster.head_node.node_id, second.node_id]), flush=True)
-try:
-    code = pbt.main(["--address", cluster.address, *sys.argv[1:]])
-finally:
-    ray.shutdown()
-    cluster.shutdown()
-sys.exit(code)
-"""
-
-
-def two_nodes(env: dict, cwd: Path, *argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """The lab's PBT on a two-node Ray cluster (``ray.cluster_utils.Cluster``), and the nodes' ids."""
-    done = subprocess.run(
-        [sys.executable, "-c", TWO_NODES, *argv],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    (cwd / "two_nodes.log").write_text(done.stdout + done.stderr)  # the whole console, for a failure
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    nodes = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("NODES "))[6:])
-    return done, nodes
-
-
 @pytest.mark.slow
 def test_pbt_spreads_over_two_nodes_and_exploits_across_them_through_s3(
     isolated_ray, local_s3, tmp_path, monkeypatch
@@ -207,7 +151,7 @@ def test_pbt_spreads_over_two_nodes_and_exploits_across_them_through_s3(
         *("--set", "pbt.quantile_fraction=0.4"),  # 2 of 5: more exploits to cross
     ]
     started = time.perf_counter()
-    _, nodes = two_nodes({**isolated_ray, **local_s3.keys}, tmp_path, *argv)
+    _, nodes = two_nodes({**isolated_ray, **local_s3.keys}, tmp_path, "pbt", *argv)
     run = local_s3.uri("cluster/two-nodes")
     stored = local_s3.objects("cluster/two-nodes/")
     assert {TRIALS, HISTORY, LINEAGE, SUMMARY} <= {k.removeprefix("cluster/two-nodes/") for k in stored}

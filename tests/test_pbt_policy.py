@@ -18,6 +18,7 @@ from pbt_lab.config import PBTConfig
 from pbt_lab.config.space import Space, build_space
 from pbt_lab.names import LR, OPTIMIZER
 from pbt_lab.tuning import explore as explore_by_kind
+from pbt_lab.tuning.controller import LabFIFO
 from pbt_lab.tuning.explore import operation_text, truncate
 from pbt_lab.tuning.scheduler import LabPBT
 
@@ -423,6 +424,7 @@ class Controller:
         self.members, self.root, self.saves = members, root, 0
         self.recovered: list[Member] = []  # members requeued through Ray's on_trial_recover
         self.requeued: list[Member] = []
+        self._resetting_trials: set[Member] = set()  # members Ray is resetting a cached worker for
 
     def _schedule_trial_save(self, trial, result=None):
         self.saves += 1  # a real directory, as Ray's would be, with the state's id in it
@@ -613,6 +615,22 @@ def test_a_member_that_fails_while_its_worker_starts_is_requeued_while_it_has_re
         assert m["c"].status == Trial.PENDING and controller.recovered == controller.requeued == [m["c"]]
     else:
         assert m["c"].status == Trial.ERROR and not controller.recovered and "c" in s._gone
+
+
+@pytest.mark.parametrize("scheduler", ["LabPBT", "LabFIFO"])
+def test_a_member_whose_worker_is_lost_while_ray_resets_it_starts_again(scheduler):
+    """Ray 2.60 keeps a member whose reset failed (its cached worker's node lost) in its resetting set
+    for ever, and every later start of it waits on a worker it never gets: the error ends the reset,
+    for PBT and for the grid's first-in first-out order alike."""
+    s = lab_pbt(seed=0, perturbation_interval=2) if scheduler == "LabPBT" else LabFIFO()
+    controller, m = population(s, {name: 1e-3 for name in "ab"})
+    controller._resetting_trials |= {m["a"], m["b"]}
+    m["a"].status, m["a"].retries_left = Trial.PENDING, 1
+    s.on_trial_error(controller, m["a"])  # Ray's requeue of the failed reset tells the scheduler so
+    assert controller._resetting_trials == {m["b"]}  # b's reset goes on
+    m["a"].status = Trial.ERROR  # and the grid's member that failed starting is requeued too
+    assert s.choose_trial_to_run(controller) is not None
+    assert m["a"].status == Trial.PENDING and controller.requeued == [m["a"]]
 
 
 def test_synchronous_pbt_when_the_last_to_report_is_the_one_exploited():

@@ -181,7 +181,8 @@ class TuneRunConfig:
     keep_checkpoints: int | None = 4
     """Checkpoints kept per trial (null: all); PBT ignores it and keeps what exploits can still need."""
     max_failures: int = 0
-    """Times a trial whose worker died is restarted from its last checkpoint."""
+    """Failures after which a trial whose worker died is still restarted from its last checkpoint (a
+    member on a lost node may count two: Ray counts each of its calls that failed)."""
     allow_unverified: bool = False
     """Let restores the audit cannot verify (their saver reported no digests) and exploits decided but
     never carried out pass instead of failing the run; the summary records that it was used."""

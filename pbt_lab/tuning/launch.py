@@ -20,6 +20,7 @@ from ray.tune.error import TuneError
 from pbt_lab import StorageFull, UserError
 from pbt_lab.storage import is_storage_full, reserve_bytes
 from pbt_lab.tuning.callbacks import CSVLog, JsonLog, NameRestores, StopWhenStorageFull
+from pbt_lab.tuning.controller import LabFIFO
 from pbt_lab.tuning.trainable import LabTrainable
 
 TRIAL_SLOT = "pbt_lab_trial_slot"  # a local Ray's custom resource: resources.max_concurrent of them
@@ -134,7 +135,7 @@ def fit(
             # The trainable reports its state's digests at the checks after which a checkpoint is due.
             param_space={**param_space, "checkpoint_every": every},
             tune_config=tune.TuneConfig(
-                scheduler=scheduler,
+                scheduler=scheduler or LabFIFO(),  # (a lost node's members restart: controller.py)
                 search_alg=search_alg,
                 num_samples=num_samples,
                 reuse_actors=True,

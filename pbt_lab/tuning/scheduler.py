@@ -32,6 +32,8 @@ runs. What Ray's PBT does differently, and the lab changes:
 - **Fair turns**: waiting members run in order of training time, ties to the one that reported
   longest ago (Ray's list order starved paused donors after a resume); Ray's sync-point rule kept,
   and the synchronous decision made when a member ends before the sync point (Ray waited for ever).
+- **A lost node**: its members restart on the nodes left, even those it lost before they trained
+  (``controller.RecoversLostWorkers``; Ray 2.60 left them PENDING or ERROR with retries left).
 - **Every slot busy**: Ray asks for one member per step and keeps a paused member's worker only
   for a member already handed to it. Ray's PBT hands the same waiting member until it runs: two
   members pausing together left one worker with no one to keep it for, Ray stopped it, and the
@@ -63,6 +65,7 @@ from pbt_lab.names import (
     SEGMENT_FROM,
     STATE_ID,
 )
+from pbt_lab.tuning.controller import RecoversLostWorkers, free_workers, worker_coming
 from pbt_lab.tuning.disk import CheckpointKeeper
 from pbt_lab.tuning.explore import explore, operation_text, ranked_members, truncate
 from pbt_lab.tuning.pbt_state import ResumableState, plain
@@ -71,7 +74,7 @@ from pbt_lab.tuning.ray_space import mutations_of, space_of_mutations, values_at
 # --- the scheduler -------------------------------------------------------------------------
 
 
-class LabPBT(ResumableState, PopulationBasedTraining):
+class LabPBT(RecoversLostWorkers, ResumableState, PopulationBasedTraining):
     """Ray's PBT with the lab's truncation, explore, seeding, record, resume and disk bound
     (module docstring). Time is ``training_iteration``: one check."""
 
@@ -197,21 +200,12 @@ class LabPBT(ResumableState, PopulationBasedTraining):
         super().on_trial_error(tune_controller, trial)
         if trial.should_recover() and trial.status in (Trial.ERROR, Trial.PENDING):
             # ERROR: Ray requeues it (a running member failed). PENDING: it failed while its worker
-            # started or restored (its node lost, say): Ray 2.60 retries only a running trial and would
-            # end this one with retries left, so it is requeued at the next turn (not gone).
+            # started or restored (its node lost, say): requeued at the next turn (controller.py).
             return
         self._leaves(tune_controller, trial)
 
-    def _requeue_failed_starts(self, tune_controller) -> None:
-        """The members that failed while starting go back to the queue through Ray's own requeue of a
-        running one (Ray 2.60's private controller: ``_requeue_trial``, then its callbacks)."""
-        controller = getattr(tune_controller, "_tune_controller", tune_controller)
-        for trial in list(tune_controller.get_trials()):
-            if trial.status == Trial.ERROR and trial.trial_id not in self._gone and trial.should_recover():
-                controller._requeue_trial(trial)
-                controller._callbacks.on_trial_recover(
-                    iteration=controller._iteration, trials=controller._trials, trial=trial
-                )
+    def may_requeue(self, trial: Trial) -> bool:
+        return trial.trial_id not in self._gone
 
     def on_trial_remove(self, tune_controller, trial: Trial):
         super().on_trial_remove(tune_controller, trial)
@@ -245,7 +239,7 @@ class LabPBT(ResumableState, PopulationBasedTraining):
         )
 
     def choose_trial_to_run(self, tune_controller):
-        self._requeue_failed_starts(tune_controller)
+        self.requeue_failed_starts(tune_controller)
         waiting = sorted(
             (
                 t
@@ -365,17 +359,3 @@ class LabPBT(ResumableState, PopulationBasedTraining):
         super()._exploit(tune_controller, trial, trial_to_clone)
         self._diverged.discard(trial.trial_id)  # it now holds the donor's healthy state
         self._pending[trial.trial_id] = self._deciding["exploit"]["decision"]
-
-
-def free_workers(tune_controller) -> int:
-    """Workers Ray holds with no trial to run (its actor cache; Ray 2.60's private state, 0 where absent)."""
-    controller = getattr(tune_controller, "_tune_controller", tune_controller)
-    cache = getattr(controller, "_actor_cache", None)
-    return int(getattr(cache, "num_cached_objects", 0) or 0)
-
-
-def worker_coming(tune_controller, trial: Trial) -> bool:
-    """Whether ``trial``'s own worker holds a slot: starting or resetting (Ray 2.60's private state)."""
-    controller = getattr(tune_controller, "_tune_controller", tune_controller)
-    actor = getattr(controller, "_trial_to_actor", {}).get(trial)
-    return actor is not None and controller._actor_manager.is_actor_started(actor)

@@ -1,0 +1,98 @@
+"""A node lost mid-run: on a two-node ``ray.cluster_utils.Cluster``, the second node's raylet is killed
+(no graceful drain) while its members train. They restart on the head from their last checkpoints
+(``run.max_failures``), the run finishes, no history row or PBT decision is lost or duplicated, every
+restore is audited, and the console names each restart in one line."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+from conftest import CONFIGS, two_nodes
+
+from pbt_lab.names import TRIALS
+from pbt_lab.results import read_tables
+
+RESTART_LINE = re.compile(
+    r"^(MOVED|RESTARTED): (\S+) failed(?: on node (\w+))?; it continues on node (\w+) from (its checkpoint)?",
+    re.M,
+)
+
+
+def lose_the_second_node(env: dict, tmp_path, command: str, after: int, *argv: str):
+    """``command`` on two nodes, the second lost once the run holds ``after`` checkpoints; the run's
+    tables, its restores, the console's restart lines, the nodes and the time the node was lost."""
+    run = tmp_path / "runs" / "lost"
+    env = {**env, "LOSE_RUN": f"file://{run}", "LOSE_AFTER": str(after)}
+    argv = (*argv, "--storage-path", str(tmp_path / "runs"), "--name", "lost")
+    done, (head, second) = two_nodes(env, tmp_path, command, *argv, "--set", "run.max_failures=3")
+    lost_at = float(re.search(r"^LOST (\S+)$", done.stdout, re.M)[1])
+    trials, history, summary = read_tables(run)
+    restores = pd.read_parquet(run / "restores.parquet")
+    lines = RESTART_LINE.findall(done.stdout)
+    return run, trials, history, summary, restores, lines, (head, second, lost_at)
+
+
+def assert_recovered(trials, history, restores, lines, nodes, max_steps: int) -> None:
+    """What a lost node may cost, for any run: one restart line per failure, each of a member that was
+    on the lost node and goes on on the head; every member finished; one history row per check."""
+    head, second, lost_at = nodes
+    assert lines, "nobody was on the lost node"
+    # (Ray counts each failed call of a lost worker: its training call and the save or restore after it)
+    failed = trials.set_index("trial_id")["failures"]
+    assert sorted(line[1] for line in lines) == sorted(failed[failed > 0].index), "one line per restart"
+    assert all(after == head[:8] for _, _, _, after, _ in lines)
+    assert any(kind == "MOVED" and before == second[:8] for kind, _, before, _, _ in lines)
+    assert (trials["status"] != "error").all() and (trials["steps"] == max_steps).all()
+    late = history[pd.to_numeric(history["reported_at"]) > lost_at + 5]
+    assert (late["node_id"] == head).all(), "the lost node reported no more"
+    assert history["state_id"].dropna().is_unique, "a report twice"
+    for _, rows in history.sort_values("reported_at").groupby("trial_id"):  # and none lost: each report
+        # is one check (50 steps) past the one before, or past the checkpoint it restored
+        before = rows["step"].shift(1).where(rows["restore_kind"].isna(), rows["segment_step"]).fillna(0)
+        assert (rows["step"] - before == 50).all(), rows[["step", "restore_kind", "segment_step"]]
+    assert (restores["verdict"] == "verified").all()  # a restart from a checkpoint is a restore
+    assert (restores["kind"] == "restart").sum() == sum(bool(line[-1]) for line in lines) >= 1
+
+
+@pytest.mark.slow
+def test_pbt_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
+    argv = (
+        "--config",
+        str(CONFIGS / "pbt-quick.yaml"),
+        "--set",
+        "resources.gpu=0.5",
+        "--set",
+        "train.max_steps=400",
+    )
+    run, trials, history, summary, restores, lines, nodes = lose_the_second_node(
+        isolated_ray, tmp_path, "pbt", 6, *argv
+    )
+    assert_recovered(trials, history, restores, lines, nodes, max_steps=400)
+    decisions = json.loads((run / "pbt_state.json").read_text())["decisions"]
+    assert [d["decision"] for d in decisions] == list(range(len(decisions)))  # none lost, none twice
+    e = summary["exploits"]
+    assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"] >= 1
+    print(f"lost node, PBT: {len(lines)} restarts: {[line[0] for line in lines]}")
+
+
+@pytest.mark.slow
+def test_the_grid_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
+    argv = (
+        *(
+            "--config",
+            str(CONFIGS / "grid-quick.yaml"),
+            "--set",
+            "resources.gpu=0.5",
+            "--set",
+            "train.max_steps=300",
+        ),
+        *("--set", "grid.optimizers=[adam,rmsprop]", "--set", "grid.lrs=[0.001,0.003]"),
+        *("--set", "train.stop_at_target=false", "--set", "run.checkpoint_every=2"),
+    )
+    run, trials, history, _, restores, lines, nodes = lose_the_second_node(
+        isolated_ray, tmp_path, "grid", 2, *argv
+    )
+    assert len(pd.read_parquet(run / TRIALS)) == 4
+    assert_recovered(trials, history, restores, lines, nodes, max_steps=300)
+    print(f"lost node, grid: {len(lines)} restarts: {[line[0] for line in lines]}")
