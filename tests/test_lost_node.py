@@ -5,6 +5,7 @@ restore is audited, and the console names each restart in one line."""
 
 import json
 import re
+import time
 
 import pandas as pd
 import pytest
@@ -23,13 +24,14 @@ def lose_the_second_node(env: dict, tmp_path, command: str, after: int, *argv: s
     """``command`` on two nodes, the second lost once the run holds ``after`` checkpoints; the run's
     tables, its restores, the console's restart lines, the nodes and the time the node was lost."""
     run = tmp_path / "runs" / "lost"
-    env = {**env, "LOSE_RUN": f"file://{run}", "LOSE_AFTER": str(after)}
+    env, started = {**env, "LOSE_RUN": f"file://{run}", "LOSE_AFTER": str(after)}, time.perf_counter()
     argv = (*argv, "--storage-path", str(tmp_path / "runs"), "--name", "lost")
     done, (head, second) = two_nodes(env, tmp_path, command, *argv, "--set", "run.max_failures=3")
     lost_at = float(re.search(r"^LOST (\S+)$", done.stdout, re.M)[1])
     trials, history, summary = read_tables(run)
     restores = pd.read_parquet(run / "restores.parquet")
     lines = RESTART_LINE.findall(done.stdout)
+    print(f"lost node, {command}: {time.perf_counter() - started:.0f} s, restarts {[ln[:2] for ln in lines]}")
     return run, trials, history, summary, restores, lines, (head, second, lost_at)
 
 
@@ -73,7 +75,6 @@ def test_pbt_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
     assert [d["decision"] for d in decisions] == list(range(len(decisions)))  # none lost, none twice
     e = summary["exploits"]
     assert e["exploits"] == e["exploits_matched"] == e["exploits_verified"] >= 1
-    print(f"lost node, PBT: {len(lines)} restarts: {[line[0] for line in lines]}")
 
 
 @pytest.mark.slow
@@ -95,4 +96,3 @@ def test_the_grid_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
     )
     assert len(pd.read_parquet(run / TRIALS)) == 4
     assert_recovered(trials, history, restores, lines, nodes, max_steps=300)
-    print(f"lost node, grid: {len(lines)} restarts: {[line[0] for line in lines]}")
