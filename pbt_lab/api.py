@@ -10,8 +10,10 @@
     )
     result.summary["winner"], result.trials, result.lineage
 
-Bad input raises ``pbt_lab.UserError`` (one line) before anything is written; a run in which a trial
-failed returns with ``ok`` false, as the CLI exits 1.
+``verbose``: 0 prints the summary only, 1 (default) progress and events too, 2 Ray's own tables and the
+workers' logs (the commands' ``--quiet`` and ``--verbose``). Bad input raises ``pbt_lab.UserError`` (one
+line) before anything is written; a run in which a trial failed returns with ``ok`` false, as the CLI
+exits 1.
 """
 
 from __future__ import annotations
@@ -66,11 +68,12 @@ def run_grid(
     storage_path: str | None = None,
     address: str | None = None,
     resume: bool = False,
+    verbose: int = 1,
     **sections: dict,
 ) -> RunResult:
     """``python -m pbt_lab.grid``: every optimizer × rate of ``config``, with ``sections`` (e.g.
     ``grid={"lrs": [...]}``) laid over it and ``builder`` as the model builder."""
-    return _call(grid.main, config, builder, sections, name, storage_path, address, resume, [])
+    return _call(grid.main, config, builder, sections, name, storage_path, address, resume, verbose, [])
 
 
 def run_pbt(
@@ -83,16 +86,17 @@ def run_pbt(
     storage_path: str | None = None,
     address: str | None = None,
     resume: bool = False,
+    verbose: int = 1,
     **sections: dict,
 ) -> RunResult:
     """``python -m pbt_lab.pbt``: a population under PBT (or, with ``replay``, the retraining of that
     run's winner or ``member``), with ``sections`` laid over ``config`` and ``builder`` as the model
     builder."""
     extra = [*(["--replay", str(replay)] if replay else []), *(["--member", member] if member else [])]
-    return _call(pbt.main, config, builder, sections, name, storage_path, address, resume, extra)
+    return _call(pbt.main, config, builder, sections, name, storage_path, address, resume, verbose, extra)
 
 
-def _call(main, config, builder, sections, name, storage_path, address, resume, extra) -> RunResult:
+def _call(main, config, builder, sections, name, storage_path, address, resume, verbose, extra) -> RunResult:
     settings = merge(config, sections) if isinstance(config, dict) else sections
     argv = [
         *(["--config", str(config)] if config is not None and not isinstance(config, dict) else []),
@@ -100,6 +104,7 @@ def _call(main, config, builder, sections, name, storage_path, address, resume, 
         *(["--storage-path", str(storage_path)] if storage_path else []),
         *(["--address", address] if address else []),
         *(["--resume"] if resume else []),
+        *({0: ["--quiet"], 2: ["--verbose"]}.get(verbose, [])),
         *extra,
     ]
     call = cli.Call(builder=builder, settings=settings)

@@ -8,9 +8,9 @@ prints the result and chooses the exit code. No Ray here.
     return cli.finish(run, "grid")
 
 Common flags: ``--config PATH  --set key=value …  --name NAME  --storage-path PATH|URI
---address auto|HOST:PORT  --resume``. On a cluster (README, "Run on a cluster") the storage path
-is shared by every node (an ``s3://`` URI, or the same NFS path everywhere: Ray ≥ 2.7 no longer
-syncs trial dirs to the head), and ``--address`` connects the driver to the running cluster.
+--address auto|HOST:PORT  --resume  --verbose|--quiet``. On a cluster (README, "Run on a cluster")
+the storage path is shared by every node (an ``s3://`` URI, or the same NFS path everywhere: Ray ≥
+2.7 no longer syncs trial dirs to the head), and ``--address`` connects the driver to the cluster.
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ class Run:
     weights: int | None = None
     session: Session = field(default_factory=Session)
     tables: dict | None = None
+
+    @property
+    def verbosity(self) -> int:
+        """0 ``--quiet``: the summary only; 1 (default): progress and events; 2 ``--verbose``: Ray's own."""
+        return 0 if getattr(self.args, "quiet", False) else 2 if getattr(self.args, "verbose", False) else 1
 
     @property
     def run_dir(self) -> Path | str:
@@ -283,6 +288,11 @@ def parse(
     )
     parser.add_argument("--address", help="connect to this running Ray cluster (auto or HOST:PORT)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "--verbose", action="store_true", help="print Ray's own trial tables and every worker's log lines"
+    )
+    loudness.add_argument("--quiet", action="store_true", help="print the summary only")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from pbt_lab.config.checks import OPTIMIZER_NAMES, canonical_name, coerce, require
-from pbt_lab.names import BATCH_SIZE, LR, MODEL_OPTIONS, OPTIMIZER, RECIPE
+from pbt_lab.names import BATCH_SIZE, LR, MODEL_OPTIONS, OPTIMIZER, RECIPE, SCHEDULE_TAG
 
 LOG, LINEAR, INT, LOG_INT, CHOICE, ORDERED = "log", "linear", "int", "log_int", "choice", "ordered"
 RANGES, INTS, CHOICES = (LOG, LINEAR), (INT, LOG_INT), (CHOICE, ORDERED)
@@ -67,6 +67,10 @@ class Hyperparameter:
         """A real-valued range (PB2 searches these)."""
         return self.kind in RANGES
 
+    def scalar(self, value) -> float:
+        """``value`` as one number for a chart (TensorBoard's schedules): a choice's place in its list."""
+        return float(self.values.index(value)) if self.values else float(value)
+
 
 @dataclass(frozen=True)
 class Space:
@@ -83,6 +87,23 @@ class Space:
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys
+
+    def scalars(self, recipe: dict) -> dict[str, float]:
+        """A recipe's searched values as charted numbers, ``{schedule/KEY: value}`` (TensorBoard's tags;
+        a choice's value is its place in the list, which ``legend`` names)."""
+        return {
+            f"{SCHEDULE_TAG}/{key}": self[key].scalar(value)
+            for key, value in recipe.items()
+            if key in self and value is not None and value == value  # (not NaN)
+        }
+
+    def legend(self) -> str:
+        """What a choice's numbers mean: ``optimizer: 0 adam, 1 rmsprop``, a paragraph per choice key."""
+        return "\n\n".join(
+            f"{h.key}: " + ", ".join(f"{i} {v}" for i, v in enumerate(h.values))
+            for h in self.params
+            if h.values
+        )
 
 
 def get_path(config: dict, key: str):

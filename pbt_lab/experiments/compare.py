@@ -157,7 +157,7 @@ def run_method(parent: cli.Run, method: str, seed: int) -> dict:
     space, arguments = method_setup(run, method, parent.cfg.budget)
     start = time.perf_counter()
     with cli.one_line_errors(run):
-        fit(run, space, verbose=0, **arguments)
+        fit(run, space, console=False, **arguments)
     if run.session.stopped:  # its storage filled up: the methods after it would find it full too
         raise StorageFull(run.session.stopped)
     tables = results.write_tables(

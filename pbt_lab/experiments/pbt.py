@@ -25,6 +25,7 @@ from pbt_lab.config.space import Space, nested
 from pbt_lab.experiments.replay import check_same_data, replay_schedule, run_replay, source_config
 from pbt_lab.names import SCORE, SEED, STOPPED
 from pbt_lab.tuning.callbacks import KeepPBTState, PopulationStop
+from pbt_lab.tuning.console import ScheduleBoard
 from pbt_lab.tuning.explore import sample
 from pbt_lab.tuning.launch import fit
 from pbt_lab.tuning.scheduler import LabPBT
@@ -114,7 +115,7 @@ def population_setup(run: cli.Run) -> tuple[dict, dict]:
         ),
         "num_samples": p.population,
         "stop": PopulationStop() if p.stop_at_target else None,
-        "callbacks": [KeepPBTState(scheduler)],
+        "callbacks": [KeepPBTState(scheduler), ScheduleBoard(p.search_space, scheduler)],
         "checkpoint_every": p.perturbation_interval,
         "keep_all_checkpoints": True,  # the scheduler deletes what no exploit or resume can need
     }

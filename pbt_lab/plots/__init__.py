@@ -4,6 +4,7 @@ from pbt_lab.plots import grid_figures
 grid_figures(trials, run_dir / "figures")
 """
 
+from pbt_lab.plots.board import winner_board
 from pbt_lab.plots.compare import compare_figure, plot_compute_curves, step_values
 from pbt_lab.plots.study import (
     grid_figures,
@@ -40,4 +41,5 @@ __all__ = [
     "scaling_figures",
     "step_values",
     "trace_figures",
+    "winner_board",
 ]

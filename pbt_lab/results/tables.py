@@ -11,13 +11,15 @@ Everything downstream (plots, report, notebooks) reads these tables and never im
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from pbt_lab import UserError
-from pbt_lab.config import STUDY_CNN
+from pbt_lab.config import STUDY_CNN, PBTConfig
+from pbt_lab.config.loading import build
 from pbt_lab.names import (
     BEST_VAL_ACC,
     BUILDER,
@@ -49,6 +51,7 @@ from pbt_lab.names import (
     VAL_ACC,
     VAL_LOSS,
     WEIGHTS,
+    WINNER_BOARD,
 )
 from pbt_lab.results.analysis import scaling_summary
 from pbt_lab.results.audit import audit, restore_counts, restore_rows, restore_table
@@ -196,7 +199,7 @@ def write_tables(
     A URI run directory (``s3://…``) is read and written through pyarrow.fs.
     """
     if is_uri(run_dir):
-        outputs = (TRIALS, HISTORY, LINEAGE, RESTORES, SUMMARY, FIGURES)
+        outputs = (TRIALS, HISTORY, LINEAGE, RESTORES, SUMMARY, FIGURES, WINNER_BOARD)
         with staged(str(run_dir), tables_inputs, upload=outputs) as (local, sizes):
             (local / REMOTE_SIZES).write_text(json.dumps(sizes))  # what stayed behind: checkpoints' arrays
             try:
@@ -295,6 +298,12 @@ def write_tables(
 
         made = plots.run_figures(kind, tables, run_dir / FIGURES)
         summary[FIGURES] = [str(p.relative_to(run_dir)) for p in made]
+        if kind == "pbt" and summary["best"] and (summary["config"] or {}).get("pbt"):
+            shutil.rmtree(run_dir / WINNER_BOARD, ignore_errors=True)  # (a rebuild writes it afresh)
+            space = build(PBTConfig, summary["config"]["pbt"]).search_space
+            plots.winner_board(
+                run_dir / WINNER_BOARD, tables["winner_rows"], space, summary["best"][TRIAL_ID]
+            )
     summary["disk_bytes"] = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
     write_json(run_dir / SUMMARY, summary)
     return tables

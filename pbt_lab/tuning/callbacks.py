@@ -27,6 +27,7 @@ from pbt_lab.names import (
     STEPS_TO_TARGET,
 )
 from pbt_lab.storage import free_bytes
+from pbt_lab.tuning.console import NORMAL, Console
 from pbt_lab.tuning.scheduler import LabPBT
 
 
@@ -51,7 +52,7 @@ class NameRestores(tune.Callback):
         recovering = trial.trial_id in self._recovering
         self._recovering.discard(trial.trial_id)  # a restart without a checkpoint restored nothing
         before, self._node[trial.trial_id] = self._node.get(trial.trial_id), result.get(NODE_ID)
-        if recovering:
+        if recovering and Console.level >= NORMAL:
             print(restart_line(trial.trial_id, before, result), flush=True)
         if result.get(RESTORED_SHA256) is None:
             return

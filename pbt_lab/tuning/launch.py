@@ -20,6 +20,7 @@ from ray.tune.error import TuneError
 from pbt_lab import StorageFull, UserError
 from pbt_lab.storage import is_storage_full, reserve_bytes
 from pbt_lab.tuning.callbacks import CSVLog, JsonLog, NameRestores, StopWhenStorageFull
+from pbt_lab.tuning.console import NORMAL, QUIET, VERBOSE, Console, count_trials, header, ray_quieted
 from pbt_lab.tuning.controller import LabFIFO
 from pbt_lab.tuning.trainable import LabTrainable
 
@@ -54,7 +55,7 @@ def start_ray(run, search_alg, log_to_driver: bool = True) -> dict:
                 # A local Ray the lab starts has no dashboard (ray[default] would start one): the lab's
                 # tables and TensorBoard show the run; `ray start --head` and --address auto give one.
                 include_dashboard=False if not address else None,
-                logging_level="WARNING",
+                logging_level="WARNING" if run.verbosity >= VERBOSE else "ERROR",
                 resources=slots or None,
                 log_to_driver=log_to_driver,  # off: workers' TensorFlow start-up lines stay in Ray's logs
             )
@@ -112,20 +113,33 @@ def fit(
     callbacks=(),
     checkpoint_every: int | None = None,
     keep_all_checkpoints: bool = False,
-    verbose: int = 1,
+    console: bool = True,
 ):
     """Run (or resume) ``run`` on Ray Tune with the lab's trainable; returns the ResultGrid.
 
-    ``keep_all_checkpoints``: Ray deletes none (PBT's scheduler prunes them itself); ``verbose=0``
-    keeps Ray's trial tables off the console."""
-    res, tune_run = run.cfg.resources, run.cfg.run
-    slot = start_ray(run, search_alg, log_to_driver=verbose > 0)
+    ``keep_all_checkpoints``: Ray deletes none (PBT's scheduler prunes them itself); ``console=False``:
+    no header or progress of this fit (a comparison prints its own line per run). What the console
+    shows follows ``run.verbosity`` (``tuning/console.py``)."""
+    with ray_quieted(run.verbosity):
+        return _fit(run, param_space, scheduler, search_alg, num_samples, stop, callbacks, checkpoint_every,
+                    keep_all_checkpoints, console)  # fmt: skip
+
+
+def _fit(run, param_space, scheduler, search_alg, num_samples, stop, callbacks, checkpoint_every,
+         keep_all_checkpoints, console):  # fmt: skip
+    res, tune_run, loud = run.cfg.resources, run.cfg.run, run.verbosity
+    slot = start_ray(run, search_alg, log_to_driver=loud >= VERBOSE)
     trainable = tune.with_resources(
         tune.with_parameters(LabTrainable, data=run.data, builder=run.builder),
         {"cpu": res.cpu, "gpu": res.gpu, **slot},
     )
     every = tune_run.checkpoint_every if checkpoint_every is None else checkpoint_every
     full = StopWhenStorageFull(run.storage_path, reserve_bytes(run.session.slots, run.checkpoint_bytes))
+    Console.level = loud if console else min(loud, QUIET)  # (also for the callbacks a resume unpickles)
+    trials = count_trials(param_space, num_samples)
+    if Console.level == NORMAL:
+        print(header(run, trials), flush=True)
+    shown = Console(trials, run.cfg.train.max_steps, scheduler if hasattr(scheduler, "decisions") else None)
     run.session.started_at, start = time.time(), time.perf_counter()
     if run.resume:
         tuner = tune.Tuner.restore(str(run.run_dir), trainable, resume_unfinished=True, resume_errored=True)
@@ -146,7 +160,7 @@ def fit(
                 storage_path=run.storage_path,
                 stop=stop,
                 # NameRestores first: it adds to the results that the loggers after it write.
-                callbacks=[NameRestores(), JsonLog(), CSVLog(), full, *callbacks],
+                callbacks=[NameRestores(), JsonLog(), CSVLog(), full, *callbacks, shown],
                 # No checkpoint at the end unless asked: a finished grid trial never resumes, and
                 # 288 final checkpoints of the full model would take 11 GB.
                 checkpoint_config=tune.CheckpointConfig(
@@ -155,7 +169,7 @@ def fit(
                     checkpoint_at_end=every > 0,
                 ),
                 failure_config=tune.FailureConfig(max_failures=tune_run.max_failures),
-                verbose=verbose,
+                verbose=1 if loud >= VERBOSE else 0,
             ),
         )
     StopWhenStorageFull.stopped()  # nothing left from a run before in this process
