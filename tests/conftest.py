@@ -48,26 +48,21 @@ CONFIGS = ROOT / "configs"
 
 
 @pytest.fixture(scope="session")
-def quick_grid(ray_session, tmp_path_factory):
-    """The quick grid, run once for the session's tests, half a fake GPU per trial."""
-    from pbt_lab import grid
-
+def quick_grid(tmp_path_factory):
+    """The quick grid as a user runs it (``python -m pbt_lab.grid``, its own local Ray: two CPU slots),
+    once for the session's tests; its console (stdout and stderr) is ``<storage>/quick.log``."""
     storage = tmp_path_factory.mktemp("runs")
-    assert (
-        grid.main(
+    with open(storage / "quick.log", "w") as log:
+        done = subprocess.run(
             [
-                "--config",
-                str(CONFIGS / "grid-quick.yaml"),
-                "--storage-path",
-                str(storage),
-                "--name",
-                "quick",
-                "--set",
-                "resources.gpu=0.5",
-            ]
+                *(sys.executable, "-m", "pbt_lab.grid", "--config", str(CONFIGS / "grid-quick.yaml")),
+                *("--storage-path", str(storage), "--name", "quick"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=900,
         )
-        == 0
-    )
+    assert done.returncode == 0, (storage / "quick.log").read_text()[-3000:]
     return storage / "quick"
 
 
