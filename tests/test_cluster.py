@@ -319,11 +319,16 @@ def test_a_ray_job_submitted_followed_stopped_and_resumed(isolated_ray, tmp_path
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert job_status(jobs, isolated_ray, "pbt-1") == "STOPPED"
         first = ray_job(jobs, isolated_ray, "logs", "pbt-1").stdout
-        assert "Trial status" in first  # the job's log is the driver's console
+        # The job's log is the driver's console: the lab's own lines
+        assert re.search(
+            r"^pbt job: 5 trials × 1,000 steps, 2 at a time on the Ray cluster at auto", first, re.M
+        )
 
         resumed = ray_job(jobs, isolated_ray, "submit", "--submission-id", "pbt-2", "--", *entry, "--resume")
         assert job_status(jobs, isolated_ray, "pbt-2") == "SUCCEEDED", resumed.stdout[-3000:] + resumed.stderr
         logs = ray_job(jobs, isolated_ray, "logs", "pbt-2").stdout
+        assert re.search(r"^pbt job \(resumed\): ", logs, re.M) and "Trial status" not in logs
+        assert logs.strip().splitlines()[-1].startswith("tensorboard --logdir"), logs[-3000:]  # summary last
         assert re.search(r"^restores: \d+ \(.*resume.*\): \d+ verified$", logs, re.M), logs[-3000:]
         assert re.search(r"^winner \S+: ", logs, re.M)
         trials, _, summary = read_tables(runs / "job")

@@ -186,7 +186,7 @@ class Console(tune.Callback):
         if self._best is not None:
             parts.append(f"best val_acc {self._best:.4f}")
         if self.scheduler is not None:
-            parts.append(f"{self._exploits} exploits")
+            parts.append(f"{self._exploits} exploit{'s' if self._exploits != 1 else ''}")
         parts.append(f"{elapsed:.0f} s")
         if total and done:
             parts.append(f"about {elapsed * (total - done) / done:.0f} s left")
