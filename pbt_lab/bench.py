@@ -45,11 +45,9 @@ from pbt_lab.names import (
     ACTOR_START,
     BEST_VAL_ACC,
     CHECK_SECONDS,
-    CHECK_STARTED_AT,
     LR,
     OPTIMIZER,
     REACHED,
-    REPORTED_AT,
     SEED,
     SEGMENT_FROM,
     SEGMENT_STEP,
@@ -57,9 +55,9 @@ from pbt_lab.names import (
     STEPS_TO_TARGET,
     TRAIN_PART,
     TRAIN_SECONDS,
-    TRIAL_ID,
     VAL_ACC,
 )
+from pbt_lab.results.breakdown import worker_gaps
 from pbt_lab.storage import check_storage
 from pbt_lab.training.data import Dataset, load_dataset
 
@@ -139,16 +137,6 @@ def tune_efficiency(tables: dict, past_start: bool = False) -> float:
     cannot amortize), what the rest of the run spends on training."""
     b = tables["summary"]["time_breakdown"]
     return b["parts"][TRAIN_PART] / (b["slot_seconds"] - (b["parts"][ACTOR_START] if past_start else 0.0))
-
-
-def worker_gaps(history: pd.DataFrame) -> pd.DataFrame:
-    """Per check: the seconds its worker sat between its previous report (any trial) and this
-    check's start: Tune's share of the slot (and the compiling of an optimizer the worker meets
-    for the first time). NaN for a worker's first check. ``own``: the check resumes its own trial."""
-    h = history.dropna(subset=[CHECK_STARTED_AT]).sort_values(CHECK_STARTED_AT).copy()
-    h["gap"] = h[CHECK_STARTED_AT] - h.groupby("pid")[REPORTED_AT].shift()
-    h["own"] = h[SEGMENT_FROM] == h[TRIAL_ID]
-    return h
 
 
 def exploit_cost(history: pd.DataFrame, interval: int) -> dict:

@@ -82,6 +82,7 @@ TIME_PARTS = (
     TRAINABLE,
     RAY,
 )  # measured on the actors; SLOT_IDLE is measured from their lifetimes by the driver
+WORK_PARTS = (TRAIN_PART, COMPILE, VALIDATE)  # what a run is for; every other second is overhead
 
 # --- what a PBT member reports, so the driver can audit every exploit ------------------------
 SCORE = "score"  # what PBT ranks: the last validation of pbt.metric

@@ -3,16 +3,21 @@ reports, and the breakdown of the session's quick runs adding up to their slot-s
 
 import time
 
+import pandas as pd
 import pytest
 
 from pbt_lab.names import (
     ACTOR_BORN_AT,
     ACTOR_START,
+    CHECK_STARTED_AT,
     CHECKPOINT_SAVE,
+    COMPILE,
     NODE_ID,
     RAY,
     REPORTED_AT,
     SECONDS_BY_PART,
+    SEGMENT_FROM,
+    SEGMENT_STEP,
     SLOT_IDLE,
     TIME_PARTS,
     TRAIN_PART,
@@ -21,7 +26,7 @@ from pbt_lab.names import (
     WAITING,
 )
 from pbt_lab.results import read_tables
-from pbt_lab.results.breakdown import check_breakdown, idle_slot_seconds, time_breakdown
+from pbt_lab.results.breakdown import check_breakdown, idle_slot_seconds, time_breakdown, turn_seconds
 from pbt_lab.results.console import idle_line
 from pbt_lab.training.clock import PartClock
 
@@ -85,6 +90,56 @@ def test_a_process_started_before_the_run_is_charged_from_the_run_start():
     reports = {"a": [report("a", "n:1", 90.0, 110.0, **{ACTOR_START: 12.0, TRAIN_PART: 8.0})]}
     b = time_breakdown(reports, started_at=100.0, wall_seconds=10.0, slots=1)
     assert b["parts"][ACTOR_START] == pytest.approx(2.0) and check_breakdown(b) == []
+
+
+def test_work_is_training_compiling_and_validating_and_the_rest_is_overhead():
+    b = time_breakdown(two_slot_run(), started_at=100.0, wall_seconds=10.0, slots=2)
+    assert b["work_share"] == pytest.approx(14.0 / 20.0)  # train 13 s, validate 1 s of 20 slot-seconds
+    assert b["overhead_share"] == pytest.approx(6.0 / 20.0)  # idle slots and unaccounted time included
+    assert b["fixed_seconds"] == pytest.approx(2.0)  # each worker's start, on its first report only
+    assert b["turns"] == 0 and b["turn_seconds_median"] is None  # (no checks' start times here)
+
+
+def test_fixed_seconds_are_each_workers_start_and_first_compiles_from_the_run_start():
+    reports = {
+        "a": [
+            report("a", "n:1", 90.0, 105.0, **{ACTOR_START: 12.0, COMPILE: 1.0, TRAIN_PART: 2.0}),
+            report("a", "n:1", 90.0, 110.0, **{COMPILE: 0.5, TRAIN_PART: 4.5}),  # a later compile: per turn
+        ]
+    }
+    assert time_breakdown(reports, started_at=100.0, wall_seconds=10.0, slots=1)["fixed_seconds"] == 3.0
+
+
+def test_a_turn_is_the_gap_before_a_member_resumes_from_a_checkpoint():
+    # One worker: a trial, a fresh trial after it (no turn: nothing restored), its own turn after a
+    # pause (0.05 s) and an exploit (0.08 s); another worker's ordinary turn (0.07 s).
+    rows = [  # worker, trial, started_at, reported_at, segment_from, segment_step
+        ("n:1", "z", -1.50, -0.50, "z", 0),
+        ("n:1", "a", 0.00, 1.00, "a", 0),
+        ("n:1", "a", 1.05, 2.05, "a", 50),
+        ("n:1", "c", 2.13, 3.13, "a", 100),
+        ("n:2", "b", 0.00, 1.00, "b", 0),
+        ("n:2", "b", 1.07, 2.07, "b", 50),
+    ]
+    frame = pd.DataFrame(
+        [
+            {
+                TRIAL_ID: t,
+                NODE_ID: w[0],
+                "pid": 1,
+                CHECK_STARTED_AT: s,
+                REPORTED_AT: r,
+                SEGMENT_FROM: f,
+                SEGMENT_STEP: k,
+            }
+            for w, t, s, r, f, k in rows
+        ]
+    )
+    turns = turn_seconds(frame)  # (pid 1 on both nodes: two workers)
+    assert turns["turns"] == 3
+    assert turns["turn_seconds_median"] == pytest.approx(0.06) and turns[
+        "exploit_gap_seconds_median"
+    ] == pytest.approx(0.08)
 
 
 def test_the_check_fails_a_part_counted_twice_or_seconds_lost():

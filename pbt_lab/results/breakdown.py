@@ -17,16 +17,23 @@ Trainer's own training seconds, Ray's time_this_iter_s).
 
 from __future__ import annotations
 
+import pandas as pd
+
 from pbt_lab.names import (
     ACTOR_BORN_AT,
     ACTOR_START,
+    CHECK_STARTED_AT,
+    COMPILE,
     NODE_ID,
     REPORTED_AT,
     SECONDS_BY_PART,
+    SEGMENT_FROM,
+    SEGMENT_STEP,
     SLOT_IDLE,
     TIME_PARTS,
     TRAIN_PART,
     TRIAL_ID,
+    WORK_PARTS,
 )
 
 TOLERANCE = 0.05  # of the slot-seconds: what "adds up" allows for clocks read a few calls apart
@@ -71,6 +78,7 @@ def time_breakdown(
     parts[SLOT_IDLE] = idle_slot_seconds(lives, started_at, ended_at, slots)
     slot_seconds = wall_seconds * slots
     measured = sum(parts.values())
+    work = sum(parts[name] for name in WORK_PARTS)
     return {
         "slots": slots,
         "wall_seconds": wall_seconds,
@@ -79,8 +87,54 @@ def time_breakdown(
         "shares": {name: seconds / slot_seconds for name, seconds in parts.items()},
         "unaccounted": slot_seconds - measured,
         "efficiency": parts[TRAIN_PART] / slot_seconds,
+        # What the run is for (training, compiling its calls, validating and testing) against the rest.
+        "work_share": work / slot_seconds,
+        "overhead_share": 1 - work / slot_seconds,
+        "fixed_seconds": fixed_seconds(rows, started_at),
+        **turn_seconds(pd.DataFrame(rows)),
         "actors": len(lives),
         "members": members,
+    }
+
+
+def fixed_seconds(rows: list[dict], started_at: float) -> float:
+    """What a run pays once per worker whatever its length: each worker's start (its process,
+    TensorFlow's import, the model's build) and the compiles of its first report."""
+    first: dict = {}
+    for r in sorted(rows, key=lambda r: r[REPORTED_AT]):
+        first.setdefault((r[NODE_ID], r["pid"]), r)
+    return sum(
+        r[SECONDS_BY_PART].get(ACTOR_START, 0.0)
+        - max(0.0, started_at - r[ACTOR_BORN_AT])  # (a process Ray started before the run)
+        + r[SECONDS_BY_PART].get(COMPILE, 0.0)
+        for r in first.values()
+    )
+
+
+def worker_gaps(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per check: the seconds its worker sat between its previous report (any trial) and this
+    check's start: Tune's share of the slot (and the compiling of an optimizer the worker meets
+    for the first time). NaN for a worker's first check. ``own``: the check resumes its own trial."""
+    h = rows.dropna(subset=[CHECK_STARTED_AT]).sort_values(CHECK_STARTED_AT).copy()
+    worker = [NODE_ID, "pid"] if NODE_ID in h else ["pid"]
+    h["gap"] = h[CHECK_STARTED_AT] - h.groupby(worker)[REPORTED_AT].shift()
+    h["own"] = h[SEGMENT_FROM] == h[TRIAL_ID]
+    return h
+
+
+def turn_seconds(rows: pd.DataFrame) -> dict:
+    """The median hand-over on a worker: from a report to the next check that resumes a member from a
+    checkpoint (PBT's turns, its own or, for an exploit, a donor's), in seconds; NaN-free medians or
+    None where the run had none."""
+    if not {CHECK_STARTED_AT, SEGMENT_FROM, SEGMENT_STEP} <= set(rows.columns):
+        return {"turns": 0, "turn_seconds_median": None, "exploit_gap_seconds_median": None}
+    h = worker_gaps(rows)
+    resumed = h["gap"].notna() & (h[SEGMENT_STEP] > 0)
+    turns, exploits = h.loc[resumed & h["own"], "gap"], h.loc[resumed & ~h["own"], "gap"]
+    return {
+        "turns": int(resumed.sum()),
+        "turn_seconds_median": float(turns.median()) if len(turns) else None,
+        "exploit_gap_seconds_median": float(exploits.median()) if len(exploits) else None,
     }
 
 

@@ -89,6 +89,7 @@ def console_summary(tables: dict, run_dir: Path) -> str:
     breakdown = s.get("time_breakdown")
     if breakdown:
         lines.append(time_line(breakdown))
+        lines += [line for line in [overhead_line(breakdown)] if line]
         lines += [f"TIME: {problem}" for problem in breakdown["problems"]]
         lines += [line for line in [idle_line(breakdown)] if line]
     best = s.get("best") or {}
@@ -160,6 +161,21 @@ def time_line(breakdown: dict) -> str:
     return (
         f"time: {breakdown['slots']} slots × {breakdown['wall_seconds']:.0f} s wall = "
         f"{breakdown['slot_seconds']:.0f} slot-seconds: {shown}"
+    )
+
+
+def overhead_line(breakdown: dict) -> str | None:
+    """Work (training, compiling, validating) against overhead, and the overhead's fixed and per-turn
+    parts: ``overhead 15.7% (work 84.3%: …): fixed 12.3 s (…); a turn 77 ms, an exploit's 90 ms``."""
+    if "work_share" not in breakdown:  # a run written before these figures
+        return None
+    turn, exploit = breakdown["turn_seconds_median"], breakdown["exploit_gap_seconds_median"]
+    turns = [f"a turn {turn * 1e3:.0f} ms"] if turn is not None else []
+    turns += [f"an exploit's {exploit * 1e3:.0f} ms"] if exploit is not None else []
+    per_turn = f"; {', '.join(turns)} (medians of {breakdown['turns']} turns)" if turns else ""
+    return (
+        f"overhead {breakdown['overhead_share']:.1%} (work {breakdown['work_share']:.1%}: train, compile, "
+        f"validate): fixed {breakdown['fixed_seconds']:.1f} s (workers' start, first compiles){per_turn}"
     )
 
 
