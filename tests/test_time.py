@@ -125,7 +125,7 @@ def test_a_turn_is_the_gap_before_a_member_resumes_from_a_checkpoint():
         [
             {
                 TRIAL_ID: t,
-                NODE_ID: w[0],
+                NODE_ID: w,
                 "pid": 1,
                 CHECK_STARTED_AT: s,
                 REPORTED_AT: r,
