@@ -185,17 +185,19 @@ def test_a_bench_without_the_full_data_set_is_one_line_and_exit_2(tmp_path):
 
 
 def test_the_goal_table_says_met_or_missed_and_shows_figures_without_goals():
-    lines = bench.goal_table(
-        {
-            "tune_efficiency_grid": 0.96,
-            "tune_efficiency_grid_range": [0.95, 0.97],
-            "tune_efficiency_pbt": 0.5,
-            "exploit_cost_ratio": None,
-            "exploit_extra_ratio": 0.004,
-        }
+    figures = {
+        "overhead_share_grid": 0.012,
+        "overhead_share_grid_range": [0.010, 0.014],
+        "overhead_share_pbt": 0.05,
+        "turn_seconds_median_pbt": None,
+        "exploit_extra_ratio": 0.004,
+    }
+    rows = {line.split()[0]: line for line in bench.goal_table(figures, "cpu")[1:]}
+    assert rows["overhead_share_grid"].endswith("met") and "0.010–0.014" in rows["overhead_share_grid"]
+    assert rows["overhead_share_pbt"].endswith("MISSED") and rows["turn_seconds_median_pbt"].endswith(
+        "MISSED"
     )
-    rows = {line.split()[0]: line for line in lines[1:]}
-    assert rows["tune_efficiency_grid"].endswith("met") and "0.950–0.970" in rows["tune_efficiency_grid"]
-    assert rows["tune_efficiency_pbt"].endswith("MISSED") and rows["exploit_cost_ratio"].endswith("MISSED")
-    assert rows["exploit_extra_ratio"].split()[1:] == ["0.004"]  # shown, no goal
+    assert rows["exploit_extra_ratio"].endswith("met")
+    quick = {line.split()[0]: line for line in bench.goal_table(figures, "quick")[1:]}
+    assert quick["overhead_share_pbt"].split()[1:] == ["0.050"]  # at the quick size: shown, no goal
     assert "pbt_vs_grid_compute" not in rows  # not measured: not shown
