@@ -718,3 +718,15 @@ def test_every_searched_key_of_an_exploit_is_checked_live(new, used, problem):
     decision = decided(new={OPTIMIZER: "adam", LR: 8e-4, **new}, donor_state_id="s1")
     verdict = audited(decision=decision, **used)
     assert verdict["matched"] and verdict["problem"] == problem
+
+
+def test_the_ranking_figures_state_the_error_of_ranking_on_fewer_examples():
+    from pbt_lab.results.summary import ranking_figures
+
+    trials = pd.DataFrame({"final_val_acc": [0.90, 0.96, 0.98]})
+    summary = {"data": {"val": 1000}, "config": {"train": {"rank_examples": 250}}, "time_breakdown": None}
+    r = ranking_figures(summary, trials)
+    assert r["examples"] == 250 and r["whole_split"] == 1000 and r["accuracy"] == 0.96
+    assert r["standard_error"] == pytest.approx((0.96 * 0.04 / 250) ** 0.5)
+    whole = ranking_figures({**summary, "config": {"train": {"rank_examples": None}}}, trials)
+    assert whole["examples"] == 1000 and whole["standard_error"] == pytest.approx(r["standard_error"] / 2)

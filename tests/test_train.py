@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from pbt_lab import UserError
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import CAPPED, COMPILE, DIVERGED, REACHED, TRAIN_PART, VALIDATE
 from pbt_lab.train import main
@@ -322,3 +323,18 @@ def test_the_momentum_optimizer_with_a_variable_momentum_updates_as_keras_sgd(bu
         ours.apply([keras.ops.ones(4)], variables)
         keras_sgd.apply([keras.ops.ones(4)], theirs)
     np.testing.assert_array_equal(variables[0].numpy(), theirs[0].numpy())
+
+
+def test_ranking_validates_one_seeded_subset_and_the_last_check_the_whole_split(bundled):
+    """``train.rank_examples`` (PBT's ``pbt.rank_examples``): every member ranks on the same images; the
+    run's last validation is of the whole split, as the winner's figure must be."""
+    a = trainer(bundled, rank_examples=100, val_every=1, max_steps=40, stop_at_target=False)
+    b = trainer(bundled, rank_examples=100, val_every=1, max_steps=40, stop_at_target=False, seed=7)
+    (xa, ya), (_, yb) = a._ranking_split(), b._ranking_split()
+    assert len(ya) == 100 and np.array_equal(ya.numpy(), yb.numpy())
+    first = a.check()
+    assert not a.done and first["val_acc"] == pytest.approx(a.evaluate(xa, ya)[0])
+    last = a.check()
+    assert a.done and last["val_acc"] == pytest.approx(a.evaluate()[0])
+    with pytest.raises(UserError, match=r"train\.rank_examples"):
+        TrainConfig(rank_examples=0)

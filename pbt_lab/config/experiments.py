@@ -96,6 +96,10 @@ class PBTConfig:
     {weight_decay: {log: [1.0e-6, 1.0e-3]}, batch_size: {log_int: [32, 256]}}."""
     perturbation_interval: int = 4
     """Checks between perturbations (each member checkpoints at each)."""
+    rank_examples: int | None = None
+    """Rank members on this many validation examples (one seeded subset, the same for all); the last
+    validation of each member is of the whole split. Null: rank on the whole split. The summary states
+    the ranking's standard error (``ranking``), the time breakdown its share (``validate``)."""
     burn_in_period: int = 0
     """Checks before a member's first perturbation: a multiple of the interval."""
     quantile_fraction: float = 0.2

@@ -86,6 +86,10 @@ class TrainConfig:
     """How far below chance (in nats) a check's mean training loss must be to count as learning."""
     val_every: int = 10
     """Checks between validation passes (the last check always validates)."""
+    rank_examples: int | None = None
+    """Validate on this many examples of the validation split (one seeded subset, the same for every
+    run) at every check but the last, which validates the whole split; null: the whole split always.
+    PBT's ranking is these validations (``pbt.rank_examples``)."""
     seed: int = 3141592
     """Seeds weights, dropout and data order (the study's seed)."""
     jit_compile: bool = False
@@ -117,6 +121,7 @@ class TrainConfig:
         positive("train.max_seconds", self.max_seconds, allow_none=True)
         positive("train.divergence_loss", self.divergence_loss, allow_none=True)
         positive("train.val_every", self.val_every, int)
+        positive("train.rank_examples", self.rank_examples, int, allow_none=True)
         positive("train.stall_checks", self.stall_checks, int, allow_none=True)
         positive("train.stall_tolerance", self.stall_tolerance)
         require(

@@ -77,6 +77,7 @@ def population_setup(run: cli.Run) -> tuple[dict, dict]:
         run.cfg.train,
         stop_at_target=p.stop_at_target,
         val_every=math.gcd(run.cfg.train.val_every, p.perturbation_interval),
+        rank_examples=p.rank_examples or run.cfg.train.rank_examples,
     )
     run.cfg = replace(run.cfg, train=train)
     members = initial_population(p, train.seed)

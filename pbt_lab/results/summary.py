@@ -5,6 +5,7 @@ band, the compute spent and saved, the machine and versions it ran on. Pure pand
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import sys
@@ -31,6 +32,7 @@ from pbt_lab.names import (
     TEST_ACC,
     TRAIN_SECONDS,
     TRIAL_ID,
+    VALIDATE,
     WEIGHTS,
 )
 from pbt_lab.results.lineage import plain as _plain
@@ -149,3 +151,23 @@ def machine() -> dict:
         ]
         model = names[0] if names else model
     return {"cpu": model, "cores": os.cpu_count()}
+
+
+def ranking_figures(summary: dict, trials: pd.DataFrame) -> dict | None:
+    """What PBT's ranking trades: the validation examples each member is ranked on, the standard error
+    of an accuracy measured on that many at the population's accuracy (the median member's last
+    validation), √(p(1 − p)/n), and validation's share of the slot-seconds."""
+    validation = (summary.get("data") or {}).get("val")
+    rank = config_value(summary.get("config"), {}, "train", "rank_examples")
+    examples = min(rank, validation) if rank and validation else validation
+    accuracy = trials[FINAL_VAL_ACC].dropna().median() if FINAL_VAL_ACC in trials else None
+    if not examples or accuracy is None or pd.isna(accuracy):
+        return None
+    breakdown = summary.get("time_breakdown") or {}
+    return {
+        "examples": int(examples),
+        "whole_split": int(validation),
+        "accuracy": float(accuracy),
+        "standard_error": math.sqrt(accuracy * (1 - accuracy) / examples),
+        "share": (breakdown.get("shares") or {}).get(VALIDATE),
+    }

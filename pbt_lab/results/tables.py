@@ -77,6 +77,7 @@ from pbt_lab.results.summary import (
     config_value,
     machine,
     per_optimizer,
+    ranking_figures,
     versions,
 )
 from pbt_lab.storage import is_uri, replace_atomically, staged
@@ -284,7 +285,7 @@ def write_tables(
             run_dir, summary["config"], trials, history, decisions or [], verdicts
         )
         write_parquet(run_dir / LINEAGE, tables["lineage"])
-        summary.update(pbt)
+        summary.update(pbt, ranking=ranking_figures(summary, trials))
         if pbt["winner"][TRIAL_ID]:
             summary["best"] = {
                 **best_trial(trials[trials[TRIAL_ID] == pbt["winner"][TRIAL_ID]]),

@@ -67,6 +67,7 @@ from pbt_lab.training.steps import NO_CLIP, STEP_ARGS, evaluation, train_steps
 
 TRACED = ("jit_compile", "divergence_loss", "stop_on_divergence")  # baked into the traced call
 CLIP_NORM = "clip_norm"
+RANKING_SEED = 20260101  # the validation subset PBT ranks on (train.rank_examples): one for every run
 
 
 def seed_everything(seed: int) -> None:
@@ -145,6 +146,7 @@ class Trainer:
         self.num_classes = data.num_classes
         self.clock = clock
         self._eval_fn = self._make_eval_fn()
+        self._ranking = None  # the validation subset PBT ranks on (train.rank_examples), made when first used
         self.optimizers = OptimizerBank(self.model.trainable_variables, self._make_train_fn, STEP_ARGS)
         self.reset(self.cfg)
 
@@ -251,13 +253,24 @@ class Trainer:
             **{name + USED: value for name, value in used.items()},
         }
 
-    def evaluate(self, x=None, y=None) -> tuple[float, float]:
-        """(accuracy, mean loss) on the validation split, or on ``x``/``y`` if given."""
+    def evaluate(self, x=None, y=None, *, whole: bool = True) -> tuple[float, float]:
+        """(accuracy, mean loss) on the validation split (``whole=False``: on ``train.rank_examples`` of
+        it, where set), or on ``x``/``y`` if given."""
         if x is None:
-            x, y = self._splits[VAL_ACC]
+            x, y = self._splits[VAL_ACC] if whole or not self.cfg.rank_examples else self._ranking_split()
         with self._part(VALIDATE):
             acc, loss = self._eval_fn(x, tf.cast(y, tf.int32))
             return float(acc), float(loss)
+
+    def _ranking_split(self) -> tuple:
+        """The first ``train.rank_examples`` of one fixed permutation of the validation split: every
+        member, every run, ranks on the same images."""
+        k = self.cfg.rank_examples
+        if self._ranking is None or len(self._ranking[1]) != min(k, len(self._splits[VAL_ACC][1])):
+            x, y = self._splits[VAL_ACC]
+            chosen = np.sort(np.random.default_rng(RANKING_SEED).permutation(len(y))[:k])
+            self._ranking = (tf.gather(x, chosen), tf.gather(y, chosen))
+        return self._ranking
 
     def _part(self, name: str):
         return self.clock.part(name) if self.clock else contextlib.nullcontext()
@@ -289,7 +302,7 @@ class Trainer:
         if result[DIVERGED] and cfg.stop_on_divergence:
             p.status = DIVERGED
         elif cfg.target_metric == VAL_ACC or p.checks % cfg.val_every == 0:
-            row[VAL_ACC], row[VAL_LOSS] = self.evaluate()
+            row[VAL_ACC], row[VAL_LOSS] = self.evaluate(whole=False)
         if p.status != DIVERGED:
             if p.steps_to_target is None and (row[cfg.target_metric] or 0.0) >= cfg.target:
                 p.steps_to_target, p.seconds_to_target = p.step, p.train_seconds
@@ -306,8 +319,8 @@ class Trainer:
                 and p.count_chance(row[TRAIN_LOSS], self.num_classes, cfg.stall_tolerance) >= cfg.stall_checks
             ):
                 p.status = STALLED  # at chance for stall_checks checks in a row
-        if self.done and row[VAL_ACC] is None:
-            row[VAL_ACC], row[VAL_LOSS] = self.evaluate()  # every run ends with a validation
+        if self.done and (row[VAL_ACC] is None or cfg.rank_examples):
+            row[VAL_ACC], row[VAL_LOSS] = self.evaluate()  # every run ends with a validation of the whole
         row.update(
             {STATUS: p.status, STEPS_TO_TARGET: p.steps_to_target, SECONDS_TO_TARGET: p.seconds_to_target}
         )
