@@ -201,3 +201,27 @@ def test_the_goal_table_says_met_or_missed_and_shows_figures_without_goals():
     quick = {line.split()[0]: line for line in bench.goal_table(figures, "quick")[1:]}
     assert quick["overhead_share_pbt"].split()[1:] == ["0.050"]  # at the quick size: shown, no goal
     assert "pbt_vs_grid_compute" not in rows  # not measured: not shown
+
+
+def test_rays_textbook_pbt_runs_the_same_population_and_reports_its_work(ray_session, bundled, tmp_path):
+    """The bench's yardstick (``experiments/textbook.py``): Ray's PBT with a Keras trainable as Ray's
+    documentation writes one, on hand-picked members; each interval's fit and evaluate seconds reported."""
+    from pbt_lab.experiments.textbook import WORK_SECONDS, run_textbook
+
+    members = [{"optimizer": "adam", "lr": 1e-3}, {"optimizer": "gd", "lr": 1e-4}]
+    ran = run_textbook(
+        bundled,
+        members,
+        scale=0.25,
+        interval_steps=20,
+        budget_steps=80,
+        batch_size=100,
+        lr_range=(1e-5, 1.0),
+        storage=str(tmp_path),
+        name="textbook",
+    )
+    rows = pd.concat(ran["rows"], ignore_index=True)
+    assert sorted(rows.groupby("trial_id")["step"].max()) == [80, 80]  # every member ran its budget
+    work = rows[WORK_SECONDS].sum()
+    assert 0 < work < ran["wall_seconds"] * 2  # its work fits in its slot-seconds (2 members, 2 CPUs)
+    assert rows["val_acc"].max() > 0.5  # it trains: adam at 1e-3 learns within 80 steps
