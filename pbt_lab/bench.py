@@ -304,8 +304,7 @@ def goal_table(figures: dict, size: str = "quick") -> list[str]:
     """The console's table: each figure measured, its median and range, and its goal, met or missed."""
     lines = [f"{'figure':32}   median   range            goal"]
     goals = {**GOALS, **(CPU_GOALS if size == "cpu" else {})}
-    shown = [*goals.items(), *((k, (None, None)) for k in SHOWN if k not in goals)]
-    for key, (op, goal) in shown:
+    for key, (op, goal) in [*goals.items(), *((k, (None, None)) for k in SHOWN if k not in goals)]:
         if key not in figures:
             continue
         value, spread = figures[key], figures.get(f"{key}_range")

@@ -133,6 +133,7 @@ TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet
 RESTORES = "restores.parquet"  # every restore of a checkpoint, with the audit's verdict
 SUMMARY, FIGURES = "summary.json", "figures"
 SCHEDULE_TAG = "schedule"  # TensorBoard: schedule/KEY charts a searched key
+EXPLOIT_TAG = "exploit"  # TensorBoard: a member's text entry per exploit
 RAY_TAG = "ray/tune"  # TensorBoard: Ray's logger's tags of the results' keys
 WINNER_BOARD = "winner"  # the PBT winner's schedule and metrics along its lineage, for TensorBoard
 TUNER_FILE = "tuner.pkl"  # Ray Tune's own record of a run: what --resume restores from

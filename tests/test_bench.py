@@ -222,6 +222,6 @@ def test_rays_textbook_pbt_runs_the_same_population_and_reports_its_work(ray_ses
     )
     rows = pd.concat(ran["rows"], ignore_index=True)
     assert sorted(rows.groupby("trial_id")["step"].max()) == [80, 80]  # every member ran its budget
-    work = rows[WORK_SECONDS].sum()
-    assert 0 < work < ran["wall_seconds"] * 2  # its work fits in its slot-seconds (2 members, 2 CPUs)
+    # Its work is timed inside each step: never more than Ray's own timer of the step
+    assert (rows[WORK_SECONDS] > 0).all() and (rows[WORK_SECONDS] <= rows["time_this_iter_s"]).all()
     assert rows["val_acc"].max() > 0.5  # it trains: adam at 1e-3 learns within 80 steps

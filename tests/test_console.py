@@ -15,7 +15,20 @@ from ray.tune.experiment import Trial
 
 from pbt_lab import cli
 from pbt_lab.config import PBTConfig, PBTExperiment
-from pbt_lab.names import LINEAGE, RESTORED_ID, RESTORED_SHA256, STATE_ID, STATE_SHA256, STEP, WINNER_BOARD
+from pbt_lab.names import (
+    EXPLOIT,
+    EXPLOIT_RESTORE,
+    LINEAGE,
+    LR,
+    RESTORE_KIND,
+    RESTORED_ID,
+    RESTORED_SHA256,
+    STATE_ID,
+    STATE_SHA256,
+    STEP,
+    VAL_ACC,
+    WINNER_BOARD,
+)
 from pbt_lab.tuning.console import NORMAL, QUIET, Console, changes, count_trials
 
 SUMMARY_LAST = re.compile(r"^tensorboard --logdir \S+$")  # the lab's summary ends so
@@ -100,11 +113,13 @@ def test_tensorboard_holds_each_members_schedule_its_exploits_and_the_winners_li
     # The winner's run: its lineage's rates, as the schedule its checkpoint carries (an independent record)
     winner = board(quick_pbt / WINNER_BOARD)
     charted = {e.step: e.value for e in winner.Scalars("schedule/lr")}
-    schedule = summary["best"]["schedule"]
+    schedule, compared = summary["best"]["schedule"], 0
     for segment, following in zip(schedule, [*schedule[1:], None], strict=True):
         end = following[STEP] if following else max(charted)
         for step in (s for s in charted if segment[STEP] < s <= end):
-            assert charted[step] == pytest.approx(segment["lr"], rel=1e-6), (step, segment)
+            assert charted[step] == pytest.approx(segment[LR], rel=1e-6), (step, segment)
+            compared += 1
+    assert compared == len(charted) == 12  # every check of the winner's lineage (600 steps, 50 a check)
 
 
 # --- the console's parts, on hand-made input (no Ray) -------------------------------------------
@@ -150,8 +165,8 @@ def test_an_exploit_line_says_whether_the_recipient_loaded_what_its_donor_saved(
     recipient = SimpleNamespace(trial_id="a", status=Trial.RUNNING)
     report = {
         STEP: 100,
-        "restore_kind": "exploit",
-        "exploit_decision": 0,
+        RESTORE_KIND: EXPLOIT_RESTORE,
+        EXPLOIT: 0,
         RESTORED_ID: loaded,
         RESTORED_SHA256: digest,
     }
@@ -171,18 +186,29 @@ def test_an_exploit_whose_donor_report_was_not_seen_is_unverifiable_here():
 def test_progress_on_a_pipe_and_quiet_prints_nothing(capsys):
     console = Console(trials=2, budget=100, every=0.0)
     running = SimpleNamespace(trial_id="a", status=Trial.RUNNING)
-    console.on_trial_result(0, [running], running, {STEP: 50, "val_acc": 0.9})
+    console.on_trial_result(0, [running], running, {STEP: 50, VAL_ACC: 0.9})
     assert re.match(
         r"^progress: 50/200 steps \(25%\), 1 running, 1 waiting, best val_acc 0.9000, \d+ s",
         capsys.readouterr().out,
     )
-    try:
-        Console.level = QUIET
+    with Console.speaking(QUIET):
         console.on_trial_result(0, [running], running, {STEP: 100})
         console.say("EXPLOIT …")
         assert capsys.readouterr().out == ""
-    finally:
-        Console.level = NORMAL
+
+
+@pytest.fixture(autouse=True)
+def console_speaks():
+    """Every test here starts with the default console (a fit elsewhere in the session sets it back too)."""
+    with Console.speaking(NORMAL):
+        yield
+
+
+def test_an_exploit_the_console_cannot_name_still_gets_its_line(capsys):
+    console = Console(trials=2, budget=100, scheduler=scheduler())
+    recipient = SimpleNamespace(trial_id="a", status=Trial.RUNNING)
+    console.on_trial_result(0, [recipient], recipient, {STEP: 100, RESTORE_KIND: EXPLOIT_RESTORE, EXPLOIT: 7})
+    assert capsys.readouterr().out.startswith("EXPLOIT at step 100: a ← ?: no change; loaded state")
 
 
 def test_a_trial_that_fails_for_good_prints_one_line_with_its_log(tmp_path, capsys):
@@ -192,8 +218,11 @@ def test_a_trial_that_fails_for_good_prints_one_line_with_its_log(tmp_path, caps
     for retries in (True, False):  # one that restarts says so when it reports again (NameRestores)
         trial = SimpleNamespace(trial_id="a", error_file=str(error), should_recover=lambda r=retries: r)
         console.on_trial_error(0, [trial], trial)
+    error.write_text("")  # an error file Ray left empty
+    console.on_trial_error(0, [trial], trial)
     assert capsys.readouterr().out.splitlines() == [
-        f"ERROR: a failed: ValueError: checkpoint is corrupt ({error})"
+        f"ERROR: a failed: ValueError: checkpoint is corrupt ({error})",
+        f"ERROR: a failed: see Ray's log ({error})",
     ]
 
 
@@ -201,4 +230,5 @@ def test_space_scalars_chart_a_choice_by_its_place():
     space = PBTConfig().search_space
     scalars = space.scalars({"optimizer": space["optimizer"].values[1], "lr": 0.01, "other": 3})
     assert scalars == {"schedule/optimizer": 1.0, "schedule/lr": 0.01}
+    assert space.scalars({"optimizer": "not-in-the-space", "lr": float("nan")}) == {}  # skipped, not raised
     assert space.legend().startswith("optimizer: 0 ")

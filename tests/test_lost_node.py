@@ -11,7 +11,20 @@ import pandas as pd
 import pytest
 from conftest import CONFIGS, two_nodes
 
-from pbt_lab.names import TRIALS
+from pbt_lab.names import (
+    ERROR,
+    NODE_ID,
+    REPORTED_AT,
+    RESTART_RESTORE,
+    RESTORE_KIND,
+    SEGMENT_STEP,
+    STATE_ID,
+    STATUS,
+    STEP,
+    TRIAL_ID,
+    TRIALS,
+    VERIFIED,
+)
 from pbt_lab.results import read_tables
 
 RESTART_LINE = re.compile(
@@ -41,20 +54,20 @@ def assert_recovered(trials, history, restores, lines, nodes, max_steps: int) ->
     head, second, lost_at = nodes
     assert lines, "nobody was on the lost node"
     # (Ray counts each failed call of a lost worker: its training call and the save or restore after it)
-    failed = trials.set_index("trial_id")["failures"]
+    failed = trials.set_index(TRIAL_ID)["failures"]
     assert sorted(line[1] for line in lines) == sorted(failed[failed > 0].index), "one line per restart"
     assert all(after == head[:8] for _, _, _, after, _ in lines)
     assert any(kind == "MOVED" and before == second[:8] for kind, _, before, _, _ in lines)
-    assert (trials["status"] != "error").all() and (trials["steps"] == max_steps).all()
-    late = history[pd.to_numeric(history["reported_at"]) > lost_at + 5]
-    assert (late["node_id"] == head).all(), "the lost node reported no more"
-    assert history["state_id"].dropna().is_unique, "a report twice"
-    for _, rows in history.sort_values("reported_at").groupby("trial_id"):  # and none lost: each report
-        # is one check (50 steps) past the one before, or past the checkpoint it restored
-        before = rows["step"].shift(1).where(rows["restore_kind"].isna(), rows["segment_step"]).fillna(0)
-        assert (rows["step"] - before == 50).all(), rows[["step", "restore_kind", "segment_step"]]
-    assert (restores["verdict"] == "verified").all()  # a restart from a checkpoint is a restore
-    assert (restores["kind"] == "restart").sum() == sum(bool(line[-1]) for line in lines) >= 1
+    assert (trials[STATUS] != ERROR).all() and (trials["steps"] == max_steps).all()
+    late = history[pd.to_numeric(history[REPORTED_AT]) > lost_at + 5]
+    assert (late[NODE_ID] == head).all(), "the lost node reported no more"
+    assert history[STATE_ID].dropna().is_unique, "a report twice"
+    for _, rows in history.sort_values(REPORTED_AT).groupby(TRIAL_ID):  # and none lost: each report is
+        # one check (50 steps) past the one before, or past the checkpoint it restored
+        before = rows[STEP].shift(1).where(rows[RESTORE_KIND].isna(), rows[SEGMENT_STEP]).fillna(0)
+        assert (rows[STEP] - before == 50).all(), rows[[STEP, RESTORE_KIND, SEGMENT_STEP]]
+    assert (restores["verdict"] == VERIFIED).all()  # a restart from a checkpoint is a restore
+    assert (restores["kind"] == RESTART_RESTORE).sum() == sum(bool(line[-1]) for line in lines) >= 1
 
 
 @pytest.mark.slow

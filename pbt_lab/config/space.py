@@ -94,7 +94,10 @@ class Space:
         return {
             f"{SCHEDULE_TAG}/{key}": self[key].scalar(value)
             for key, value in recipe.items()
-            if key in self and value is not None and value == value  # (not NaN)
+            if key in self
+            and value is not None
+            and value == value  # (not NaN)
+            and (not self[key].values or value in self[key].values)  # (a value from outside the space)
         }
 
     def legend(self) -> str:

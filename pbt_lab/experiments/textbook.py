@@ -24,19 +24,21 @@ WORK_SECONDS = "work_seconds"  # a textbook result's seconds inside fit and eval
 
 class TextbookKeras(tune.Trainable):
     def setup(self, config: dict, data=None):
-        from pbt_lab.training.model import build_cnn
-
         scale = 255.0 if data.x_train.dtype == np.uint8 else 1.0
         self.x, self.y = data.x_train.astype(np.float32) / scale, data.y_train.astype(np.int32)
         self.x_val, self.y_val = data.x_val.astype(np.float32) / scale, data.y_val.astype(np.int32)
-        self.model = build_cnn(data.input_shape, data.num_classes, config["scale"])
-        self._compile(config)
+        self.shape = (data.input_shape, data.num_classes)
+        self._build(config)
 
-    def _compile(self, config: dict) -> None:
+    def _build(self, config: dict) -> None:
+        """A new model, compiled for ``config``: a member starts from fresh weights (a paused one's come
+        back from its checkpoint), as a new worker would give it."""
         import keras
 
+        from pbt_lab.training.model import build_cnn
         from pbt_lab.training.optimizers import make_optimizer
 
+        self.model = build_cnn(*self.shape, config["scale"])
         self.model.compile(
             make_optimizer(config[OPTIMIZER], config[LR]),
             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -63,14 +65,15 @@ class TextbookKeras(tune.Trainable):
         self.model.load_weights(os.path.join(checkpoint_dir, "model.weights.h5"))
 
     def reset_config(self, new_config: dict) -> bool:
-        self._compile(new_config)
+        self._build(new_config)
         return True
 
 
 def run_textbook(data, members: list[dict], *, scale: float, interval_steps: int, budget_steps: int,
                  batch_size: int, lr_range: tuple, storage: str, name: str) -> dict:  # fmt: skip
     """Ray's PBT over ``members`` ([{optimizer, lr}, …], the lab's initial population) on the Ray this
-    process runs, one CPU per member; its wall seconds, work seconds and every result row."""
+    process runs, one CPU per member: as many at once as it has CPUs (the bench's Ray has one per slot
+    of the lab's run; Ray's concurrency limit would keep the rest of a PBT population from starting)."""
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration",
         metric=VAL_ACC,

@@ -67,7 +67,7 @@ from pbt_lab.training.steps import NO_CLIP, STEP_ARGS, evaluation, train_steps
 
 TRACED = ("jit_compile", "divergence_loss", "stop_on_divergence")  # baked into the traced call
 CLIP_NORM = "clip_norm"
-RANKING_SEED = 20260101  # the validation subset PBT ranks on (train.rank_examples): one for every run
+RANKING, RANKING_SEED = "ranking", 20260101  # the validation subset PBT ranks on (train.rank_examples)
 
 
 def seed_everything(seed: int) -> None:
@@ -146,7 +146,6 @@ class Trainer:
         self.num_classes = data.num_classes
         self.clock = clock
         self._eval_fn = self._make_eval_fn()
-        self._ranking = None  # the validation subset PBT ranks on (train.rank_examples), made when first used
         self.optimizers = OptimizerBank(self.model.trainable_variables, self._make_train_fn, STEP_ARGS)
         self.reset(self.cfg)
 
@@ -264,13 +263,13 @@ class Trainer:
 
     def _ranking_split(self) -> tuple:
         """The first ``train.rank_examples`` of one fixed permutation of the validation split: every
-        member, every run, ranks on the same images."""
-        k = self.cfg.rank_examples
-        if self._ranking is None or len(self._ranking[1]) != min(k, len(self._splits[VAL_ACC][1])):
+        member, every run, ranks on the same images (kept beside the splits once made)."""
+        k = min(self.cfg.rank_examples, len(self._splits[VAL_ACC][1]))
+        if RANKING not in self._splits or len(self._splits[RANKING][1]) != k:
             x, y = self._splits[VAL_ACC]
             chosen = np.sort(np.random.default_rng(RANKING_SEED).permutation(len(y))[:k])
-            self._ranking = (tf.gather(x, chosen), tf.gather(y, chosen))
-        return self._ranking
+            self._splits[RANKING] = (tf.gather(x, chosen), tf.gather(y, chosen))
+        return self._splits[RANKING]
 
     def _part(self, name: str):
         return self.clock.part(name) if self.clock else contextlib.nullcontext()
@@ -303,6 +302,8 @@ class Trainer:
             p.status = DIVERGED
         elif cfg.target_metric == VAL_ACC or p.checks % cfg.val_every == 0:
             row[VAL_ACC], row[VAL_LOSS] = self.evaluate(whole=False)
+            if cfg.rank_examples and cfg.target_metric == VAL_ACC and row[VAL_ACC] >= cfg.target:
+                row[VAL_ACC], row[VAL_LOSS] = self.evaluate()  # the target is judged on the whole split
         if p.status != DIVERGED:
             if p.steps_to_target is None and (row[cfg.target_metric] or 0.0) >= cfg.target:
                 p.steps_to_target, p.seconds_to_target = p.step, p.train_seconds

@@ -26,6 +26,7 @@ from pbt_lab.names import (
     DIVERGED,
     EXPLOIT,
     EXPLOIT_RESTORE,
+    EXPLOIT_TAG,
     LR,
     MISMATCHED,
     OPTIMIZER,
@@ -64,6 +65,7 @@ def ray_quieted(verbosity: int) -> Iterator[None]:
     os.environ[NEW_OUTPUT] = "0"
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger(INSUFFICIENT).setLevel(logging.WARNING)  # a run that cannot start says why
     try:
         yield
     finally:
@@ -76,6 +78,7 @@ def ray_quieted(verbosity: int) -> Iterator[None]:
 
 
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+INSUFFICIENT = "ray.tune.execution.insufficient_resources_manager"
 
 
 def count_trials(param_space: dict, num_samples: int = 1) -> int:
@@ -118,8 +121,11 @@ def changes(old: dict, new: dict) -> str:
 
 
 def decision_of(result: dict, scheduler) -> dict:
-    """The PBT decision a recipient's report says it carried out ({} where none)."""
-    return scheduler.decisions[result[EXPLOIT]] if result.get(EXPLOIT) is not None else {}
+    """The PBT decision a recipient's report says it carried out ({} where none, or unknown here)."""
+    number = result.get(EXPLOIT)
+    return (
+        scheduler.decisions[number] if number is not None and 0 <= number < len(scheduler.decisions) else {}
+    )
 
 
 def exploit_text(recipient: str, result: dict, scheduler) -> str:
@@ -142,7 +148,17 @@ class Console(tune.Callback):
     ``budget``: each trial's step budget (None: a time budget; the line then has no total);
     ``scheduler``: the lab's PBT, whose decisions name an exploit's donor and values."""
 
-    level = NORMAL  # this process's verbosity (a resumed run's callbacks are the ones Ray unpickles)
+    level = NORMAL  # this fit's verbosity, for every Console (a resumed run's is the one Ray unpickles)
+
+    @classmethod
+    @contextmanager
+    def speaking(cls, level: int) -> Iterator[None]:
+        """Every Console (and ``NameRestores``) at ``level`` for the time of a fit."""
+        before, cls.level = cls.level, level
+        try:
+            yield
+        finally:
+            cls.level = before
 
     def __init__(self, trials: int, budget: int | None, scheduler=None, every: float = PROGRESS_EVERY):
         self.trials, self.budget, self.scheduler, self.every = trials, budget, scheduler, every
@@ -220,8 +236,10 @@ class Console(tune.Callback):
         if trial.should_recover():  # it restarts (RESTARTED/MOVED when it reports again)
             return
         error = Path(trial.error_file) if trial.error_file else None
-        said = error.read_text().strip().splitlines()[-1] if error and error.is_file() else "see Ray's log"
-        self.say(f"ERROR: {trial.trial_id} failed: {said}" + (f" ({error})" if error else ""))
+        said = (error.read_text().strip().splitlines() if error and error.is_file() else []) or [
+            "see Ray's log"
+        ]
+        self.say(f"ERROR: {trial.trial_id} failed: {said[-1]}" + (f" ({error})" if error else ""))
 
     def on_experiment_end(self, trials, **info):
         if self._bar is not None:
@@ -282,7 +300,7 @@ class ScheduleBoard(tune.Callback):
         for tag, value in self.space.scalars(result.get(RECIPE) or {}).items():
             writer.add_scalar(tag, value, global_step=result[STEP])
         if result.get(RESTORE_KIND) == EXPLOIT_RESTORE and self.scheduler is not None:
-            writer.add_text("exploit", exploit_text(trial.trial_id, result, self.scheduler), result[STEP])
+            writer.add_text(EXPLOIT_TAG, exploit_text(trial.trial_id, result, self.scheduler), result[STEP])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial.trial_id)

@@ -120,7 +120,7 @@ def fit(
     ``keep_all_checkpoints``: Ray deletes none (PBT's scheduler prunes them itself); ``console=False``:
     no header or progress of this fit (a comparison prints its own line per run). What the console
     shows follows ``run.verbosity`` (``tuning/console.py``)."""
-    with ray_quieted(run.verbosity):
+    with ray_quieted(run.verbosity), Console.speaking(run.verbosity if console else QUIET):
         return _fit(run, param_space, scheduler, search_alg, num_samples, stop, callbacks, checkpoint_every,
                     keep_all_checkpoints, console)  # fmt: skip
 
@@ -135,7 +135,6 @@ def _fit(run, param_space, scheduler, search_alg, num_samples, stop, callbacks, 
     )
     every = tune_run.checkpoint_every if checkpoint_every is None else checkpoint_every
     full = StopWhenStorageFull(run.storage_path, reserve_bytes(run.session.slots, run.checkpoint_bytes))
-    Console.level = loud if console else min(loud, QUIET)  # (also for the callbacks a resume unpickles)
     trials = count_trials(param_space, num_samples)
     if Console.level == NORMAL:
         print(header(run, trials), flush=True)
