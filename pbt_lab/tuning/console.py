@@ -192,21 +192,26 @@ class Console(tune.Callback):
             print(line, flush=True)
 
     def progress(self, trials: list[Trial]) -> str:
+        """``1,450/3,000 steps (48%), 2 running, 3 waiting, best val_acc 0.9820, 2 exploits, 30 s, about
+        32 s left``: the pipe's line (a terminal's bar shows the steps and times itself)."""
         done = sum(self._steps.values())
         total = self.trials * self.budget if self.budget else None
-        running = sum(t.status == Trial.RUNNING for t in trials)
-        waiting = sum(t.status in (Trial.PENDING, Trial.PAUSED) for t in trials) + self.trials - len(trials)
         elapsed = time.monotonic() - self._started
         parts = [f"{done:,}/{total:,} steps ({done / total:.0%})" if total else f"{done:,} steps"]
-        parts.append(f"{running} running, {max(waiting, 0)} waiting")
+        parts += [*self.population(trials), f"{elapsed:.0f} s"]
+        if total and done:
+            parts.append(f"about {elapsed * (total - done) / done:.0f} s left")
+        return ", ".join(parts)
+
+    def population(self, trials: list[Trial]) -> list[str]:
+        running = sum(t.status == Trial.RUNNING for t in trials)
+        waiting = sum(t.status in (Trial.PENDING, Trial.PAUSED) for t in trials) + self.trials - len(trials)
+        parts = [f"{running} running, {max(waiting, 0)} waiting"]
         if self._best is not None:
             parts.append(f"best val_acc {self._best:.4f}")
         if self.scheduler is not None:
             parts.append(f"{self._exploits} exploit{'s' if self._exploits != 1 else ''}")
-        parts.append(f"{elapsed:.0f} s")
-        if total and done:
-            parts.append(f"about {elapsed * (total - done) / done:.0f} s left")
-        return ", ".join(parts)
+        return parts
 
     # --- Tune's callbacks --------------------------------------------------------------------
 
@@ -249,7 +254,7 @@ class Console(tune.Callback):
     def _show(self, trials) -> None:
         if self._bar is not None:
             self._bar.n = sum(self._steps.values())  # (an exploit may set a member's step back)
-            self._bar.set_postfix_str(self.progress(trials).split(", ", 1)[1], refresh=True)
+            self._bar.set_postfix_str(", ".join(self.population(trials)), refresh=True)
         elif self.level == NORMAL and time.monotonic() - self._last_line >= self.every:
             self._last_line = time.monotonic()
             self.say(f"progress: {self.progress(trials)}")
