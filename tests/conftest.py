@@ -254,8 +254,8 @@ def isolated_ray(tmp_path):
     subprocess.run(["rm", "-rf", temp], check=False)
 
 
-# The second node is lost (its raylet killed, no graceful drain) once the run holds LOSE_AFTER
-# checkpoints, if asked: the line LOST says when.
+# The second node is lost (its raylet killed, no graceful drain) once LOSE_AFTER checkpoints are of
+# trials training there (their last report came from it), if asked: the line LOST says when.
 TWO_NODES = """
 import importlib, json, os, re, sys, threading, time
 import pyarrow.fs
@@ -268,11 +268,19 @@ second = cluster.add_node(num_cpus=2, num_gpus=1)
 cluster.wait_for_nodes()
 print("NODES " + json.dumps([cluster.head_node.node_id, second.node_id]), flush=True)
 
+def on_second(fs, trial_dir):
+    try:
+        with fs.open_input_stream(trial_dir + "/result.json") as f:
+            return json.loads(f.read().decode().strip().splitlines()[-1]).get("node_id") == second.node_id
+    except (OSError, ValueError, IndexError):
+        return False
+
 def lose_second(run, after):
     fs, path = pyarrow.fs.FileSystem.from_uri(run)
     while True:
         found = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
-        if len({m[0] for i in found if (m := re.search(r".*/checkpoint_[0-9]+", i.path))}) >= after:
+        saved = {m.groups() for i in found if (m := re.search(r"(.*)/(checkpoint_[0-9]+)", i.path))}
+        if sum(on_second(fs, trial_dir) for trial_dir, _ in saved) >= after:
             print(f"LOST {time.time()}", flush=True)
             cluster.remove_node(second, allow_graceful=False)
             return

@@ -34,8 +34,8 @@ RESTART_LINE = re.compile(
 
 
 def lose_the_second_node(env: dict, tmp_path, command: str, after: int, *argv: str):
-    """``command`` on two nodes, the second lost once the run holds ``after`` checkpoints; the run's
-    tables, its restores, the console's restart lines, the nodes and the time the node was lost."""
+    """``command`` on two nodes, the second lost once ``after`` checkpoints are of trials training there;
+    the run's tables, its restores, the console's restart lines, the nodes and when the node was lost."""
     run = tmp_path / "runs" / "lost"
     env, started = {**env, "LOSE_RUN": f"file://{run}", "LOSE_AFTER": str(after)}, time.perf_counter()
     argv = (*argv, "--storage-path", str(tmp_path / "runs"), "--name", "lost")
@@ -81,7 +81,7 @@ def test_pbt_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
         "train.max_steps=400",
     )
     run, trials, history, summary, restores, lines, nodes = lose_the_second_node(
-        isolated_ray, tmp_path, "pbt", 6, *argv
+        isolated_ray, tmp_path, "pbt", 2, *argv
     )
     assert_recovered(trials, history, restores, lines, nodes, max_steps=400)
     decisions = json.loads((run / "pbt_state.json").read_text())["decisions"]
