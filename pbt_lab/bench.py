@@ -227,7 +227,8 @@ def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
     configs = Path(__file__).resolve().parents[1] / "configs"
     grid_name, pbt_name, twin = SIZES[size]
     grid_config, pbt_config = configs / f"{grid_name}.yaml", configs / f"{pbt_name}.yaml"
-    ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    quiet = {"logging_level": "ERROR", "log_to_driver": False}  # workers' lines stay in Ray's logs
+    ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, **quiet)
     try:
         grid_tables = tune_run(grid, grid_config, storage, f"grid-{repeat}")
         no_stop = twin and tune_run(
