@@ -22,7 +22,6 @@ from pbt_lab.names import (
     STATUS,
     STEP,
     TRIAL_ID,
-    TRIALS,
     VERIFIED,
 )
 from pbt_lab.results import read_tables
@@ -33,19 +32,25 @@ RESTART_LINE = re.compile(
 )
 
 
-def lose_the_second_node(env: dict, tmp_path, command: str, after: int, *argv: str):
-    """``command`` on two nodes, the second lost once ``after`` checkpoints are of trials training there;
-    the run's tables, its restores, the console's restart lines, the nodes and when the node was lost."""
+def lose_the_second_node(env: dict, tmp_path, command: str, steps: int, *sets: str):
+    """The quick ``command`` (``--set`` ``sets`` too) on two nodes, half a fake GPU per trial, ``steps``
+    per trial, the second node lost once 2 checkpoints are of trials training there; checks what any run
+    may cost (``assert_recovered``) and returns its directory, tables and restart lines."""
     run = tmp_path / "runs" / "lost"
-    env, started = {**env, "LOSE_RUN": f"file://{run}", "LOSE_AFTER": str(after)}, time.perf_counter()
-    argv = (*argv, "--storage-path", str(tmp_path / "runs"), "--name", "lost")
-    done, (head, second) = two_nodes(env, tmp_path, command, *argv, "--set", "run.max_failures=3")
+    env, started = {**env, "LOSE_RUN": f"file://{run}", "LOSE_AFTER": "2"}, time.perf_counter()
+    argv = [
+        *("--config", str(CONFIGS / f"{command}-quick.yaml"), "--storage-path", str(tmp_path / "runs")),
+        *("--name", "lost", "--set", "resources.gpu=0.5", "--set", f"train.max_steps={steps}"),
+        *("--set", "run.max_failures=3", *(a for kv in sets for a in ("--set", kv))),
+    ]
+    done, (head, second) = two_nodes(env, tmp_path, command, *argv)
     lost_at = float(re.search(r"^LOST (\S+)$", done.stdout, re.M)[1])
     trials, history, summary = read_tables(run)
     restores = pd.read_parquet(run / "restores.parquet")
     lines = RESTART_LINE.findall(done.stdout)
     print(f"lost node, {command}: {time.perf_counter() - started:.0f} s, restarts {[ln[:2] for ln in lines]}")
-    return run, trials, history, summary, restores, lines, (head, second, lost_at)
+    assert_recovered(trials, history, restores, lines, (head, second, lost_at), max_steps=steps)
+    return run, trials, summary
 
 
 def assert_recovered(trials, history, restores, lines, nodes, max_steps: int) -> None:
@@ -72,18 +77,7 @@ def assert_recovered(trials, history, restores, lines, nodes, max_steps: int) ->
 
 @pytest.mark.slow
 def test_pbt_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
-    argv = (
-        "--config",
-        str(CONFIGS / "pbt-quick.yaml"),
-        "--set",
-        "resources.gpu=0.5",
-        "--set",
-        "train.max_steps=400",
-    )
-    run, trials, history, summary, restores, lines, nodes = lose_the_second_node(
-        isolated_ray, tmp_path, "pbt", 2, *argv
-    )
-    assert_recovered(trials, history, restores, lines, nodes, max_steps=400)
+    run, _, summary = lose_the_second_node(isolated_ray, tmp_path, "pbt", 400)
     decisions = json.loads((run / "pbt_state.json").read_text())["decisions"]
     assert [d["decision"] for d in decisions] == list(range(len(decisions)))  # none lost, none twice
     e = summary["exploits"]
@@ -92,20 +86,6 @@ def test_pbt_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
 
 @pytest.mark.slow
 def test_the_grid_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
-    argv = (
-        *(
-            "--config",
-            str(CONFIGS / "grid-quick.yaml"),
-            "--set",
-            "resources.gpu=0.5",
-            "--set",
-            "train.max_steps=300",
-        ),
-        *("--set", "grid.optimizers=[adam,rmsprop]", "--set", "grid.lrs=[0.001,0.003]"),
-        *("--set", "train.stop_at_target=false", "--set", "run.checkpoint_every=2"),
-    )
-    run, trials, history, _, restores, lines, nodes = lose_the_second_node(
-        isolated_ray, tmp_path, "grid", 2, *argv
-    )
-    assert len(pd.read_parquet(run / TRIALS)) == 4
-    assert_recovered(trials, history, restores, lines, nodes, max_steps=300)
+    sets = ("grid.optimizers=[adam,rmsprop]", "grid.lrs=[0.001,0.003]", "train.stop_at_target=false")
+    _, trials, _ = lose_the_second_node(isolated_ray, tmp_path, "grid", 300, *sets, "run.checkpoint_every=2")
+    assert len(trials) == 4
