@@ -49,20 +49,19 @@ def lose_the_second_node(env: dict, tmp_path, command: str, steps: int, *sets: s
     restores = pd.read_parquet(run / "restores.parquet")
     lines = RESTART_LINE.findall(done.stdout)
     print(f"lost node, {command}: {time.perf_counter() - started:.0f} s, restarts {[ln[:2] for ln in lines]}")
-    assert_recovered(trials, history, restores, lines, (head, second, lost_at), max_steps=steps)
-    return run, trials, summary
+    assert_recovered(trials, history, restores, lines, (head, lost_at), max_steps=steps)
+    return run, trials, summary, [(kind, before) for kind, _, before, _, _ in lines], second
 
 
 def assert_recovered(trials, history, restores, lines, nodes, max_steps: int) -> None:
     """What a lost node may cost, for any run: one restart line per failure, each of a member that was
     on the lost node and goes on on the head; every member finished; one history row per check."""
-    head, second, lost_at = nodes
+    head, lost_at = nodes
     assert lines, "nobody was on the lost node"
     # (Ray counts each failed call of a lost worker: its training call and the save or restore after it)
     failed = trials.set_index(TRIAL_ID)["failures"]
     assert sorted(line[1] for line in lines) == sorted(failed[failed > 0].index), "one line per restart"
     assert all(after == head[:8] for _, _, _, after, _ in lines)
-    assert any(kind == "MOVED" and before == second[:8] for kind, _, before, _, _ in lines)
     assert (trials[STATUS] != ERROR).all() and (trials["steps"] == max_steps).all()
     late = history[pd.to_numeric(history[REPORTED_AT]) > lost_at + 5]
     assert (late[NODE_ID] == head).all(), "the lost node reported no more"
@@ -77,7 +76,9 @@ def assert_recovered(trials, history, restores, lines, nodes, max_steps: int) ->
 
 @pytest.mark.slow
 def test_pbt_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
-    run, _, summary = lose_the_second_node(isolated_ray, tmp_path, "pbt", 400)
+    # (A PBT member takes turns on both nodes: one lost as it started there, having last trained on the
+    # head, is RESTARTED, not MOVED; 1 run in 3 lost only such members)
+    run, _, summary, _, _ = lose_the_second_node(isolated_ray, tmp_path, "pbt", 400)
     decisions = json.loads((run / "pbt_state.json").read_text())["decisions"]
     assert [d["decision"] for d in decisions] == list(range(len(decisions)))  # none lost, none twice
     e = summary["exploits"]
@@ -87,5 +88,7 @@ def test_pbt_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
 @pytest.mark.slow
 def test_the_grid_goes_on_when_a_node_is_lost(isolated_ray, tmp_path):
     sets = ("grid.optimizers=[adam,rmsprop]", "grid.lrs=[0.001,0.003]", "train.stop_at_target=false")
-    _, trials, _ = lose_the_second_node(isolated_ray, tmp_path, "grid", 300, *sets, "run.checkpoint_every=2")
-    assert len(trials) == 4
+    _, trials, _, moves, second = lose_the_second_node(
+        isolated_ray, tmp_path, "grid", 300, *sets, "run.checkpoint_every=2"
+    )
+    assert len(trials) == 4 and ("MOVED", second[:8]) in moves  # a grid trial trains on one worker
