@@ -13,6 +13,7 @@ import pytest
 from pyarrow.fs import LocalFileSystem
 from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
+from ray.tune.trainable.metadata import _TrainingRunMetadata
 
 from pbt_lab.config import PBTConfig
 from pbt_lab.config.space import Space, build_space
@@ -383,7 +384,8 @@ class Member:
         self.trial_id = self.experiment_tag = name
         self.config = {OPTIMIZER: "adam", LR: lr, "seed": 1}
         self.evaluated_params, self.status = {}, Trial.RUNNING
-        self.run_metadata = SimpleNamespace(checkpoint_manager=Manager())
+        self.run_metadata = _TrainingRunMetadata()  # Ray's own, whose JSON a snapshot writes
+        self.run_metadata.checkpoint_manager = Manager()
         self.temporary_state, self.is_restoring = SimpleNamespace(saving_to=None), False
         self.storage = Storage(root / name)
         self.local_experiment_path = self.local_dir = str(root)  # where Ray's policy logs go
@@ -656,6 +658,18 @@ def held(member: Member) -> list[str]:
     return sorted(p.name for p in directory.glob("checkpoint_*")) if directory.is_dir() else []
 
 
+def in_snapshot(member: Member):
+    """The checkpoint a resume would restore the member from: its run metadata as Ray's experiment
+    snapshot writes it (JSON cached since it last changed), read back."""
+    return _TrainingRunMetadata.from_json_state(
+        member.run_metadata.get_json_state()
+    ).checkpoint_manager.latest_checkpoint_result
+
+
+def held_path(member: Member, index: int) -> str:
+    return str(Path(member.storage.trial_fs_path) / held(member)[index])
+
+
 def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_bound():
     s = lab_pbt(
         seed=0,
@@ -668,6 +682,7 @@ def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_
     report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e's state e1, and waits for a slot
     decision = s.decisions[-1]
     assert decision["donor"] == "e" and decision["donor_state_id"] == "e1"
+    assert in_snapshot(m["a"]).checkpoint.path == held_path(m["e"], 0)
     Storage.stored = Storage.uploading = None
     for iteration in (2, 3, 4, 5):
         report(s, controller, m["e"], iteration, 0.95, state_id=f"e{iteration}")
@@ -678,6 +693,7 @@ def test_a_checkpoint_a_recipient_waits_on_moves_into_its_directory_to_keep_the_
         Storage.stored, Storage.uploading = Storage.uploading, s.keeper.snapshot_count
     waiting = m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result
     assert (Path(waiting.checkpoint.path) / "state").read_text() == "e1"  # the decided state, moved
+    assert in_snapshot(m["a"]).checkpoint.path == waiting.checkpoint.path  # a resume restores it too
     assert Path(waiting.checkpoint.path).parent.name == "a" and "moved" in decision
     assert decision["donor_state_id"] == "e1" and "redirected" not in decision
     copied = {"segment_from": "e", "exploit_decision": decision["decision"]}
@@ -769,6 +785,21 @@ def test_a_checkpoint_ray_is_restoring_already_stays_where_it_is():
     s.keeper._move_to_recipient(m["a"], m["e"], newest, controller.members)
     assert m["a"].run_metadata.checkpoint_manager.latest_checkpoint_result is decided
     assert Path(decided.checkpoint.path).is_dir()
+
+
+def test_a_snapshot_taken_after_an_exploit_resumes_the_recipient_from_the_donors_checkpoint():
+    # Ray's experiment snapshot writes each trial's run metadata as JSON cached since its last change;
+    # a resumed run restores the recipient from the checkpoint that JSON names.
+    s = lab_pbt(seed=0, perturbation_interval=1)
+    controller, m = population(s, dict.fromkeys("abcde", 1e-3))
+    for name, score in zip("abcde", (0.50, 0.60, 0.70, 0.80, 0.90)):
+        report(s, controller, m[name], 1, score, state_id=f"{name}1")
+    controller.pause_trial(m["a"])  # a saves a1: its own checkpoint
+    m["a"].run_metadata.get_json_state()  # a snapshot
+    report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e1
+    assert s.decisions[-1]["action"] == "exploit"
+    restored = in_snapshot(m["a"])
+    assert restored.metrics["state_id"] == "e1" and restored.checkpoint.path == held_path(m["e"], 0)
 
 
 def test_a_trainable_that_reports_no_restores_leaves_carried_out_unknown():

@@ -105,10 +105,8 @@ class CheckpointKeeper:
         self.moved[target] = (recipient.trial_id, checkpoint.filesystem)
         registered.remove(source)  # no longer the donor's
         for member in sharing:
-            manager = member.run_metadata.checkpoint_manager
-            manager._latest_checkpoint_result = _TrainingResult(
-                Checkpoint(target, checkpoint.filesystem), manager.latest_checkpoint_result.metrics
-            )
+            metrics = member.run_metadata.checkpoint_manager.latest_checkpoint_result.metrics
+            _restores_next(member, _TrainingResult(Checkpoint(target, checkpoint.filesystem), metrics))
             if (awaited := self._awaited(member.trial_id)) is not None:
                 self.scheduler.decisions[awaited]["moved"] = {"to": target, "why": MOVED}
 
@@ -119,7 +117,7 @@ class CheckpointKeeper:
         decision = self._awaited(recipient.trial_id)
         if decision is None or manager.latest_checkpoint_result is None:
             return
-        manager._latest_checkpoint_result = _TrainingResult(copy.copy(latest.checkpoint), latest.metrics)
+        _restores_next(recipient, _TrainingResult(copy.copy(latest.checkpoint), latest.metrics))
         clocks = self._trial_state[recipient]
         # Ray gave it the donor's clocks at the decision; it now resumes from this state's iteration
         # (left behind, it would be ranked and saved at iterations its reports did not expect).
@@ -245,6 +243,14 @@ def _move(checkpoint: Checkpoint, target: str) -> None:
 def _own(trial: Trial) -> set[str]:
     """The checkpoints a member saved itself (in its directory)."""
     return {r.checkpoint.path for r in trial.run_metadata.checkpoint_manager.best_checkpoint_results}
+
+
+def _restores_next(trial: Trial, result: _TrainingResult) -> None:
+    """Point a member at the checkpoint it restores from next, in Ray's experiment snapshot too: Ray
+    keeps a trial's run metadata as JSON cached until an attribute of it is set, and the checkpoint
+    manager's latest is not one of them (a resume would restore the path before)."""
+    trial.run_metadata.checkpoint_manager._latest_checkpoint_result = result
+    trial.run_metadata.invalidate_cache()
 
 
 def _latest_path(trial: Trial) -> str | None:

@@ -357,5 +357,9 @@ class LabPBT(RecoversLostWorkers, ResumableState, PopulationBasedTraining):
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
         super()._exploit(tune_controller, trial, trial_to_clone)
+        # Ray points the recipient at the donor's checkpoint behind its run metadata's cached JSON: the
+        # next experiment snapshot would keep its own, and a run killed after it resumed the recipient
+        # from its own state with the donor's config (the audit caught it: never carried out).
+        trial.run_metadata.invalidate_cache()
         self._diverged.discard(trial.trial_id)  # it now holds the donor's healthy state
         self._pending[trial.trial_id] = self._deciding["exploit"]["decision"]
