@@ -127,6 +127,7 @@ EXPLOITED = "exploit"  # the member copies a donor
 SAVED = "save"  # a top member: PBT saves it for others to copy
 KEPT = "keep"  # neither
 NO_CHECKPOINT = "no checkpoint"  # it would copy, but the donor has no checkpoint of its ranked state
+UNRECORDED = "unrecorded"  # made by a run killed before its record was stored (a resume's gap)
 
 # --- files the lab writes beside Ray's in a run directory ---------------------------------------
 TRIALS, HISTORY, LINEAGE = "trials.parquet", "history.parquet", "lineage.parquet"

@@ -76,11 +76,14 @@ def donor(member_class, tmp_path_factory):
     return reports, kept
 
 
-def audited_reports(runs: dict, decisions: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The history of ``runs`` (trial -> reports) and the audit's verdict on each of its restores."""
+def audited_reports(
+    runs: dict, decisions: list[dict], registered: list[dict] = ()
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The history of ``runs`` (trial -> reports) and the audit's verdict on each of its restores
+    (``registered``: reports as Ray registered them with checkpoints, pbt_state.json's)."""
     history = read_history(runs)
     restores = audit.restore_rows(history)
-    return restores, audit.audit(restores, read_saved_states(runs), decisions)
+    return restores, audit.audit(restores, read_saved_states(runs, registered), decisions)
 
 
 def exploit(
@@ -93,6 +96,7 @@ def exploit(
     decision=None,
     reported=True,
     trained_before=False,
+    registered=(),
 ):
     """A recipient restores (a copy of) the donor's checkpoint, tampered with or not, and trains one
     check; returns the audit's verdict and the counts over this one exploit. ``trained_before``: the
@@ -110,7 +114,7 @@ def exploit(
     r.stop()
     decision = decision or decided(new={OPTIMIZER: optimizer, LR: lr}, donor_state_id=reports[-1]["state_id"])
     runs = {"donor": reports if reported else reports[:1], "recipient": [report]}
-    _, verdicts = audited_reports(runs, [decision])
+    _, verdicts = audited_reports(runs, [decision], registered)
     return verdicts.iloc[0], audit.exploit_counts(verdicts, [decision], [])
 
 
@@ -189,6 +193,20 @@ def test_a_checkpoint_other_than_the_decisions_is_mismatched(member_class, donor
 def test_a_state_its_donor_never_reported_is_unverifiable_not_verified(member_class, donor, tmp_path):
     verdict, counts = exploit(member_class, donor, tmp_path, reported=False)
     assert verdict["verdict"] == "unverifiable" and counts["exploits_verified"] == 0
+
+
+def test_a_donor_report_a_kill_lost_is_read_from_rays_registered_copy_and_still_checked(
+    member_class, donor, tmp_path
+):
+    # A run killed before the donor's result.json reached storage: a resumed run keeps the report Ray
+    # registered with the checkpoint (pbt_state.json's registered_reports). A wrong copy is caught.
+    reports, _ = donor
+    registered = {k: v for k, v in reports[-1].items() if not isinstance(v, dict)}
+    verdict, _ = exploit(member_class, donor, tmp_path / "kept", reported=False, registered=[registered])
+    assert verdict["verdict"] == "verified"
+    wrong = {**registered, STATE_SHA256: "0" * 64}
+    verdict, _ = exploit(member_class, donor, tmp_path / "wrong", reported=False, registered=[wrong])
+    assert verdict["verdict"] == "mismatched" and "weights differ" in verdict["problem"]
 
 
 def test_a_restore_no_decision_explains_is_unmatched(member_class, donor, tmp_path):

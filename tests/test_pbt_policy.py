@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from pyarrow.fs import LocalFileSystem
 from ray.tune import Checkpoint
@@ -18,6 +19,7 @@ from ray.tune.trainable.metadata import _TrainingRunMetadata
 from pbt_lab.config import PBTConfig
 from pbt_lab.config.space import Space, build_space
 from pbt_lab.names import LR, OPTIMIZER
+from pbt_lab.results.audit import undone_exploits
 from pbt_lab.tuning import explore as explore_by_kind
 from pbt_lab.tuning.controller import LabFIFO
 from pbt_lab.tuning.explore import operation_text, truncate
@@ -197,19 +199,22 @@ def scheduler(seed=0) -> LabPBT:
     )
 
 
-def added_member(scheduler: LabPBT, name: str):
-    """A trial as Ray re-adds it to a resumed run (no checkpoint result yet), added to ``scheduler``."""
+def added_member(scheduler: LabPBT, name: str, registered: dict | None = None, **config):
+    """A trial as Ray re-adds it to a resumed run, added to ``scheduler``: ``config`` beyond the rate
+    (an exploit's number), the report its latest checkpoint was registered with (none: none yet)."""
 
     class Member(SimpleNamespace):
         __hash__ = object.__hash__
 
+    held = registered and Checkpoint(tempfile.mkdtemp(prefix="pbt-resumed-"), LocalFileSystem())
+    latest = registered and SimpleNamespace(checkpoint=held, metrics=registered)
     manager = SimpleNamespace(
-        latest_checkpoint_result=None, checkpoint_config=SimpleNamespace(num_to_keep=None)
+        latest_checkpoint_result=latest, checkpoint_config=SimpleNamespace(num_to_keep=None)
     )
     trial = Member(
         trial_id=name,
         experiment_tag=name,
-        config={OPTIMIZER: "adam", LR: 1e-3},
+        config={OPTIMIZER: "adam", LR: 1e-3, **config},
         evaluated_params={},
         run_metadata=SimpleNamespace(checkpoint_manager=manager),
     )
@@ -222,7 +227,7 @@ def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_m
     first._rng.random(17)  # some decisions' worth of draws
     first.decisions = [{"decision": i, "action": "keep"} for i in range(3)]
     first.decisions.append({"decision": 3, "action": "exploit", "member": "a", "donor": "b"})
-    a, b = added_member(first, "a"), added_member(first, "b")
+    a, b = added_member(first, "a", exploit_decision=3), added_member(first, "b")
     first._trial_state[a].last_score, first._trial_state[a].last_train_time = 0.9, 6
     first._trial_state[a].last_perturbation_time = 4
     first._reports, first._last_report, first._next_perturbation_sync = 11, {"a": 10, "b": 11}, 8
@@ -231,7 +236,7 @@ def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_m
     state = json.loads(json.dumps(first.state_dict()))  # as pbt_state.json stores it
     second = scheduler(seed=99)
     second.load_state_dict(state)
-    a2, b2 = added_member(second, "a"), added_member(second, "b")
+    a2, b2 = added_member(second, "a", exploit_decision=3), added_member(second, "b")
     assert second.decisions == first.decisions and np.array_equal(second._rng.random(5), first._rng.random(5))
     assert (second._reports, second._next_perturbation_sync, second._last_report) == (
         11,
@@ -245,6 +250,52 @@ def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_m
         assert [getattr(second._trial_state[new], k) for k in kept] == [
             getattr(first._trial_state[old], k) for k in kept
         ]
+
+
+def resumed_with(decisions: list[dict], pending: dict) -> LabPBT:
+    """A scheduler resumed from a state (as pbt_state.json stores it) that holds ``decisions`` and members
+    a and b, ``pending`` their awaited exploits."""
+    first = scheduler()
+    first.decisions = decisions
+    for name in "ab":
+        added_member(first, name)
+    first._pending = pending
+    resumed = scheduler()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    return resumed
+
+
+def test_a_decision_the_resumed_trials_do_not_carry_was_interrupted_and_explained():
+    # Ray's snapshot of the trials predates the exploit (a kill during its upload): a resumes from its own
+    # checkpoint at iteration 4, with its config from before the decision.
+    s = resumed_with([{"decision": 0, "action": "exploit", "member": "a", "donor": "b"}], {"a": 0})
+    added_member(s, "a", registered={"trial_id": "a", "state_id": "a4", "training_iteration": 4})
+    added_member(s, "b")
+    assert s.decisions[0]["interrupted"] and s._pending["a"] is None  # ranked again once it reports
+    assert [s._trial_state[t].last_train_time for t in s._trial_state if t.trial_id == "a"] == [4]
+    undone = undone_exploits(s.decisions, pd.DataFrame(columns=["exploit_decision"]), {"a": "reached"})
+    assert undone[0]["explained"] and "killed" in undone[0]["why"]
+
+
+def test_an_exploit_the_resumed_trials_carry_and_the_state_lacks_is_recovered_from_them():
+    # The snapshot of the trials is newer: a waits to copy b's state b6 under decision 2, which this state
+    # (its decisions 0 and 1 stored) never held.
+    s = resumed_with([{"decision": n, "action": "keep"} for n in range(1)], {})
+    donors = {"trial_id": "b", "state_id": "b6", "training_iteration": 6, "state_sha256": "x"}
+    added_member(s, "a", registered=donors, exploit_decision=2, lr=0.05)
+    added_member(s, "b", registered={"trial_id": "b", "state_id": "b8", "training_iteration": 8})
+    assert [d["action"] for d in s.decisions] == ["keep", "unrecorded", "exploit"]
+    recovered = s.decisions[2]
+    assert (recovered["member"], recovered["donor"], recovered["donor_state_id"]) == ("a", "b", "b6")
+    assert recovered["new"][LR] == 0.05 and s._pending == {"a": 2}
+    # Ray's copies of the savers' reports go to pbt_state.json, for the audit.
+    assert {r["state_id"] for r in s.state_dict()["registered_reports"]} == {"b6", "b8"}
+
+
+def test_a_resumed_member_that_carries_its_known_exploit_still_awaits_it():
+    s = resumed_with([{"decision": 0, "action": "exploit", "member": "a", "donor": "b"}], {"a": 0})
+    added_member(s, "a", registered={"trial_id": "b", "state_id": "b6"}, exploit_decision=0)
+    assert s._pending == {"a": 0} and "interrupted" not in s.decisions[0]
 
 
 def waiting_population(scheduler: LabPBT, train_times: dict, reported: dict):

@@ -237,7 +237,8 @@ def restore_table(restores: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFram
 
 def undone_exploits(decisions: list[dict], exploits: pd.DataFrame, statuses: dict[str, str]) -> list[dict]:
     """Exploits decided and never carried out, each with why and whether the run's end explains it:
-    the population was stopped (or the member's budget ended) before the member trained again. A
+    the population was stopped (or the member's budget ended) before the member trained again, or the
+    run was killed and resumed from a snapshot of its trials from before the decision. A
     member that reported again without carrying out its exploit (the scheduler records it), or a run
     that ended otherwise (interrupted, failed), leaves it unexplained."""
     carried = set(exploits[EXPLOIT].dropna().astype(int)) if len(exploits) else set()
@@ -246,7 +247,9 @@ def undone_exploits(decisions: list[dict], exploits: pd.DataFrame, statuses: dic
         if number in carried:
             continue
         status = statuses.get(d["member"])
-        if d.get("carried_out") is False:
+        if d.get("interrupted"):
+            why, explained = "the run was killed before the snapshot it resumed from held it", True
+        elif d.get("carried_out") is False:
             why, explained = "its member reported again without carrying it out", False
         elif status == STOPPED:
             why, explained = "the population was stopped first", True

@@ -183,13 +183,14 @@ def recipe_columns(report: dict) -> dict:
     return {**recipe, **used, EXAMPLES: report.get(EXAMPLES)}
 
 
-def read_saved_states(reports: dict[str, list[dict]]) -> pd.DataFrame:
+def read_saved_states(reports: dict[str, list[dict]], registered: list[dict] = ()) -> pd.DataFrame:
     """Every state a trial described as one a checkpoint might be taken of (its digests), from all
-    its reports: a row a later restart re-ran still describes a checkpoint someone may have copied."""
+    its reports: a row a later restart re-ran still describes a checkpoint someone may have copied.
+    ``registered``: reports as Ray registered them with the checkpoints a resumed run restored (PBT's
+    ``registered_reports``): where a killed run's ``result.json`` lost them."""
     rows = [
         {k: r.get(k) for k in SAVED_STATE_COLUMNS}
-        for trial_reports in reports.values()
-        for r in trial_reports
+        for r in [*(r for trial_reports in reports.values() for r in trial_reports), *registered]
         if r.get(STATE_ID)
     ]
     return pd.DataFrame(rows, columns=SAVED_STATE_COLUMNS)

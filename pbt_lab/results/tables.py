@@ -245,9 +245,10 @@ def write_tables(
     write_parquet(run_dir / TRIALS, trials)
     kind = kind or previous.get("kind") or ("pbt" if (run_dir / PBT_STATE_FILE).is_file() else None)
     # The lab's PBT records its decisions; other schedulers (Ray's PB2 in a comparison) keep none.
-    decisions = read_pbt_state(run_dir).get("decisions", []) if kind == "pbt" else None
+    pbt_state = read_pbt_state(run_dir) if kind == "pbt" else {}
+    decisions = pbt_state.get("decisions", []) if kind == "pbt" else None
     restores = restore_rows(history)
-    verdicts = audit(restores, read_saved_states(reports), decisions)
+    verdicts = audit(restores, read_saved_states(reports, pbt_state.get("registered_reports", [])), decisions)
     restored = restore_table(restores, verdicts)
     write_parquet(run_dir / RESTORES, restored)
     session = session or {k: previous.get("compute", {}).get(k) for k in SESSION}
