@@ -89,21 +89,26 @@ SCORE = "score"  # what PBT ranks: the last validation of pbt.metric
 DIVERGED_FLAG = "diverged"  # explicit: PBT never infers divergence from a score
 # The saving side: the live state at a check after which a checkpoint may be taken.
 STATE_ID = "state_id"  # names this state; a checkpoint of it carries the same id
-STATE_SHA256 = "state_sha256"  # weights, step and data order
-SLOTS_SHA256 = "slots_sha256"  # the optimizer's variables, its step counter included
+STATE_DIGEST = "state_digest"  # weights, step and data order
+SLOTS_DIGEST = "slots_digest"  # the optimizer's variables, its step counter included
 OPTIMIZER_STEPS = "optimizer_steps"
 # The restoring side: the first report after a restore says what was restored.
 SEGMENT_FROM = "segment_from"  # the trial whose checkpoint it is (itself after a resume)
 SEGMENT_STEP = "segment_step"  # the step that checkpoint holds
 RESTORED_ID = "restored_id"
-RESTORED_SHA256 = "restored_sha256"
-RESTORED_SLOTS_SHA256 = "restored_slots_sha256"
+RESTORED_DIGEST = "restored_digest"
+RESTORED_SLOTS_DIGEST = "restored_slots_digest"
 # The digest of a newly built optimizer of the live kind (built apart from the live one): what a switch must
 # restore. The rate that a restore must leave live is the LR_USED of its first check.
-FRESH_SLOTS_SHA256 = "fresh_slots_sha256"
+FRESH_SLOTS_DIGEST = "fresh_slots_digest"
 RESTORED_OPTIMIZER_STEPS = "restored_optimizer_steps"
 RESTORED_OPTIMIZER = "restored_optimizer"  # the optimizer the checkpoint was saved with
 LEGACY_RESTORED_LR = "restored_lr"  # runs before lr_used: the live rate a restore had assigned
+# Runs before the digests were xxh3_128 named them by SHA-256, which they were: read under today's names.
+LEGACY_DIGEST_NAMES = {
+    name.replace("digest", "sha256"): name
+    for name in (STATE_DIGEST, SLOTS_DIGEST, RESTORED_DIGEST, RESTORED_SLOTS_DIGEST, FRESH_SLOTS_DIGEST)
+}
 EXPLOIT = "exploit_decision"  # the scheduler's decision number, carried in the recipient's config
 RECIPE = "recipe"  # an ancestry segment's {searched key: value}
 ANCESTRY = "ancestry"  # a checkpoint's lineage: segments of step, optimizer, lr, seed, trial since step 0

@@ -16,21 +16,21 @@ import pytest
 from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import (
     EXPLOIT,
-    FRESH_SLOTS_SHA256,
+    FRESH_SLOTS_DIGEST,
     LR,
     LR_USED,
     OPTIMIZER,
     OPTIMIZER_STEPS,
     RESTORE_KIND,
+    RESTORED_DIGEST,
     RESTORED_ID,
     RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS,
-    RESTORED_SHA256,
-    RESTORED_SLOTS_SHA256,
+    RESTORED_SLOTS_DIGEST,
     SEGMENT_FROM,
-    SLOTS_SHA256,
+    SLOTS_DIGEST,
+    STATE_DIGEST,
     STATE_ID,
-    STATE_SHA256,
     TRIAL_ID,
 )
 from pbt_lab.results import audit, lineage
@@ -204,7 +204,7 @@ def test_a_donor_report_a_kill_lost_is_read_from_rays_registered_copy_and_still_
     registered = {k: v for k, v in reports[-1].items() if not isinstance(v, dict)}
     verdict, _ = exploit(member_class, donor, tmp_path / "kept", reported=False, registered=[registered])
     assert verdict["verdict"] == "verified"
-    wrong = {**registered, STATE_SHA256: "0" * 64}
+    wrong = {**registered, STATE_DIGEST: "0" * 64}
     verdict, _ = exploit(member_class, donor, tmp_path / "wrong", reported=False, registered=[wrong])
     assert verdict["verdict"] == "mismatched" and "weights differ" in verdict["problem"]
 
@@ -389,6 +389,18 @@ def test_initial_values_come_from_the_first_report_not_from_rays_rewritten_param
     assert (row[OPTIMIZER], row[LR]) == ("momentum", 0.0158)
 
 
+def test_a_run_from_before_xxh3_is_read_with_its_sha256_digests_under_todays_names(tmp_path):
+    from pbt_lab.results.ray_files import read_reports
+
+    trial = tmp_path / "LabTrainable_x_00000"
+    trial.mkdir()
+    (trial / "params.json").write_text("{}")
+    old = {"state_id": "s1", "state_sha256": "a" * 64, "restored_slots_sha256": "b" * 64, "lr": 0.1}
+    (trial / "result.json").write_text(json.dumps(old) + "\n")
+    [row] = read_reports(tmp_path, {})[trial.name]
+    assert row == {"state_id": "s1", STATE_DIGEST: "a" * 64, RESTORED_SLOTS_DIGEST: "b" * 64, "lr": 0.1}
+
+
 def test_a_lineage_followed_back_ends_when_two_members_copied_each_other_within_a_second():
     # a copies b's step-100 state, then b copies a's step-150 state, all within Ray's second 7.
     def row(trial, iteration, step, at, **extra):
@@ -481,10 +493,10 @@ def row_of_exploit(switched: bool = False, own: bool = False) -> dict:
         **new,
         RESTORED_ID: "s1",
         RESTORED_OPTIMIZER: "adam",
-        RESTORED_SHA256: "weights",
+        RESTORED_DIGEST: "weights",
         LR_USED: new[LR],
-        RESTORED_SLOTS_SHA256: "fresh" if switched else "adam slots",
-        FRESH_SLOTS_SHA256: "fresh" if switched else None,
+        RESTORED_SLOTS_DIGEST: "fresh" if switched else "adam slots",
+        FRESH_SLOTS_DIGEST: "fresh" if switched else None,
         RESTORED_OPTIMIZER_STEPS: 0 if switched else 20,
         RESTORE_KIND: "pause" if own else "exploit",
     }
@@ -504,7 +516,7 @@ def audited(
     new = {OPTIMIZER: "momentum" if switched else "adam", LR: 0.05 if switched else 8e-4}
     row = {**row_of_exploit(switched, own), **restored}
     saves = pd.DataFrame(
-        [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: donor_slots, OPTIMIZER_STEPS: 20}]
+        [{STATE_ID: "s1", STATE_DIGEST: "weights", SLOTS_DIGEST: donor_slots, OPTIMIZER_STEPS: 20}]
     )
     decision = decision or decided(new=new, donor_state_id="s1")
     return audit.audit(pd.DataFrame([row]), saves if saved else saves.iloc[:0], [decision]).iloc[0]
@@ -515,11 +527,11 @@ def audited(
     [
         (False, {}, None),
         (True, {}, None),
-        (False, {"restored_sha256": "other"}, "weights differ from what the donor saved"),
+        (False, {"restored_digest": "other"}, "weights differ from what the donor saved"),
         (False, {"lr_used": 1e-3}, "live rate is not the new config's"),
-        (False, {"restored_slots_sha256": "other"}, "optimizer slots differ from what the donor saved"),
+        (False, {"restored_slots_digest": "other"}, "optimizer slots differ from what the donor saved"),
         (False, {"restored_optimizer_steps": 0}, "optimizer step counter is neither the donor's nor fresh"),
-        (True, {"restored_slots_sha256": "adam slots"}, "optimizer slots are not fresh"),
+        (True, {"restored_slots_digest": "adam slots"}, "optimizer slots are not fresh"),
         (True, {"restored_optimizer_steps": 20}, "optimizer step counter is neither the donor's nor fresh"),
     ],
 )
@@ -534,9 +546,9 @@ def test_each_check_of_the_audit_fails_on_its_own(switched, restored, problem):
     [
         ({}, None),
         ({"lr_used": None}, None),  # a diverged member waiting for a donor trains nothing: no rate used
-        ({"restored_sha256": "other"}, "weights differ from what the member saved"),
+        ({"restored_digest": "other"}, "weights differ from what the member saved"),
         ({"lr_used": 1e-3}, "live rate is not its config's"),
-        ({"restored_slots_sha256": "other"}, "optimizer slots differ from what the member saved"),
+        ({"restored_slots_digest": "other"}, "optimizer slots differ from what the member saved"),
         ({"restored_optimizer_steps": 0}, "optimizer step counter is neither the member's nor fresh"),
         ({"restored_optimizer": "momentum"}, "its checkpoint holds another optimizer than its own"),
     ],
@@ -561,9 +573,9 @@ def test_a_scheduler_that_keeps_no_decisions_is_audited_on_the_digests_alone():
     # Ray's PB2 (in a comparison) copies donors without the lab's record: nothing to match, all to verify.
     row = audited()  # a well-formed exploit, audited with the record
     saves = pd.DataFrame(
-        [{STATE_ID: "s1", STATE_SHA256: "weights", SLOTS_SHA256: "adam slots", OPTIMIZER_STEPS: 20}]
+        [{STATE_ID: "s1", STATE_DIGEST: "weights", SLOTS_DIGEST: "adam slots", OPTIMIZER_STEPS: 20}]
     )
-    exploit = pd.DataFrame([{**row_of_exploit(), RESTORED_SHA256: "other"}])
+    exploit = pd.DataFrame([{**row_of_exploit(), RESTORED_DIGEST: "other"}])
     verdict = audit.audit(exploit, saves, None).iloc[0]
     assert verdict["matched"] and verdict["problem"] == "weights differ from what the donor saved"
     assert not audit.audit(exploit, saves, []).iloc[0]["matched"]  # a lab run that lost its record
@@ -575,13 +587,13 @@ def test_a_donor_report_without_a_slots_digest_verifies_no_same_optimizer_exploi
 
 
 def test_a_run_from_before_fresh_digests_keeps_the_step_counter_check_for_its_switches():
-    legacy = {"fresh_slots_sha256": None, "lr_used": None, "restored_lr": 0.05}  # what such a run reported
+    legacy = {"fresh_slots_digest": None, "lr_used": None, "restored_lr": 0.05}  # what such a run reported
     assert audited(True, **legacy)["verdict"] == "verified"
     verdict = audited(True, **legacy, restored_optimizer_steps=20)
     assert verdict["problem"] == "optimizer step counter is neither the donor's nor fresh"
     assert audited(True, **{**legacy, "restored_lr": 1e-3})["problem"] == "live rate is not the new config's"
     # A run of today's that did not report the fresh digest is not let off so.
-    assert audited(True, fresh_slots_sha256=None)["problem"] == "optimizer slots are not fresh"
+    assert audited(True, fresh_slots_digest=None)["problem"] == "optimizer slots are not fresh"
 
 
 # --- the audit fails closed ----------------------------------------------------------------------

@@ -21,10 +21,10 @@ from pbt_lab.names import (
     LINEAGE,
     LR,
     RESTORE_KIND,
+    RESTORED_DIGEST,
     RESTORED_ID,
-    RESTORED_SHA256,
+    STATE_DIGEST,
     STATE_ID,
-    STATE_SHA256,
     STEP,
     VAL_ACC,
     WINNER_BOARD,
@@ -161,14 +161,14 @@ def test_an_exploit_line_says_whether_the_recipient_loaded_what_its_donor_saved(
 ):
     console = Console(trials=2, budget=100, scheduler=scheduler())
     donor = SimpleNamespace(trial_id="b", status=Trial.RUNNING)
-    console.on_trial_result(0, [donor], donor, {STEP: 50, STATE_ID: "s-donor", STATE_SHA256: "d1"})
+    console.on_trial_result(0, [donor], donor, {STEP: 50, STATE_ID: "s-donor", STATE_DIGEST: "d1"})
     recipient = SimpleNamespace(trial_id="a", status=Trial.RUNNING)
     report = {
         STEP: 100,
         RESTORE_KIND: EXPLOIT_RESTORE,
         EXPLOIT: 0,
         RESTORED_ID: loaded,
-        RESTORED_SHA256: digest,
+        RESTORED_DIGEST: digest,
     }
     console.on_trial_result(0, [donor, recipient], recipient, report)
     assert capsys.readouterr().out.splitlines() == [
@@ -179,7 +179,7 @@ def test_an_exploit_line_says_whether_the_recipient_loaded_what_its_donor_saved(
 def test_an_exploit_whose_donor_report_was_not_seen_is_unverifiable_here():
     console = Console(trials=2, budget=100, scheduler=scheduler())
     assert (
-        console.loaded_verdict({RESTORED_ID: "s-donor", RESTORED_SHA256: "d1"}, "s-donor") == "unverifiable"
+        console.loaded_verdict({RESTORED_ID: "s-donor", RESTORED_DIGEST: "d1"}, "s-donor") == "unverifiable"
     )
 
 

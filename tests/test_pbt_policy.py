@@ -281,7 +281,7 @@ def test_an_exploit_the_resumed_trials_carry_and_the_state_lacks_is_recovered_fr
     # The snapshot of the trials is newer: a waits to copy b's state b6 under decision 2, which this state
     # (its decisions 0 and 1 stored) never held.
     s = resumed_with([{"decision": n, "action": "keep"} for n in range(1)], {})
-    donors = {"trial_id": "b", "state_id": "b6", "training_iteration": 6, "state_sha256": "x"}
+    donors = {"trial_id": "b", "state_id": "b6", "training_iteration": 6, "state_digest": "x"}
     added_member(s, "a", registered=donors, exploit_decision=2, lr=0.05)
     added_member(s, "b", registered={"trial_id": "b", "state_id": "b8", "training_iteration": 8})
     assert [d["action"] for d in s.decisions] == ["keep", "unrecorded", "exploit"]
@@ -876,7 +876,7 @@ def test_a_trainable_reporting_audited_records_says_what_its_exploit_loaded(load
     report(s, controller, m["a"], 2, 0.10, state_id="a2")  # a copies e's state e1
     decision = s.decisions[-1]
     assert (decision["donor"], decision["donor_state_id"]) == ("e", "e1")
-    loaded = {"restored_id": state, "restored_sha256": "x", "segment_from": loaded_from}
+    loaded = {"restored_id": state, "restored_digest": "x", "segment_from": loaded_from}
     result = {"training_iteration": 3, "score": 0.85, "diverged": False, **loaded}
     m["a"].last_result = result
     s.on_trial_result(controller, m["a"], result)

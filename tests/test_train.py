@@ -15,7 +15,7 @@ from pbt_lab.config import ModelConfig, TrainConfig
 from pbt_lab.names import CAPPED, COMPILE, DIVERGED, REACHED, TRAIN_PART, VALIDATE
 from pbt_lab.train import main
 from pbt_lab.training.clock import PartClock
-from pbt_lab.training.optimizers import make_optimizer, new_slots_sha256, slots_sha256
+from pbt_lab.training.optimizers import make_optimizer, new_slots_digest, slots_digest
 from pbt_lab.training.trainer import Trainer
 
 SMALL = ModelConfig(scale=0.25)
@@ -186,8 +186,8 @@ def test_switching_optimizers_reuses_traced_calls(bundled):
     assert all(
         np.array_equal(a.numpy(), b.numpy()) for a, b in zip(live.variables, built.variables, strict=True)
     )
-    fresh = new_slots_sha256("adam", t.model.trainable_variables)  # built apart, as the audit builds it
-    assert t.state_digests()[1] == fresh == slots_sha256(built)
+    fresh = new_slots_digest("adam", t.model.trainable_variables)  # built apart, as the audit builds it
+    assert t.state_digests()[1] == fresh == slots_digest(built)
     t.check()
     assert t.state_digests()[1] != fresh  # trained slots are not fresh
     assert t.optimizers.tracing_count == 2 and t.optimizers.name == "adam" and t.progress.step == 60

@@ -31,7 +31,7 @@ from pbt_lab.names import (
     EXPLOIT,
     EXPLOIT_RESTORE,
     EXPLOITED,
-    FRESH_SLOTS_SHA256,
+    FRESH_SLOTS_DIGEST,
     LEGACY_RESTORED_LR,
     LR,
     LR_USED,
@@ -42,16 +42,16 @@ from pbt_lab.names import (
     REACHED,
     REPORTED_AT,
     RESTORE_KIND,
+    RESTORED_DIGEST,
     RESTORED_ID,
     RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS,
-    RESTORED_SHA256,
-    RESTORED_SLOTS_SHA256,
+    RESTORED_SLOTS_DIGEST,
     SEGMENT_FROM,
     SEGMENT_STEP,
-    SLOTS_SHA256,
+    SLOTS_DIGEST,
+    STATE_DIGEST,
     STATE_ID,
-    STATE_SHA256,
     STEP,
     STOPPED,
     TRIAL_ID,
@@ -67,9 +67,9 @@ VERDICT_COLUMNS = ["kind", "matched", "verdict", "problem"]
 
 def restore_rows(history: pd.DataFrame) -> pd.DataFrame:
     """The first report after each restore, of any checkpoint (the rows that say what was loaded)."""
-    if RESTORED_SHA256 not in history:
+    if RESTORED_DIGEST not in history:
         return history.iloc[:0]
-    return history[history[RESTORED_SHA256].notna()]
+    return history[history[RESTORED_DIGEST].notna()]
 
 
 def exploit_rows(history: pd.DataFrame) -> pd.DataFrame:
@@ -184,16 +184,16 @@ def _problem(
     # recipient's own optimizer may have moved from before the exploit. Runs from before those digests
     # were reported lack one: their switches keep the step-counter check alone (a run of today's
     # that lacks it fails the check).
-    slots = saved[SLOTS_SHA256] if same_optimizer else r[FRESH_SLOTS_SHA256]
+    slots = saved[SLOTS_DIGEST] if same_optimizer else r[FRESH_SLOTS_DIGEST]
     if legacy and not same_optimizer and pd.isna(slots):
-        slots = r[RESTORED_SLOTS_SHA256]
+        slots = r[RESTORED_SLOTS_DIGEST]
     checks = [
         (
             not exploit or d is None or d.get("donor_state_id") == r[RESTORED_ID],
             "not the state the decision meant",
         ),
         (exploit or same_optimizer, "its checkpoint holds another optimizer than its own"),
-        (saved[STATE_SHA256] == r[RESTORED_SHA256], f"weights differ from what {whose} saved"),
+        (saved[STATE_DIGEST] == r[RESTORED_DIGEST], f"weights differ from what {whose} saved"),
         (
             rate is None or _same_lr(rate, r[LR]),
             "live rate is not the new config's" if exploit else "live rate is not its config's",
@@ -203,7 +203,7 @@ def _problem(
             for key, value in _used_keys(d, r)
         ),
         (
-            r[RESTORED_SLOTS_SHA256] == slots,
+            r[RESTORED_SLOTS_DIGEST] == slots,
             f"optimizer slots differ from what {whose} saved"
             if same_optimizer
             else "optimizer slots are not fresh",
@@ -328,7 +328,7 @@ def audit_digests(
     reports lack it; one whose member loaded another state than decided fails (``matched`` false)."""
     rows = [r for trial in reports.values() for r in trial]
     saves = rows + [r for trial in (more_reports or {}).values() for r in trial]
-    saved = {r[STATE_ID]: r.get(STATE_SHA256) for r in saves if r.get(STATE_ID)}
+    saved = {r[STATE_ID]: r.get(STATE_DIGEST) for r in saves if r.get(STATE_ID)}
     decided = exploited_decisions(decisions)
     out, seen = [], set()
 
@@ -338,7 +338,7 @@ def audit_digests(
             UNVERIFIABLE
             if expected is None
             else VERIFIED
-            if expected == restored[RESTORED_SHA256]
+            if expected == restored[RESTORED_DIGEST]
             else MISMATCHED
         )
         source = restored.get(SEGMENT_FROM)
@@ -358,11 +358,11 @@ def audit_digests(
             "verdict": verdict,
         }
 
-    restores = [r for r in rows if r.get(RESTORED_SHA256) is not None]
+    restores = [r for r in rows if r.get(RESTORED_DIGEST) is not None]
     iterations = {(r.get(TRIAL_ID), r.get(RESTORED_ID)): r.get("training_iteration") for r in restores}
     for d in decided.values():  # the scheduler's copy of each exploit's first report: never lost
         restored = d.get("restored")
-        if restored and restored.get(RESTORED_SHA256):
+        if restored and restored.get(RESTORED_DIGEST):
             key = (d["member"], restored.get(RESTORED_ID))
             seen.add(key)
             out.append(restore_row(d["member"], restored, iterations.get(key), d, exploit=True))

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 from pbt_lab import UserError
-from pbt_lab.names import CHECKPOINT_ARRAYS, CHECKPOINT_META, PBT_STATE_FILE, SUMMARY
+from pbt_lab.names import CHECKPOINT_ARRAYS, CHECKPOINT_META, LEGACY_DIGEST_NAMES, PBT_STATE_FILE, SUMMARY
 from pbt_lab.storage import is_uri, staged
 
 
@@ -27,6 +27,7 @@ def read_reports(run_dir: Path, ray_states: dict) -> dict[str, list[dict]]:
     for trial_dir in trial_dirs(run_dir):
         result_file = trial_dir / "result.json"
         reports = _json_lines(result_file) if result_file.is_file() else []
+        reports = [{LEGACY_DIGEST_NAMES.get(k, k): v for k, v in r.items()} for r in reports]
         last = ray_states.get(trial_dir.name, {}).get("last_result") or {}
         if not reports and "training_iteration" in last:
             # A driver killed while copying the trial's files left them empty, but Ray's experiment

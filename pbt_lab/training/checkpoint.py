@@ -8,7 +8,6 @@ steps, save, restore, N − k steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from pbt_lab import UserError
+from pbt_lab.digest import digest
 from pbt_lab.names import CHECKPOINT_ARRAYS, CHECKPOINT_META, LR, OPTIMIZER
-from pbt_lab.training.optimizers import slots_sha256
+from pbt_lab.training.optimizers import slots_digest
 from pbt_lab.training.state import Progress
 
 ARRAYS = CHECKPOINT_ARRAYS
@@ -87,10 +87,9 @@ def restore(trainer, directory: str | os.PathLike) -> dict:
 
 
 def digests(trainer) -> tuple[str, str]:
-    """(state, slots): SHA-256 of the weights with the step and data order, and of the optimizer's
+    """(state, slots): the digest of the weights with the step and data order, and of the optimizer's
     variables with its step counter but without its learning rate (an exploit changes the rate,
     not the slots). Equal state, equal digests: how PBT's audit verifies an exploit."""
-    state = hashlib.sha256(json.dumps([trainer.progress.step, trainer.order.state()]).encode())
-    for v in trainer.model.variables:
-        state.update(np.ascontiguousarray(v.numpy()))  # the array's own buffer: no copy to bytes
-    return state.hexdigest(), slots_sha256(trainer.optimizers.optimizer)
+    where = json.dumps([trainer.progress.step, trainer.order.state()]).encode()
+    state = digest((v.numpy() for v in trainer.model.variables), header=where)
+    return state, slots_digest(trainer.optimizers.optimizer)

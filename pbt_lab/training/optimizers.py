@@ -10,16 +10,15 @@ slot at 0 where TF1 started it at 1 (the main reason the study's RMSProp needed 
 
 from __future__ import annotations
 
-import hashlib
 from typing import NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from pbt_lab import UserError
 from pbt_lab.config import OPTIMIZER_NAMES, canonical_name
 from pbt_lab.config.space import IN_FLIGHT_OPTIMIZER_ARGS, OPTIMIZER_ARGS
+from pbt_lab.digest import digest
 
 
 class TF1RMSprop(keras.optimizers.RMSprop):
@@ -89,23 +88,19 @@ def check_optimizer_args(names: set[str], args: dict, variables: list) -> None:
             raise UserError(f"train.optimizer_args={args}: {name} cannot use them ({why})") from None
 
 
-def slots_sha256(optimizer: keras.optimizers.Optimizer) -> str:
-    """SHA-256 of the optimizer's variables with its step counter but without its learning rate: an
+def slots_digest(optimizer: keras.optimizers.Optimizer) -> str:
+    """The digest of the optimizer's variables with its step counter but without its learning rate: an
     exploit changes the rate, not the slots."""
-    digest = hashlib.sha256()
-    for variable in optimizer.variables:
-        if variable is not optimizer.learning_rate:
-            digest.update(np.ascontiguousarray(variable.numpy()))  # the array's own buffer: no copy to bytes
-    return digest.hexdigest()
+    return digest(v.numpy() for v in optimizer.variables if v is not optimizer.learning_rate)
 
 
-def new_slots_sha256(name: str, variables: list, **overrides) -> str:
-    """``slots_sha256`` of a newly built ``name`` optimizer on ``variables``: what an optimizer switched
+def new_slots_digest(name: str, variables: list, **overrides) -> str:
+    """``slots_digest`` of a newly built ``name`` optimizer on ``variables``: what an optimizer switched
     to must hold. Built here, apart from any bank, so that a bank whose switch keeps stale slots (or
     remembers wrong ones as fresh) cannot agree with itself."""
     optimizer = make_optimizer(name, 1.0, **overrides)
     optimizer.build(variables)
-    return slots_sha256(optimizer)
+    return slots_digest(optimizer)
 
 
 class _Built(NamedTuple):

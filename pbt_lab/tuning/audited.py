@@ -18,30 +18,19 @@ id no saver reported ``unverifiable``, and an exploit is matched to LabPBT's dec
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Iterable
 
-import numpy as np
 from ray import tune
 
-from pbt_lab.names import RESTORED_ID, RESTORED_SHA256, SAVED_BY_TRIAL, SEGMENT_FROM, STATE_ID, STATE_SHA256
-
-
-def digest(arrays: Iterable) -> str:
-    """SHA-256 of ``arrays`` in order: each one's dtype, shape and bytes."""
-    sha = hashlib.sha256()
-    for array in arrays:
-        a = np.ascontiguousarray(np.asarray(array))
-        sha.update(f"{a.dtype.str}{a.shape}".encode())
-        sha.update(a)
-    return sha.hexdigest()
+from pbt_lab.digest import digest
+from pbt_lab.names import RESTORED_DIGEST, RESTORED_ID, SAVED_BY_TRIAL, SEGMENT_FROM, STATE_DIGEST, STATE_ID
 
 
 def saving(arrays: Iterable) -> dict:
     """Report it with the checkpoint of ``arrays`` and keep it in the checkpoint: a new state id, the
     state's digest and the saving trial."""
-    return {STATE_ID: uuid.uuid4().hex, STATE_SHA256: digest(arrays), SAVED_BY_TRIAL: _trial_id()}
+    return {STATE_ID: uuid.uuid4().hex, STATE_DIGEST: digest(arrays), SAVED_BY_TRIAL: _trial_id()}
 
 
 def restored(arrays: Iterable, record: dict) -> dict:
@@ -49,7 +38,7 @@ def restored(arrays: Iterable, record: dict) -> dict:
     the saver's state id and trial, and the digest of what was loaded."""
     return {
         RESTORED_ID: record.get(STATE_ID),
-        RESTORED_SHA256: digest(arrays),
+        RESTORED_DIGEST: digest(arrays),
         SEGMENT_FROM: record.get(SAVED_BY_TRIAL),
     }
 

@@ -19,7 +19,7 @@ from pbt_lab.names import (
     PAUSE_RESTORE,
     RESTART_RESTORE,
     RESTORE_KIND,
-    RESTORED_SHA256,
+    RESTORED_DIGEST,
     RESUME_RESTORE,
     SEGMENT_FROM,
     SEGMENT_STEP,
@@ -54,7 +54,7 @@ class NameRestores(tune.Callback):
         before, self._node[trial.trial_id] = self._node.get(trial.trial_id), result.get(NODE_ID)
         if recovering and Console.level >= NORMAL:
             print(restart_line(trial.trial_id, before, result), flush=True)
-        if result.get(RESTORED_SHA256) is None:
+        if result.get(RESTORED_DIGEST) is None:
             return
         if result.get(SEGMENT_FROM) != trial.trial_id:
             result[RESTORE_KIND] = EXPLOIT_RESTORE
@@ -70,7 +70,7 @@ def restart_line(trial_id: str, node_before: str | None, result: dict) -> str:
     moved = node_before is not None and result.get(NODE_ID) != node_before
     since = (
         f"its checkpoint at step {result.get(SEGMENT_STEP)}"
-        if result.get(RESTORED_SHA256) is not None
+        if result.get(RESTORED_DIGEST) is not None
         else "the start (no checkpoint yet)"
     )
     failed = f"MOVED: {trial_id} failed on node {before}" if moved else f"RESTARTED: {trial_id} failed"

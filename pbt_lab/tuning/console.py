@@ -32,12 +32,12 @@ from pbt_lab.names import (
     OPTIMIZER,
     RECIPE,
     RESTORE_KIND,
+    RESTORED_DIGEST,
     RESTORED_ID,
-    RESTORED_SHA256,
     SCHEDULE_TAG,
     STALLED,
+    STATE_DIGEST,
     STATE_ID,
-    STATE_SHA256,
     STATUS,
     STEP,
     UNVERIFIABLE,
@@ -219,8 +219,8 @@ class Console(tune.Callback):
         self._steps[trial.trial_id] = result.get(STEP) or 0
         if result.get(VAL_ACC) is not None:
             self._best = max(self._best or 0.0, result[VAL_ACC])
-        if result.get(STATE_ID) and result.get(STATE_SHA256):
-            self._saved[result[STATE_ID]] = result[STATE_SHA256]
+        if result.get(STATE_ID) and result.get(STATE_DIGEST):
+            self._saved[result[STATE_ID]] = result[STATE_DIGEST]
         if result.get(RESTORE_KIND) == EXPLOIT_RESTORE and self.scheduler is not None:
             self._exploits += 1
             self.say(self.exploit_line(trial.trial_id, result))
@@ -276,7 +276,7 @@ class Console(tune.Callback):
         saved = self._saved.get(loaded)
         if saved is None:
             return UNVERIFIABLE
-        return VERIFIED if result.get(RESTORED_SHA256) == saved else f"{MISMATCHED.upper()} (digest)"
+        return VERIFIED if result.get(RESTORED_DIGEST) == saved else f"{MISMATCHED.upper()} (digest)"
 
 
 class ScheduleBoard(tune.Callback):

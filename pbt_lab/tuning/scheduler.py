@@ -57,8 +57,8 @@ from pbt_lab.names import (
     EXPLOITED,
     KEPT,
     NO_CHECKPOINT,
+    RESTORED_DIGEST,
     RESTORED_ID,
-    RESTORED_SHA256,
     SAVED,
     SCORE,
     SEED,
@@ -174,7 +174,7 @@ class LabPBT(RecoversLostWorkers, ResumableState, PopulationBasedTraining):
             elif RESTORED_ID in result:
                 # Another trainable's record of what it loaded (tuning/audited.py), kept here too: the
                 # audit checks it even where Ray's result.json lost the report.
-                record["restored"] = {k: result.get(k) for k in (RESTORED_ID, RESTORED_SHA256, SEGMENT_FROM)}
+                record["restored"] = {k: result.get(k) for k in (RESTORED_ID, RESTORED_DIGEST, SEGMENT_FROM)}
                 record["carried_out"] = (
                     result.get(SEGMENT_FROM) == record["donor"]
                     and result[RESTORED_ID] == record["donor_state_id"]

@@ -13,7 +13,7 @@ actor keeps one per model config it met).
 What it reports so that every restore can be audited from the two sides (names.py):
 
 - at each check after which a checkpoint is due (a PBT member: every check), and at the last, the
-  live state's digests (``state_sha256``, ``slots_sha256``) under a fresh ``state_id``; a
+  live state's digests (``state_digest``, ``slots_digest``) under a fresh ``state_id``; a
   checkpoint taken then carries that id;
 - on the first check after a restore, what it restored: the checkpoint's id, the digests of the
   state as loaded, whose checkpoint it was and at which step, the PBT decision it carries out, and
@@ -59,7 +59,7 @@ from pbt_lab.names import (
     DIVERGED,
     DIVERGED_FLAG,
     EXPLOIT,
-    FRESH_SLOTS_SHA256,
+    FRESH_SLOTS_DIGEST,
     LR,
     MODEL_OPTIONS,
     NODE_ID,
@@ -68,20 +68,20 @@ from pbt_lab.names import (
     RAY,
     RECIPE,
     REPORTED_AT,
+    RESTORED_DIGEST,
     RESTORED_ID,
     RESTORED_OPTIMIZER,
     RESTORED_OPTIMIZER_STEPS,
-    RESTORED_SHA256,
-    RESTORED_SLOTS_SHA256,
+    RESTORED_SLOTS_DIGEST,
     SAVED_BY,
     SCORE,
     SECONDS_BY_PART,
     SEED,
     SEGMENT_FROM,
     SEGMENT_STEP,
-    SLOTS_SHA256,
+    SLOTS_DIGEST,
+    STATE_DIGEST,
     STATE_ID,
-    STATE_SHA256,
     STEP,
     TEST_ACC,
     TEST_EVERY_CHECK,
@@ -98,14 +98,14 @@ from pbt_lab.tuning.trial_config import TRAIN_KEYS, segment, train_config
 
 STUDY_KEYS = (OPTIMIZER, LR)  # what a run's ancestry records where it searched nothing else
 MAX_TRAINERS = 4  # Trainers an actor keeps (one per model config it met): each holds a model and traced calls
-STATE_KEYS = (STATE_ID, STATE_SHA256, SLOTS_SHA256, OPTIMIZER_STEPS)
+STATE_KEYS = (STATE_ID, STATE_DIGEST, SLOTS_DIGEST, OPTIMIZER_STEPS)
 RESTORE_KEYS = (
     SEGMENT_FROM,
     SEGMENT_STEP,
     RESTORED_ID,
-    RESTORED_SHA256,
-    RESTORED_SLOTS_SHA256,
-    FRESH_SLOTS_SHA256,
+    RESTORED_DIGEST,
+    RESTORED_SLOTS_DIGEST,
+    FRESH_SLOTS_DIGEST,
     RESTORED_OPTIMIZER_STEPS,
     RESTORED_OPTIMIZER,
     EXPLOIT,
@@ -234,8 +234,8 @@ class LabTrainable(tune.Trainable):
                 state, slots = self.trainer.state_digests()
             self._live = {
                 STATE_ID: uuid.uuid4().hex,
-                STATE_SHA256: state,
-                SLOTS_SHA256: slots,
+                STATE_DIGEST: state,
+                SLOTS_DIGEST: slots,
                 OPTIMIZER_STEPS: self.trainer.optimizers.steps,
             }
         return self._live
@@ -323,7 +323,7 @@ class LabTrainable(tune.Trainable):
         switched = meta[OPTIMIZER] != t.optimizers.name
         with self.clock.part(AUDIT):
             state, slots = t.state_digests()
-            fresh = self._new_slots_sha256() if switched else None
+            fresh = self._new_slots_digest() if switched else None
         saver = meta.get(SAVED_BY)
         decision = self.config.get(EXPLOIT) if saver != self.trial_id else None
         # Reported, not raised: the driver's audit compares these with what the saver reported. The
@@ -332,17 +332,17 @@ class LabTrainable(tune.Trainable):
             SEGMENT_FROM: saver,
             SEGMENT_STEP: meta[STEP],
             RESTORED_ID: meta.get(STATE_ID),
-            RESTORED_SHA256: state,
-            RESTORED_SLOTS_SHA256: slots,
-            FRESH_SLOTS_SHA256: fresh,
+            RESTORED_DIGEST: state,
+            RESTORED_SLOTS_DIGEST: slots,
+            FRESH_SLOTS_DIGEST: fresh,
             RESTORED_OPTIMIZER_STEPS: t.optimizers.steps,
             RESTORED_OPTIMIZER: meta[OPTIMIZER],
             EXPLOIT: decision,
         }
         self._live = {
             STATE_ID: meta.get(STATE_ID),
-            STATE_SHA256: state,
-            SLOTS_SHA256: slots,
+            STATE_DIGEST: state,
+            SLOTS_DIGEST: slots,
             OPTIMIZER_STEPS: t.optimizers.steps,
         }
         self._ancestry = list(
@@ -360,16 +360,16 @@ class LabTrainable(tune.Trainable):
         self._score = meta.get("last", {}).get(population["metric"]) if population else None
         self._waited = 0
 
-    def _new_slots_sha256(self) -> str:
+    def _new_slots_digest(self) -> str:
         """The slots digest of a newly built optimizer of the live kind on this model (once per kind and
         worker): what a switch must have left, computed apart from the bank that switched."""
         bank = self.trainer.optimizers
         shapes = tuple(tuple(v.shape) for v in self.trainer.model.trainable_variables)
         key = (shapes, bank.name, repr(sorted(bank.overrides.items())))
         if key not in self._fresh_digests:
-            from pbt_lab.training.optimizers import new_slots_sha256  # Keras: on the worker only
+            from pbt_lab.training.optimizers import new_slots_digest  # Keras: on the worker only
 
-            self._fresh_digests[key] = new_slots_sha256(
+            self._fresh_digests[key] = new_slots_digest(
                 bank.name, self.trainer.model.trainable_variables, **bank.overrides
             )
         return self._fresh_digests[key]
