@@ -49,6 +49,11 @@ def member_class(ray_session, bundled):
 
 def member(member_class, trial_id: str, **searched):
     """A PBT member outside Tune (its trial id set as Tune would), reporting its state every 2 checks."""
+    return member_class(config=member_config(trial_id, **searched))
+
+
+def member_config(trial_id: str, **searched) -> dict:
+    """A member's config as Tune hands it to a worker (at its start or a reset)."""
     from ray.tune.result import TRIAL_INFO
 
     config = trial_space(
@@ -61,7 +66,7 @@ def member(member_class, trial_id: str, **searched):
     info = types.SimpleNamespace(
         trial_id=trial_id, trial_name=trial_id, experiment_name="audit", trial_resources=None
     )
-    return member_class(config={**config, "checkpoint_every": 2, TRIAL_INFO: info})
+    return {**config, "checkpoint_every": 2, TRIAL_INFO: info}
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +284,28 @@ def own_restore(member_class, tmp_path, tamper=None, kind="pause"):
     restores, verdicts = audited_reports({"m": reports}, [])
     assert len(restores) == 1
     return verdicts.iloc[0]
+
+
+def test_a_worker_reset_for_another_member_restores_its_turn_verified_or_starts_it_afresh(member_class):
+    # Ray's PBT turn on a reused worker: reset to the next member, whose checkpoint is then restored
+    # (the reset leaves the state to it); or a new trial, whose first check starts from initial weights.
+    m = member(member_class, "m", optimizer="adam", lr=1e-3, seed=1)
+    reports = [m.train(), m.train()]
+    checkpoint = m.save().checkpoint.path
+    m.stop()
+    worker = member(member_class, "other", optimizer="rmsprop", lr=1e-2, seed=7)
+    worker.train()
+    assert worker.reset(member_config("m", optimizer="adam", lr=1e-3, seed=1))
+    worker.restore(checkpoint)
+    reports.append({**worker.train(), "restore_kind": "pause"})
+    _, verdicts = audited_reports({"m": reports}, [])
+    assert list(verdicts["verdict"]) == ["verified"]
+    assert worker.reset(member_config("n", optimizer="adam", lr=1e-3, seed=3))
+    first = worker.train()
+    worker.stop()
+    new_worker = member(member_class, "n", optimizer="adam", lr=1e-3, seed=3)
+    assert first[STATE_DIGEST] == new_worker.train()[STATE_DIGEST] and first[SEGMENT_FROM] == "n"
+    new_worker.stop()
 
 
 def scale_weights(checkpoint: Path, factor=1.001) -> None:

@@ -156,7 +156,7 @@ class Trainer:
         calls are reused (Ray Tune reuses actors this way). False, changing nothing, if ``train``
         differs in a setting baked into the traced calls: then build a new Trainer.
         """
-        if self.optimizers.built and any(getattr(train, k) != getattr(self.cfg, k) for k in TRACED):
+        if self.retraces(train):
             return False
         for variable, value in zip(self.model.variables, self._initial_values(train.seed)):
             variable.assign(value)
@@ -167,6 +167,16 @@ class Trainer:
         self._assign_step_args(train)
         self.progress = Progress()
         return True
+
+    def retraces(self, train: TrainConfig) -> bool:
+        """Whether ``train`` differs from this trainer's config in a setting baked into its traced calls."""
+        return self.optimizers.built and any(getattr(train, k) != getattr(self.cfg, k) for k in TRACED)
+
+    @property
+    def state_bytes(self) -> int:
+        """The bytes of its arrays (weights and optimizer slots): about what a checkpoint of it holds."""
+        variables = [*self.model.variables, *self.optimizers.optimizer.variables]
+        return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
 
     def set_recipe(self, train: TrainConfig) -> None:
         """Go on with ``train``'s hyperparameters from the state this trainer holds: a new optimizer starts

@@ -126,20 +126,23 @@ class LabTrainable(tune.Trainable):
             # Kept: a reused actor may need a Trainer of another shape.
             self.data, self.builder = data, builder
             self._fresh_digests: dict = {}
-            self._saved_bytes = 0
+            self._fresh_start = None  # a reset's new recipe, until its fresh state is made or restored over
             # A Trainer per model config (a searched builder option rebuilds the model), kept for reuse.
             self._trainers: dict = {}
             self.trainer = self._trainer_for(ModelConfig(**config["model"]), train_config(config))
             self._start()
 
-    def _trainer_for(self, model: ModelConfig, train: TrainConfig):
+    def _trainer_for(self, model: ModelConfig, train: TrainConfig, fresh: bool = True):
         """This actor's Trainer of ``model``, reset to ``train`` (built the first time; its training,
-        validation and compiling count to their own parts of this actor's clock)."""
+        validation and compiling count to their own parts of this actor's clock). ``fresh`` False: one
+        it holds takes ``train``'s recipe only, its state left for a restore to replace."""
         from pbt_lab.training.trainer import Trainer
 
         key = json.dumps(asdict(model), sort_keys=True, default=repr)
         held = self._trainers.get(key)
-        if held is None or not held.reset(train):  # a traced setting changed: a new Trainer
+        if held is not None and not held.retraces(train):
+            held.reset(train) if fresh else held.set_recipe(train)
+        else:  # none yet, or a traced setting changed: a new Trainer
             if len(self._trainers) >= MAX_TRAINERS:
                 self._trainers.pop(next(iter(self._trainers)))
             held = self._trainers[key] = Trainer(self.data, train, model, self.builder, self.clock)
@@ -155,6 +158,7 @@ class LabTrainable(tune.Trainable):
 
     def _start(self) -> None:
         """A fresh trial on this actor: its ancestry starts here, at step 0."""
+        self._fresh_start = None
         self._ancestry = [self._segment_here()]
         self._live = None  # the live state's id and digests, once computed (None: changed since)
         # What the next report says about where its state came from: a fresh start here, or a restore.
@@ -170,7 +174,15 @@ class LabTrainable(tune.Trainable):
         with self.clock.part(RAY):  # Ray's own work around ``step`` on the worker
             return super().train()
 
+    def _settle_fresh_start(self) -> None:
+        """Reset, and no restore came before this call: the fresh start the reset deferred."""
+        if self._fresh_start is not None:
+            with self.clock.part(ACTOR_START):
+                self.trainer.reset(self._fresh_start)
+                self._start()
+
     def step(self) -> dict:
+        self._settle_fresh_start()
         population = self.config.get("population")
         if population and self.trainer.progress.status == DIVERGED:
             with self.clock.part(WAITING):
@@ -245,16 +257,10 @@ class LabTrainable(tune.Trainable):
         copies a donor into it (a restore), or ends once PBT had its chance and did not (no
         healthy member was left to copy)."""
         self._waited += 1
-        return {
-            **self.trainer.progress.last,
-            CHECK_SECONDS: 0.0,
-            **{
-                k: None for k in self.trainer.progress.last if k.endswith(USED)
-            },  # nothing trained, nothing used
-            SCORE: self._score,
-            DIVERGED_FLAG: True,
-            "done": self._waited > population["rescue_checks"],
-        }
+        last = self.trainer.progress.last
+        unused = dict.fromkeys(k for k in last if k.endswith(USED))  # nothing trained, nothing used
+        done = self._waited > population["rescue_checks"]
+        return {**last, CHECK_SECONDS: 0.0, **unused, SCORE: self._score, DIVERGED_FLAG: True, "done": done}
 
     def _follow_schedule(self) -> None:
         """A replay's trial carries ``schedule`` [[step, {key: value}, data seed], …]: at a step it sets the
@@ -297,9 +303,10 @@ class LabTrainable(tune.Trainable):
                     raise
                 # The driver stops the run on this line (StopWhenStorageFull): say what did not fit.
                 where = self._storage.storage_fs_path if self._storage else "the storage"
+                size = f"{self.trainer.state_bytes / 1e6:.1f} MB"
+                why = str(e).splitlines()[0]
                 raise StorageFull(
-                    f"storage {where} is full: a checkpoint of {self._saved_bytes / 1e6:.1f} MB did not fit "
-                    f"({str(e).splitlines()[0]})"
+                    f"storage {where} is full: a checkpoint of {size} did not fit ({why})"
                 ) from None
 
     def restore(self, checkpoint_path):
@@ -307,16 +314,17 @@ class LabTrainable(tune.Trainable):
             return super().restore(checkpoint_path)
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
+        self._settle_fresh_start()
         # The id the last report gave this state; a state no report described gets one of its own
         # (its exploits then count as unverifiable: the saver never reported its digests).
         state_id = self._live[STATE_ID] if self._live else uuid.uuid4().hex
         with self.clock.part(CHECKPOINT_SAVE):
-            saved = self.trainer.save(
+            self.trainer.save(
                 checkpoint_dir, extra={SAVED_BY: self.trial_id, STATE_ID: state_id, ANCESTRY: self._ancestry}
             )
-        self._saved_bytes = sum(f.stat().st_size for f in saved.iterdir())
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
+        self._fresh_start = None  # the whole state is the checkpoint's
         t = self.trainer
         with self.clock.part(CHECKPOINT_RESTORE):
             meta = t.restore(checkpoint_dir)
@@ -381,6 +389,9 @@ class LabTrainable(tune.Trainable):
         with self.clock.part(ACTOR_START, gap=WAITING):
             # Another width (the scaling study), builder option or traced setting: another Trainer in this
             # worker (Ray 2.60 fails the trial if a reused actor answers False here: it starts no fresh one).
-            self.trainer = self._trainer_for(ModelConfig(**new_config["model"]), train_config(new_config))
-            self._start()
+            train = train_config(new_config)
+            self.trainer = self._trainer_for(ModelConfig(**new_config["model"]), train, fresh=False)
+            # A PBT turn restores a checkpoint next, which replaces the whole state: the fresh start
+            # (initial weights, fresh slots, step 0) waits for a check that comes first (a new trial).
+            self._fresh_start, self._live = train, None
         return True
