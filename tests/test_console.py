@@ -107,6 +107,8 @@ def test_tensorboard_holds_each_members_schedule_its_exploits_and_the_winners_li
         assert {"schedule/optimizer", "schedule/lr", "ray/tune/val_acc"} <= set(reader.Tags()["scalars"])
         steps = [e.step for e in reader.Scalars("ray/tune/val_acc")]
         assert min(steps) == 50 and max(steps) == 600, "Ray's scalars stepped by training step"
+        ray_files = [f for f in trial_dir.glob("events.out.tfevents.*") if not f.name.endswith(".schedule")]
+        assert len(ray_files) == 1, "one file for all of a member's turns"
         if "exploit/text_summary" in reader.Tags()["tensors"]:
             texts += len(reader.Tensors("exploit/text_summary"))
     assert texts == len(lineage)  # one text entry per exploit
@@ -120,6 +122,30 @@ def test_tensorboard_holds_each_members_schedule_its_exploits_and_the_winners_li
             assert charted[step] == pytest.approx(segment[LR], rel=1e-6), (step, segment)
             compared += 1
     assert compared == len(charted) == 12  # every check of the winner's lineage (600 steps, 50 a check)
+
+
+def test_the_tensorboard_logger_keeps_one_file_per_trial_across_its_turns_and_writes_it_all(tmp_path):
+    from pbt_lab.tuning.callbacks import SteadyBoard
+
+    class Member(SimpleNamespace):
+        __hash__ = object.__hash__
+
+        def init_local_path(self):
+            Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+    trial = Member(local_path=str(tmp_path / "m"), evaluated_params={"lr": 0.1}, trial_id="m")
+    logger = SteadyBoard()
+    for turn in range(3):  # a PBT member's three turns on a worker: each one a start to Ray's loggers
+        logger.log_trial_start(trial)
+        for check in (1, 2):
+            step = 100 * turn + 50 * check
+            logger.log_trial_result(
+                0, trial, {"training_iteration": 1, "timesteps_total": step, "val_acc": step}
+            )
+    logger.log_trial_end(trial)
+    assert len(list(Path(trial.local_path).glob("events.out.tfevents.*"))) == 1
+    written = {e.step: e.value for e in board(Path(trial.local_path)).Scalars("ray/tune/val_acc")}
+    assert written == {s: float(s) for s in (50, 100, 150, 200, 250, 300)}
 
 
 # --- the console's parts, on hand-made input (no Ray) -------------------------------------------

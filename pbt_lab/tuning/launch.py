@@ -19,7 +19,7 @@ from ray.tune.error import TuneError
 
 from pbt_lab import StorageFull, UserError
 from pbt_lab.storage import is_storage_full, reserve_bytes
-from pbt_lab.tuning.callbacks import CSVLog, JsonLog, NameRestores, StopWhenStorageFull
+from pbt_lab.tuning.callbacks import CSVLog, JsonLog, NameRestores, SteadyBoard, StopWhenStorageFull
 from pbt_lab.tuning.console import NORMAL, QUIET, VERBOSE, Console, count_trials, header, ray_quieted
 from pbt_lab.tuning.controller import LabFIFO
 from pbt_lab.tuning.trainable import LabTrainable
@@ -158,8 +158,9 @@ def _fit(run, param_space, scheduler, search_alg, num_samples, stop, callbacks, 
                 name=run.name,
                 storage_path=run.storage_path,
                 stop=stop,
-                # NameRestores first: it adds to the results that the loggers after it write.
-                callbacks=[NameRestores(), JsonLog(), CSVLog(), full, *callbacks, shown],
+                # NameRestores first: it adds to the results that the loggers after it write; the
+                # TensorBoard logger after the caller's (ScheduleBoard steps its scalars by training step).
+                callbacks=[NameRestores(), JsonLog(), CSVLog(), full, *callbacks, SteadyBoard(), shown],
                 # No checkpoint at the end unless asked: a finished grid trial never resumes, and
                 # 288 final checkpoints of the full model would take 11 GB.
                 checkpoint_config=tune.CheckpointConfig(
