@@ -9,7 +9,9 @@ import pytest
 from pbt_lab.names import (
     ACTOR_BORN_AT,
     ACTOR_START,
+    AUDIT,
     CHECK_STARTED_AT,
+    CHECKPOINT_RESTORE,
     CHECKPOINT_SAVE,
     COMPILE,
     NODE_ID,
@@ -26,7 +28,14 @@ from pbt_lab.names import (
     WAITING,
 )
 from pbt_lab.results import read_tables
-from pbt_lab.results.breakdown import check_breakdown, idle_slot_seconds, time_breakdown, turn_seconds
+from pbt_lab.results.breakdown import (
+    check_breakdown,
+    check_overhead_seconds,
+    idle_slot_seconds,
+    overhead_forecast,
+    time_breakdown,
+    turn_seconds,
+)
 from pbt_lab.results.console import idle_line
 from pbt_lab.training.clock import PartClock
 
@@ -140,6 +149,25 @@ def test_a_turn_is_the_gap_before_a_member_resumes_from_a_checkpoint():
     assert turns["turn_seconds_median"] == pytest.approx(0.06) and turns[
         "exploit_gap_seconds_median"
     ] == pytest.approx(0.08)
+
+
+def test_a_checks_overhead_is_its_seconds_outside_work_where_no_restore_came_before_it():
+    rows = [
+        report("a", "n:1", 0.0, 1.0, **{TRAIN_PART: 0.9, RAY: 0.02, AUDIT: 0.01}),
+        report("a", "n:1", 0.0, 2.0, **{TRAIN_PART: 0.9, VALIDATE: 0.1, RAY: 0.03, AUDIT: 0.01}),
+        report("a", "n:1", 0.0, 3.0, **{TRAIN_PART: 0.8, RAY: 0.3, CHECKPOINT_RESTORE: 0.2}),  # after a turn
+    ]
+    rows[2][SEGMENT_FROM] = "a"
+    assert check_overhead_seconds(rows) == pytest.approx(0.035)  # median of 0.03 and 0.04: the turn apart
+    assert check_overhead_seconds(rows[2:]) is None
+
+
+def test_the_forecast_weighs_a_turn_and_each_checks_overhead_against_an_intervals_training():
+    # 200 steps of 5 ms: 1 s of training; 4 checks of 20 ms and a turn of 80 ms: 0.16 s of overhead.
+    share = overhead_forecast(
+        turn_seconds=0.08, check_seconds=0.02, steps_per_check=50, interval_steps=200, step_seconds=0.005
+    )
+    assert share == pytest.approx(0.16 / 1.16)
 
 
 def test_the_check_fails_a_part_counted_twice_or_seconds_lost():

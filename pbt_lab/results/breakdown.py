@@ -92,6 +92,7 @@ def time_breakdown(
         "overhead_share": 1 - work / slot_seconds,
         "fixed_seconds": fixed_seconds(rows, started_at),
         **turn_seconds(pd.DataFrame(rows)),
+        "check_overhead_seconds_median": check_overhead_seconds(rows),
         "actors": len(lives),
         "members": members,
     }
@@ -136,6 +137,28 @@ def turn_seconds(rows: pd.DataFrame) -> dict:
         "turn_seconds_median": float(turns.median()) if len(turns) else None,
         "exploit_gap_seconds_median": float(exploits.median()) if len(exploits) else None,
     }
+
+
+def check_overhead_seconds(rows: list[dict]) -> float | None:
+    """The median seconds outside work of an ordinary check (no restore before it on its worker): Ray's
+    calls around it and the digests of its report. A PBT member pays it every check, a turn only at
+    the end of an interval (``overhead_forecast``)."""
+    spent = [
+        sum(s for name, s in r[SECONDS_BY_PART].items() if name not in WORK_PARTS)
+        for r in rows
+        if r.get(SEGMENT_FROM) is None
+    ]
+    return float(pd.Series(spent).median()) if spent else None
+
+
+def overhead_forecast(
+    turn_seconds: float, check_seconds: float, steps_per_check: int, interval_steps: int, step_seconds: float
+) -> float:
+    """The overhead share of a PBT member's interval where members outnumber slots, so that every interval
+    ends in a turn: the turn and each check's overhead against the interval's training (validation,
+    PBT's own work, left out)."""
+    overhead = turn_seconds + interval_steps / steps_per_check * check_seconds
+    return overhead / (interval_steps * step_seconds + overhead)
 
 
 def idle_slot_seconds(

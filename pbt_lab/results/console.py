@@ -178,13 +178,16 @@ def ranking_line(r: dict) -> str:
 
 def overhead_line(breakdown: dict) -> str | None:
     """Work (training, compiling, validating) against overhead, and the overhead's fixed and per-turn
-    parts: ``overhead 15.7% (work 84.3%: …): fixed 12.3 s (…); a turn 77 ms, an exploit's 90 ms``."""
+    parts: ``overhead 15.7% (work 84.3%: …): fixed 12.3 s (…); a turn 77 ms, an exploit's 90 ms (…); a
+    check's 12 ms`` (outside work, where no restore came before it)."""
     if "work_share" not in breakdown:  # a run written before these figures
         return None
     turn, exploit = breakdown["turn_seconds_median"], breakdown["exploit_gap_seconds_median"]
     turns = [f"a turn {turn * 1e3:.0f} ms"] if turn is not None else []
     turns += [f"an exploit's {exploit * 1e3:.0f} ms"] if exploit is not None else []
     per_turn = f"; {', '.join(turns)} (medians of {breakdown['turns']} turns)" if turns else ""
+    check = breakdown.get("check_overhead_seconds_median")  # (a run written before it: none)
+    per_turn += f"; a check's {check * 1e3:.0f} ms" if check is not None else ""
     return (
         f"overhead {breakdown['overhead_share']:.1%} (work {breakdown['work_share']:.1%}: train, compile, "
         f"validate): fixed {breakdown['fixed_seconds']:.1f} s (workers' start, first compiles){per_turn}"
