@@ -2,22 +2,21 @@
 
     python -m pbt_lab.bench --quick --json
 
-These machines are shared and noisy: the Trainer/fit comparison alternates its two sides over
-several rounds and reports the ratio of the medians (and the rounds' range); the Tune figures are
-measured ``--repeats`` times (3) and reported as median and range, each run compared with itself
-(training seconds against wall seconds on the same slots, from its time breakdown) or with a twin
-run made moments before, never an absolute time against a goal. The machine is printed with them.
+These machines are shared and noisy: the Trainer/fit comparison alternates its two sides over rounds
+(the ratio of the medians, and the rounds' range); the Tune figures are measured ``--repeats`` times
+(3), median and range, each run compared with itself (from its time breakdown) or with a twin run made
+moments before, never an absolute time against a goal. The machine is printed with them.
 
 Tune figures, at a size (``--size``; ``--quick`` is ``--size quick``): quick, configs/*-quick.yaml on the
 bundled subset; cpu, the reference (configs/grid-cpu.yaml and configs/pbt-cpu-reference.yaml: 10
 members × 3,000 steps, long enough that the workers' start is a small share) on full MNIST
 ($PBT_LAB_DATA), without the twin grid (its stopped trials would run on to 1,000 steps, doubling the
 repeat); study, the study's configs. Goals are judged on the cpu reference only (``CPU_GOALS``):
-- work_share / overhead_share _grid / _pbt: training, compiling and validating against everything
-  else (workers' start, checkpoints, audit, Ray, waiting, idle slots), of the slot-seconds;
-  fixed_seconds_pbt: each worker's start and first compiles; turn_seconds_median_pbt: a member's
-  hand-over on a worker (its last report to its next member's first step from a checkpoint);
-  ranking_share_pbt: validation's share (what ranking costs);
+- work_share / overhead_share _grid / _pbt: work (train, compile, validate) against the rest, of the
+  slot-seconds; fixed_seconds_pbt: workers' start and first compiles; turn_seconds_median_pbt: a
+  hand-over on a worker (a report to the next member's first step from a checkpoint);
+  check_overhead_seconds_median_pbt: an ordinary check's seconds outside work, which with a turn's
+  make ``overhead_forecast_pbt`` (each interval and step time); ranking_share_pbt: validation's share;
 - lab_vs_ray_pbt_work_share: the lab PBT's work share ÷ that of Ray's own PBT with a textbook Keras
   trainable (``experiments/textbook.py``: ``model.fit`` per interval, ``save_weights``) on the same
   population, data, interval, budget and slots, run right after it; ray_vs_lab_pbt_seconds_to_accuracy:
@@ -65,7 +64,7 @@ from pbt_lab.names import (
     VAL_ACC,
     VALIDATE,
 )
-from pbt_lab.results.breakdown import worker_gaps
+from pbt_lab.results.breakdown import forecast_lines, forecast_table, worker_gaps
 from pbt_lab.storage import check_storage
 from pbt_lab.training.data import Dataset, load_dataset
 
@@ -96,11 +95,8 @@ def trainer_vs_fit(data: Dataset, scale: float, steps: int, rounds: int) -> Thro
     steps = min(steps, len(data.y_train) // batch)
     trainer = Trainer(data, TrainConfig(optimizer="adam", steps_per_check=steps), ModelConfig(scale=scale))
     model = build_cnn(data.input_shape, data.num_classes, scale)
-    model.compile(
-        make_optimizer("adam", TrainConfig.lr),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(make_optimizer("adam", TrainConfig.lr), loss, metrics=["accuracy"])
     # What a Keras user feeds fit: float images in [0, 1].
     x = data.x_train[: steps * batch].astype(np.float32) / (255.0 if data.x_train.dtype == np.uint8 else 1.0)
     y = data.y_train[: steps * batch].astype(np.int32)
@@ -117,11 +113,8 @@ def trainer_vs_fit(data: Dataset, scale: float, steps: int, rounds: int) -> Thro
 
     run_trainer(), run_fit()  # warm-up: tracing and graph optimisation are not throughput
     samples = [(run_trainer(), run_fit()) for _ in range(rounds)]
-    return Throughput(
-        statistics.median(s[0] for s in samples),
-        statistics.median(s[1] for s in samples),
-        tuple(t / f for t, f in samples),
-    )
+    trainer_rate, fit_rate = (statistics.median(side) for side in zip(*samples, strict=True))
+    return Throughput(trainer_rate, fit_rate, tuple(t / f for t, f in samples))
 
 
 # --- Ray Tune -------------------------------------------------------------------------------
@@ -218,6 +211,11 @@ SIZES = {  # the configs each size runs (configs/<grid>.yaml, configs/<pbt>.yaml
 }
 
 
+BREAKDOWN_FIGURES = (
+    "work_share", "overhead_share", "fixed_seconds", "turn_seconds_median", "check_overhead_seconds_median",
+)  # fmt: skip
+
+
 def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
     """One repeat of the Tune figures: the grid, its twin without the divergence stop, and PBT."""
     import ray
@@ -261,8 +259,9 @@ def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
         **{
             f"{figure}_{kind}": tables["summary"]["time_breakdown"][figure]
             for kind, tables in (("grid", grid_tables), ("pbt", pbt_tables))
-            for figure in ("work_share", "overhead_share", "fixed_seconds", "turn_seconds_median")
+            for figure in BREAKDOWN_FIGURES
         },
+        "steps_per_check_pbt": pbt_tables["summary"]["config"]["train"]["steps_per_check"],
         "ranking_share_pbt": pbt_tables["summary"]["time_breakdown"]["shares"][VALIDATE],
         **ray_pbt,
         "slots": grid_tables["summary"]["time_breakdown"]["slots"],
@@ -295,9 +294,10 @@ CPU_GOALS = {  # judged on the cpu reference only: a run long enough to mean som
 }
 SHOWN = (  # reported without a goal (at the quick size, every Tune figure)
     "work_share_grid", "work_share_pbt", "overhead_share_grid", "overhead_share_pbt", "fixed_seconds_pbt",
-    "turn_seconds_median_pbt", "exploit_extra_ratio", "ranking_share_pbt", "lab_vs_ray_pbt_work_share",
-    "ray_vs_lab_pbt_seconds_to_accuracy", "tune_efficiency_grid", "tune_efficiency_pbt",
-    "exploit_cost_ratio", "divergence_savings", "pbt_vs_grid_compute",
+    "turn_seconds_median_pbt", "check_overhead_seconds_median_pbt", "exploit_extra_ratio",
+    "ranking_share_pbt", "lab_vs_ray_pbt_work_share", "ray_vs_lab_pbt_seconds_to_accuracy",
+    "tune_efficiency_grid", "tune_efficiency_pbt", "exploit_cost_ratio", "divergence_savings",
+    "pbt_vs_grid_compute",
 )  # fmt: skip
 
 
@@ -339,12 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="alternating rounds per Trainer/fit comparison"
     )
     parser.add_argument("--only", choices=("trainer", "tune"), help="run one half of the benchmark")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="runs of the Tune figures; each is reported as median and range",
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="Tune runs: each figure a median and range")
     parser.add_argument("--storage-path", help="where the Tune runs go (default: a new temporary directory)")
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args(argv)
@@ -386,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
         repeats = [tune_figures(args.size, storage, os.cpu_count() or 1, i) for i in range(args.repeats)]
         figures |= medians(repeats) | {"repeats": args.repeats, "runs": str(storage)}
+        measured = ("turn_seconds_median", "check_overhead_seconds_median", "steps_per_check")
+        figures["overhead_forecast_pbt"] = forecast_table(*(figures[f"{k}_pbt"] for k in measured))
+        print("\n".join(forecast_lines(figures["overhead_forecast_pbt"])))
     figures["machine"] = {**results.machine(), **results.versions()}
     m = figures["machine"]
     print(f"\non {m['cpu']}, {m['cores']} cores; TensorFlow {m['tensorflow']}, Ray {m['ray']}")

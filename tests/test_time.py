@@ -31,6 +31,8 @@ from pbt_lab.results import read_tables
 from pbt_lab.results.breakdown import (
     check_breakdown,
     check_overhead_seconds,
+    forecast_lines,
+    forecast_table,
     idle_slot_seconds,
     overhead_forecast,
     time_breakdown,
@@ -168,6 +170,9 @@ def test_the_forecast_weighs_a_turn_and_each_checks_overhead_against_an_interval
         turn_seconds=0.08, check_seconds=0.02, steps_per_check=50, interval_steps=200, step_seconds=0.005
     )
     assert share == pytest.approx(0.16 / 1.16)
+    table = forecast_table(0.08, 0.02, 50)
+    assert table[200][5] == share and table[50][1] > table[1000][1] > table[1000][20]  # longer: cheaper
+    assert len(forecast_lines(table)) == 1 + len(table) and forecast_table(None, 0.02, 50) == {}
 
 
 def test_the_check_fails_a_part_counted_twice_or_seconds_lost():

@@ -161,6 +161,34 @@ def overhead_forecast(
     return overhead / (interval_steps * step_seconds + overhead)
 
 
+FORECAST_INTERVALS = (50, 100, 200, 500, 1000)  # steps between PBT's decisions
+FORECAST_STEP_MS = (1, 5, 20)  # a small CNN's step on a modern GPU, a T4, a K80
+
+
+def forecast_table(turn_seconds: float | None, check_seconds: float | None, steps_per_check: int) -> dict:
+    """``overhead_forecast`` for each interval (steps) and step time (ms): {interval: {ms: share}}
+    (empty where the run measured no turn or check)."""
+    if turn_seconds is None or check_seconds is None:
+        return {}
+    return {
+        interval: {
+            ms: overhead_forecast(turn_seconds, check_seconds, steps_per_check, interval, ms / 1e3)
+            for ms in FORECAST_STEP_MS
+        }
+        for interval in FORECAST_INTERVALS
+    }
+
+
+def forecast_lines(table: dict) -> list[str]:
+    """The forecast as the console prints it: a row per interval, a column per step time."""
+    if not table:
+        return []
+    lines = ["overhead forecast: interval (steps) " + "".join(f"{ms:>9} ms" for ms in FORECAST_STEP_MS)]
+    for interval, shares in table.items():
+        lines.append(f"{interval:>34,} " + "".join(f"{shares[ms]:>12.1%}" for ms in FORECAST_STEP_MS))
+    return lines
+
+
 def idle_slot_seconds(
     lives: list[tuple[float, float]], started_at: float, ended_at: float, slots: int
 ) -> float:
