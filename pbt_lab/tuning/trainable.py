@@ -141,7 +141,7 @@ class LabTrainable(tune.Trainable):
         key = json.dumps(asdict(model), sort_keys=True, default=repr)
         held = self._trainers.get(key)
         if held is not None and not held.retraces(train):
-            held.reset(train) if fresh else held.set_recipe(train)
+            (held.reset if fresh else held.set_recipe)(train)
         else:  # none yet, or a traced setting changed: a new Trainer
             if len(self._trainers) >= MAX_TRAINERS:
                 self._trainers.pop(next(iter(self._trainers)))
