@@ -416,6 +416,20 @@ def test_initial_values_come_from_the_first_report_not_from_rays_rewritten_param
     assert (row[OPTIMIZER], row[LR]) == ("momentum", 0.0158)
 
 
+def test_a_state_saved_under_sha256_and_loaded_under_xxh3_is_unverifiable_not_mismatched():
+    # A run resumed across the digest's change: its saver's SHA-256 cannot be compared with the xxh3_128
+    # of what was loaded; the audit fails closed on it, without calling the state altered.
+    row = {**row_of_exploit(own=True), RESTORED_DIGEST: "b" * 32}
+    saves = pd.DataFrame(
+        [{STATE_ID: "s1", STATE_DIGEST: "a" * 64, SLOTS_DIGEST: "c" * 64, OPTIMIZER_STEPS: 20}]
+    )
+    verdict = audit.audit(pd.DataFrame([row]), saves, []).iloc[0]
+    assert (verdict["verdict"], verdict["problem"]) == (
+        "unverifiable",
+        "saved and loaded under different digests",
+    )
+
+
 def test_a_run_from_before_xxh3_is_read_with_its_sha256_digests_under_todays_names(tmp_path):
     from pbt_lab.results.ray_files import read_reports
 

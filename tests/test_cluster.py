@@ -72,6 +72,21 @@ def test_cluster_config_passes_rays_validator(path):
         assert "RAY_AUTH_MODE=token ray start" in command
 
 
+def test_the_k80_nodes_install_every_dependency_the_lab_declares():
+    # They install the lab with --no-deps over the Kepler stack: its own dependencies must be named.
+    import tomllib
+
+    def name(requirement: str) -> str:
+        return re.split(r"[\[<>=!~ ;]", requirement.strip().strip('"'), maxsplit=1)[0].lower()
+
+    declared = {
+        name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    setup = " ".join(yaml.safe_load((ROOT / "cluster" / "k80.yaml").read_text())["setup_commands"])
+    installed = {name(r) for r in re.findall(r'"([^"]+)"', setup)}
+    assert declared - installed == {"tensorboard"}  # (TensorFlow 2.14 requires it)
+
+
 @pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
 def test_cluster_config_opens_no_port_but_ssh_to_the_internet(path):
     from ray.autoscaler._private.aws.config import _create_default_inbound_rules

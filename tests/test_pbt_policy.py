@@ -236,7 +236,8 @@ def test_the_schedulers_state_round_trips_its_generator_decisions_counters_and_m
     state = json.loads(json.dumps(first.state_dict()))  # as pbt_state.json stores it
     second = scheduler(seed=99)
     second.load_state_dict(state)
-    a2, b2 = added_member(second, "a", exploit_decision=3), added_member(second, "b")
+    waiting = {"trial_id": "b", "state_id": "b6"}  # a waits to copy b's checkpoint, as Ray's snapshot has it
+    a2, b2 = added_member(second, "a", registered=waiting, exploit_decision=3), added_member(second, "b")
     assert second.decisions == first.decisions and np.array_equal(second._rng.random(5), first._rng.random(5))
     assert (second._reports, second._next_perturbation_sync, second._last_report) == (
         11,
@@ -279,7 +280,7 @@ def test_a_decision_the_resumed_trials_do_not_carry_was_interrupted_and_explaine
 
 def test_an_exploit_the_resumed_trials_carry_and_the_state_lacks_is_recovered_from_them():
     # The snapshot of the trials is newer: a waits to copy b's state b6 under decision 2, which this state
-    # (its decisions 0 and 1 stored) never held.
+    # (its decision 0 stored) never held.
     s = resumed_with([{"decision": n, "action": "keep"} for n in range(1)], {})
     donors = {"trial_id": "b", "state_id": "b6", "training_iteration": 6, "state_digest": "x"}
     added_member(s, "a", registered=donors, exploit_decision=2, lr=0.05)
@@ -290,6 +291,19 @@ def test_an_exploit_the_resumed_trials_carry_and_the_state_lacks_is_recovered_fr
     assert recovered["new"][LR] == 0.05 and s._pending == {"a": 2}
     # Ray's copies of the savers' reports go to pbt_state.json, for the audit.
     assert {r["state_id"] for r in s.state_dict()["registered_reports"]} == {"b6", "b8"}
+
+
+def test_a_state_older_than_the_trials_does_not_hold_a_member_to_an_exploit_it_carried_out():
+    decided = [{"decision": 0, "action": "exploit", "member": "a", "donor": "b"}]
+    # It carried out decision 0 and saved its own state since: not pending, and not interrupted.
+    s = resumed_with(decided, {"a": 0})
+    added_member(s, "a", registered={"trial_id": "a", "state_id": "a8"}, exploit_decision=0)
+    assert s._pending["a"] is None and "interrupted" not in s.decisions[0]
+    # It went on to a later exploit (2) that this state lacks: 0 stays as it was, 2 is recovered.
+    s = resumed_with([dict(d) for d in decided], {"a": 0})
+    added_member(s, "a", registered={"trial_id": "b", "state_id": "b9"}, exploit_decision=2)
+    assert "interrupted" not in s.decisions[0] and s.decisions[2]["donor_state_id"] == "b9"
+    assert s._pending == {"a": 2} and s.decisions[1]["action"] == "unrecorded"
 
 
 def test_a_resumed_member_that_carries_its_known_exploit_still_awaits_it():

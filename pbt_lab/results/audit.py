@@ -60,6 +60,7 @@ from pbt_lab.names import (
     VERDICTS,
     VERIFIED,
 )
+from pbt_lab.results.ray_files import todays_names
 
 OWN_RESTORE = "own"  # a restore of the trial's own checkpoint in a run from before restore kinds were named
 VERDICT_COLUMNS = ["kind", "matched", "verdict", "problem"]
@@ -162,6 +163,9 @@ def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict] | N
         trained = pd.notna(rate)
         if saved is None:
             verdict, problem = UNVERIFIABLE, "its saver never reported the state"
+        elif len(str(saved[STATE_DIGEST])) != len(str(r[RESTORED_DIGEST])):
+            # SHA-256 (64 hex digits) before xxh3_128 (32): a run resumed across that change
+            verdict, problem = UNVERIFIABLE, "saved and loaded under different digests"
         elif exploit and not trained:
             verdict, problem = UNVERIFIABLE, "its first check did not report the rate it used"
         else:
@@ -361,8 +365,8 @@ def audit_digests(
     restores = [r for r in rows if r.get(RESTORED_DIGEST) is not None]
     iterations = {(r.get(TRIAL_ID), r.get(RESTORED_ID)): r.get("training_iteration") for r in restores}
     for d in decided.values():  # the scheduler's copy of each exploit's first report: never lost
-        restored = d.get("restored")
-        if restored and restored.get(RESTORED_DIGEST):
+        restored = todays_names(d.get("restored") or {})  # (an older pbt_state.json: restored_sha256)
+        if restored.get(RESTORED_DIGEST):
             key = (d["member"], restored.get(RESTORED_ID))
             seen.add(key)
             out.append(restore_row(d["member"], restored, iterations.get(key), d, exploit=True))

@@ -145,7 +145,8 @@ def key_columns(d: dict) -> dict:
     columns = {}
     for key, new in (d.get("new") or {}).items():
         if key not in (OPTIMIZER, LR):
-            columns |= {f"old_{key}": d["old"].get(key), f"new_{key}": new}
+            # (a decision recovered on a resume does not know the old value: None)
+            columns |= {f"old_{key}": (d.get("old") or {}).get(key), f"new_{key}": new}
         columns |= {f"donor_{key}": donor.get(key), f"operation_{key}": operations.get(key)}
     return columns
 

@@ -27,7 +27,6 @@ def read_reports(run_dir: Path, ray_states: dict) -> dict[str, list[dict]]:
     for trial_dir in trial_dirs(run_dir):
         result_file = trial_dir / "result.json"
         reports = _json_lines(result_file) if result_file.is_file() else []
-        reports = [{LEGACY_DIGEST_NAMES.get(k, k): v for k, v in r.items()} for r in reports]
         last = ray_states.get(trial_dir.name, {}).get("last_result") or {}
         if not reports and "training_iteration" in last:
             # A driver killed while copying the trial's files left them empty, but Ray's experiment
@@ -35,8 +34,13 @@ def read_reports(run_dir: Path, ray_states: dict) -> dict[str, list[dict]]:
             # trial that never reported has a last result of Ray's own fields only.)
             reports = [last]
         if reports:
-            found[trial_dir.name] = reports
+            found[trial_dir.name] = [todays_names(r) for r in reports]
     return found
+
+
+def todays_names(record: dict) -> dict:
+    """A report (or a record of one) with an older run's names read as today's."""
+    return {LEGACY_DIGEST_NAMES.get(k, k): v for k, v in record.items()}
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -98,7 +102,7 @@ def read_progress(run_dir: Path) -> dict[str, list[dict]]:
             reports.append(
                 {**{k: v for k, v in row.items() if not k.startswith("config/")}, "config": config}
             )
-        found[trial_dir.name] = reports
+        found[trial_dir.name] = [todays_names(r) for r in reports]
     return found
 
 

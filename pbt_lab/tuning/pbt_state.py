@@ -88,7 +88,8 @@ class ResumableState:
             s.last_result = latest.metrics
             if member["has_checkpoint"]:
                 s.last_checkpoint = latest.checkpoint
-            if latest.metrics.get(STATE_ID):
+            known = {r[STATE_ID] for r in self._registered_reports}
+            if latest.metrics.get(STATE_ID) and latest.metrics[STATE_ID] not in known:
                 self._registered_reports += (_jsonable(latest.metrics),)
         if member[DIVERGED_FLAG]:
             self._diverged.add(trial.trial_id)
@@ -101,14 +102,17 @@ class ResumableState:
         """The exploit a resumed member is to carry out, as its trial (Ray's snapshot) has it."""
         carries = trial.config.get(EXPLOIT)
         awaiting = member.get("awaiting") if member["pending"] else None
-        if awaiting is not None and awaiting != carries:
-            # Decided after the trials' snapshot: it resumes from its state before the decision.
+        donor = latest and latest.metrics.get(TRIAL_ID)
+        if awaiting is not None and (carries is None or carries < awaiting):
+            # Decided after the trials' snapshot (decisions are numbered in time): it resumes from its
+            # state before the decision.
             self.decisions[awaiting]["interrupted"] = True
             s = self._trial_state[trial]
             if latest:
                 s.last_train_time = s.last_perturbation_time = latest.metrics.get("training_iteration", 0)
             awaiting = None
-        donor = latest and latest.metrics.get(TRIAL_ID)
+        elif awaiting is not None and (carries > awaiting or donor in (None, trial.trial_id)):
+            awaiting = None  # the trials' snapshot is newer: it carried the exploit out, and saved since
         if donor in (None, trial.trial_id) or carries is None:
             return awaiting
         # Its trial waits to copy another member's checkpoint under the decision its config names.
@@ -119,7 +123,7 @@ class ResumableState:
         self.decisions += [
             {"decision": n, "action": UNRECORDED} for n in range(len(self.decisions), carries + 1)
         ]
-        record = {
+        record = {  # ("old": not known; "iteration": the state it copies)
             "decision": carries,
             "iteration": latest.metrics.get("training_iteration"),
             "member": trial.trial_id,
