@@ -146,6 +146,12 @@ def test_the_tensorboard_logger_keeps_one_file_per_trial_across_its_turns_and_wr
     assert len(list(Path(trial.local_path).glob("events.out.tfevents.*"))) == 1
     written = {e.step: e.value for e in board(Path(trial.local_path)).Scalars("ray/tune/val_acc")}
     assert written == {s: float(s) for s in (50, 100, 150, 200, 250, 300)}
+    # A member still live when the experiment ends (an interrupt): its scalars are written then.
+    live = Member(local_path=str(tmp_path / "live"), evaluated_params={}, trial_id="live")
+    logger.log_trial_start(live)
+    logger.log_trial_result(0, live, {"training_iteration": 1, "timesteps_total": 50, "val_acc": 0.5})
+    logger.on_experiment_end([live])
+    assert [e.step for e in board(Path(live.local_path)).Scalars("ray/tune/val_acc")] == [50]
 
 
 # --- the console's parts, on hand-made input (no Ray) -------------------------------------------

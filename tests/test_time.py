@@ -14,6 +14,7 @@ from pbt_lab.names import (
     CHECKPOINT_RESTORE,
     CHECKPOINT_SAVE,
     COMPILE,
+    DIVERGED_FLAG,
     NODE_ID,
     RAY,
     REPORTED_AT,
@@ -160,6 +161,8 @@ def test_a_checks_overhead_is_its_seconds_outside_work_where_no_restore_came_bef
         report("a", "n:1", 0.0, 3.0, **{TRAIN_PART: 0.8, RAY: 0.3, CHECKPOINT_RESTORE: 0.2}),  # after a turn
     ]
     rows[2][SEGMENT_FROM] = "a"
+    waiting = report("a", "n:1", 0.0, 4.0, **{WAITING: 1.0, RAY: 0.01})  # diverged, waiting for a donor
+    rows.append({**waiting, DIVERGED_FLAG: True})
     assert check_overhead_seconds(rows) == pytest.approx(0.035)  # median of 0.03 and 0.04: the turn apart
     assert check_overhead_seconds(rows[2:]) is None
 

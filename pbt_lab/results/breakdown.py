@@ -24,6 +24,7 @@ from pbt_lab.names import (
     ACTOR_START,
     CHECK_STARTED_AT,
     COMPILE,
+    DIVERGED_FLAG,
     NODE_ID,
     REPORTED_AT,
     SECONDS_BY_PART,
@@ -146,7 +147,7 @@ def check_overhead_seconds(rows: list[dict]) -> float | None:
     spent = [
         sum(s for name, s in r[SECONDS_BY_PART].items() if name not in WORK_PARTS)
         for r in rows
-        if r.get(SEGMENT_FROM) is None
+        if r.get(SEGMENT_FROM) is None and not r.get(DIVERGED_FLAG)  # (a diverged member waits: no check)
     ]
     return float(pd.Series(spent).median()) if spent else None
 
@@ -168,8 +169,8 @@ FORECAST_STEP_MS = (1, 5, 20)  # a small CNN's step on a modern GPU, a T4, a K80
 def forecast_table(turn_seconds: float | None, check_seconds: float | None, steps_per_check: int) -> dict:
     """``overhead_forecast`` for each interval (steps) and step time (ms): {interval: {ms: share}}
     (empty where the run measured no turn or check)."""
-    if turn_seconds is None or check_seconds is None:
-        return {}
+    if not all(isinstance(v, int | float) for v in (turn_seconds, check_seconds)):
+        return {}  # none measured (or repeats that disagreed on whether there was one)
     return {
         interval: {
             ms: overhead_forecast(turn_seconds, check_seconds, steps_per_check, interval, ms / 1e3)

@@ -239,6 +239,13 @@ class SteadyBoard(TBXLoggerCallback):
 
     FLUSH_SECONDS = 5  # how far behind a live TensorBoard may be
 
+    def on_experiment_end(self, trials, **info):
+        # Members still live at the end (an interrupt, a full disk): written before Ray's last sync.
+        for writer in self._trial_writer.values():
+            writer.close()
+        self._trial_writer.clear()
+        self._trial_result.clear()
+
     def log_trial_start(self, trial):
         if trial not in self._trial_writer:
             trial.init_local_path()
