@@ -105,6 +105,7 @@ RESTORED_OPTIMIZER_STEPS = "restored_optimizer_steps"
 RESTORED_OPTIMIZER = "restored_optimizer"  # the optimizer the checkpoint was saved with
 LEGACY_RESTORED_LR = "restored_lr"  # runs before lr_used: the live rate a restore had assigned
 # Runs before the digests were xxh3_128 named them by SHA-256, which they were: read under today's names.
+LEGACY_DIGEST_LENGTH = 64  # hex digits of such a SHA-256 (today's: 32)
 LEGACY_DIGEST_NAMES = {
     name.replace("digest", "sha256"): name
     for name in (STATE_DIGEST, SLOTS_DIGEST, RESTORED_DIGEST, RESTORED_SLOTS_DIGEST, FRESH_SLOTS_DIGEST)

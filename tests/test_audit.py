@@ -209,7 +209,7 @@ def test_a_donor_report_a_kill_lost_is_read_from_rays_registered_copy_and_still_
     registered = {k: v for k, v in reports[-1].items() if not isinstance(v, dict)}
     verdict, _ = exploit(member_class, donor, tmp_path / "kept", reported=False, registered=[registered])
     assert verdict["verdict"] == "verified"
-    wrong = {**registered, STATE_DIGEST: "0" * 64}
+    wrong = {**registered, STATE_DIGEST: "0" * 32}  # a digest of today's kind, of another state
     verdict, _ = exploit(member_class, donor, tmp_path / "wrong", reported=False, registered=[wrong])
     assert verdict["verdict"] == "mismatched" and "weights differ" in verdict["problem"]
 

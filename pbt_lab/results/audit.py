@@ -32,6 +32,7 @@ from pbt_lab.names import (
     EXPLOIT_RESTORE,
     EXPLOITED,
     FRESH_SLOTS_DIGEST,
+    LEGACY_DIGEST_LENGTH,
     LEGACY_RESTORED_LR,
     LR,
     LR_USED,
@@ -111,6 +112,11 @@ def _used_keys(d: dict | None, r: pd.Series) -> list[tuple[str, object]]:
     ]
 
 
+def _legacy(digest) -> bool:
+    """Whether a digest is an older run's SHA-256 (64 hex digits; today's xxh3_128 has 32)."""
+    return isinstance(digest, str) and len(digest) == LEGACY_DIGEST_LENGTH
+
+
 def restore_kind(row: pd.Series) -> str:
     """Why the row's restore happened (the driver's name for it; inferred for older runs)."""
     kind = row.get(RESTORE_KIND)
@@ -163,8 +169,7 @@ def audit(restores: pd.DataFrame, saves: pd.DataFrame, decisions: list[dict] | N
         trained = pd.notna(rate)
         if saved is None:
             verdict, problem = UNVERIFIABLE, "its saver never reported the state"
-        elif len(str(saved[STATE_DIGEST])) != len(str(r[RESTORED_DIGEST])):
-            # SHA-256 (64 hex digits) before xxh3_128 (32): a run resumed across that change
+        elif _legacy(saved[STATE_DIGEST]) != _legacy(r[RESTORED_DIGEST]):  # a run resumed across the change
             verdict, problem = UNVERIFIABLE, "saved and loaded under different digests"
         elif exploit and not trained:
             verdict, problem = UNVERIFIABLE, "its first check did not report the rate it used"
