@@ -80,13 +80,8 @@ def exploit_rows(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def _same_lr(a, b) -> bool:
-    return (
-        a is not None
-        and b is not None
-        and not pd.isna(a)
-        and not pd.isna(b)
-        and math.isclose(a, b, rel_tol=1e-6)
-    )
+    known = all(v is not None and not pd.isna(v) for v in (a, b))
+    return known and math.isclose(a, b, rel_tol=1e-6)
 
 
 def _same_value(used, expected) -> bool:
