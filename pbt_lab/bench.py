@@ -379,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.only != "trainer":
         storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
-        repeats = [tune_figures(args.size, storage, os.cpu_count() or 1, i) for i in range(args.repeats)]
+        repeats = []
+        for i in range(args.repeats):  # each repeat kept as it ends: a late failure loses no earlier one
+            repeats.append(tune_figures(args.size, storage, os.cpu_count() or 1, i))
+            (storage / f"figures-{i}.json").write_text(json.dumps(repeats[-1], default=str))
         figures |= medians(repeats) | {"repeats": args.repeats, "runs": str(storage)}
         measured = ("turn_seconds_median", "check_overhead_seconds_median", "steps_per_check")
         figures["overhead_forecast_pbt"] = forecast_table(*(figures[f"{k}_pbt"] for k in measured))
