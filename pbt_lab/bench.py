@@ -2,16 +2,14 @@
 
     python -m pbt_lab.bench --quick --json
 
-These machines are shared and noisy: the Trainer/fit comparison alternates its two sides over rounds
-(the ratio of the medians, and the rounds' range); the Tune figures are measured ``--repeats`` times
-(3), median and range, each run compared with itself (from its time breakdown) or with a twin run made
-moments before, never an absolute time against a goal. The machine is printed with them.
+These machines are shared and noisy: Trainer/fit alternates its sides over rounds (the ratio of the
+medians, the rounds' range); the Tune figures are measured ``--repeats`` times (median and range), each
+run against itself (its time breakdown) or a twin run made moments before. The machine is printed.
 
 Tune figures, at a size (``--size``; ``--quick`` is ``--size quick``): quick, configs/*-quick.yaml on the
-bundled subset; cpu, the reference (configs/grid-cpu.yaml and configs/pbt-cpu-reference.yaml: 10
-members × 3,000 steps, long enough that the workers' start is a small share) on full MNIST
-($PBT_LAB_DATA), without the twin grid (its stopped trials would run on to 1,000 steps, doubling the
-repeat); study, the study's configs. Goals are judged on the cpu reference only (``CPU_GOALS``):
+bundled subset; cpu, the reference (grid-cpu.yaml and pbt-cpu-reference.yaml: 10 members × 3,000 steps,
+so the workers' start is a small share) on full MNIST ($PBT_LAB_DATA), without the twin grid (its
+stopped trials would run on to 1,000 steps); study, the study's configs. Goals are judged on cpu only:
 - work_share / overhead_share _grid / _pbt: work (train, compile, validate) against the rest, of the
   slot-seconds; fixed_seconds_pbt: workers' start and first compiles; turn_seconds_median_pbt: a
   hand-over on a worker (a report to the next member's first step from a checkpoint);
@@ -21,14 +19,13 @@ repeat); study, the study's configs. Goals are judged on the cpu reference only 
   trainable (``experiments/textbook.py``: ``model.fit`` per interval, ``save_weights``) on the same
   population, data, interval, budget and slots, run right after it; ray_vs_lab_pbt_seconds_to_accuracy:
   Ray's wall seconds to the lower of the two runs' best validation accuracies ÷ the lab's;
-- tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall × slots) (``share_<run>_<part>``: every
-  part's share of the slot-seconds); ``_past_start``: the same without the workers' start;
+- tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall × slots) (``share_<run>_<part>``: each
+  part's); ``_past_start``: without the workers' start;
 - exploit_cost_ratio: median idle seconds of a worker from the report on which PBT exploited a member
   to that member's next training step on the worker, ÷ training seconds per perturbation interval;
   ``exploit_extra_ratio``: the same less an ordinary turn's, what the exploit itself adds;
-- divergence_savings: 1 − trial-seconds of the grid ÷ those of its twin without the divergence stop;
-- pbt_vs_grid_compute: PBT training seconds (whole population) until a member's validation
-  accuracy is within 0.2 pt of the grid's best ÷ the grid's training seconds.
+- divergence_savings: 1 − the grid's trial-seconds ÷ its twin's without the stops; pbt_vs_grid_compute:
+  PBT's training seconds until a member is within 0.2 pt of the grid's best validation ÷ the grid's.
 """
 
 from __future__ import annotations
@@ -71,8 +68,7 @@ from pbt_lab.training.data import Dataset, load_dataset
 
 @dataclass(frozen=True)
 class Throughput:
-    """Images per second of the Trainer and of Keras ``fit`` on the same model, batch and data: the
-    medians over the rounds, and each round's ratio."""
+    """Images per second of the Trainer and of Keras ``fit`` (medians of the rounds), each round's ratio."""
 
     trainer: float
     fit: float
@@ -229,13 +225,9 @@ def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
     ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, **quiet)
     try:
         grid_tables = tune_run(grid, grid_config, storage, f"grid-{repeat}")
+        no_stops = ("train.stop_on_divergence=false", "train.stall_checks=null")
         no_stop = twin and tune_run(
-            grid,
-            grid_config,
-            storage,
-            f"grid-no-divergence-stop-{repeat}",
-            "train.stop_on_divergence=false",
-            "train.stall_checks=null",
+            grid, grid_config, storage, f"grid-no-divergence-stop-{repeat}", *no_stops
         )
         pbt_tables = tune_run(pbt, pbt_config, storage, f"pbt-{repeat}")
         ray_pbt = textbook.side_by_side(pbt_tables, str(storage), f"ray-pbt-{repeat}")
@@ -266,6 +258,22 @@ def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
         **ray_pbt,
         "slots": grid_tables["summary"]["time_breakdown"]["slots"],
     }
+
+
+def repeat_figures(size: str, storage: Path, repeat: int) -> dict:
+    """One repeat's figures, kept in ``figures-SIZE-N.json``: a bench run again on its storage path reads
+    those it has and runs the rest; an unfinished repeat's runs are set aside (``…-unfinished-TIME``)."""
+    kept = storage / f"figures-{size}-{repeat}.json"
+    if not kept.exists():
+        for run in storage.glob(f"*-{repeat}"):
+            run.rename(run.with_name(f"{run.name}-unfinished-{time.strftime('%Y%m%d-%H%M%S')}"))
+        figures = tune_figures(size, storage, os.cpu_count() or 1, repeat)
+        partial = kept.with_suffix(".partial")  # a kill while writing leaves no half a file to read
+        partial.write_text(json.dumps(figures, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+        partial.rename(kept)
+    else:
+        print(f"repeat {repeat}: measured before, read from {kept}", flush=True)
+    return json.loads(kept.read_text())  # the same figures, read back or resumed
 
 
 def medians(repeats: list[dict]) -> dict:
@@ -327,20 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=tuple(SIZES),
         default="study",
         help="the Tune runs' configs: quick (bundled data, ~10 min on 2 cores with fewer rounds), "
-        "cpu (full MNIST, ~25 min a repeat on 2 cores), study (the study's: a GPU cluster)",
+        "cpu (full MNIST, 45–75 min a repeat on 2 cores), study (the study's: a GPU cluster)",
     )
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="--size quick")
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="mnist.npz path or 'bundled' for Trainer/fit (default: bundled with --quick, else full MNIST)",
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="alternating rounds per Trainer/fit comparison"
-    )
+    parser.add_argument("--data", help="mnist.npz or 'bundled' for Trainer/fit (default: bundled if --quick)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per Trainer/fit comparison")
     parser.add_argument("--only", choices=("trainer", "tune"), help="run one half of the benchmark")
     parser.add_argument("--repeats", type=int, default=3, help="Tune runs: each figure a median and range")
-    parser.add_argument("--storage-path", help="where the Tune runs go (default: a new temporary directory)")
+    parser.add_argument(
+        "--storage-path",
+        help="where the Tune runs go (default: a new temporary directory); a bench run again on the same "
+        "path reads the repeats measured there and runs the rest",
+    )
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args(argv)
     if (args.rounds is not None and args.rounds < 1) or args.repeats < 1:
@@ -372,17 +378,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"trainer_img_per_s_{key}": t.trainer,
                 f"fit_img_per_s_{key}": t.fit,
             }
-            print(
-                f"scale {scale:g}: Trainer {t.trainer:,.0f} img/s, Keras fit {t.fit:,.0f} img/s, "
-                f"ratio {t.ratio:.2f}",
-                flush=True,
-            )
+            line = f"scale {scale:g}: Trainer {t.trainer:,.0f} img/s, Keras fit {t.fit:,.0f} img/s"
+            print(f"{line}, ratio {t.ratio:.2f}", flush=True)
     if args.only != "trainer":
         storage = Path(args.storage_path or tempfile.mkdtemp(prefix="pbt_lab-bench-")).resolve()
-        repeats = []
-        for i in range(args.repeats):  # each repeat kept as it ends: a late failure loses no earlier one
-            repeats.append(tune_figures(args.size, storage, os.cpu_count() or 1, i))
-            (storage / f"figures-{i}.json").write_text(json.dumps(repeats[-1], default=str))
+        repeats = [repeat_figures(args.size, storage, i) for i in range(args.repeats)]
         figures |= medians(repeats) | {"repeats": args.repeats, "runs": str(storage)}
         measured = ("turn_seconds_median", "check_overhead_seconds_median", "steps_per_check")
         figures["overhead_forecast_pbt"] = forecast_table(*(figures[f"{k}_pbt"] for k in measured))

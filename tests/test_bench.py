@@ -2,6 +2,7 @@
 on a shared machine are noise; `python -m pbt_lab.bench` reports them against their goals)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,41 @@ def test_repeats_are_reported_as_median_and_range():
         "runs": "a",
     }
     assert bench.medians([{"y": None}, {"y": 0.5}]) == {"y": [None, 0.5]}  # a figure a repeat lacked
+
+
+def test_a_bench_run_again_on_its_storage_reads_the_repeats_it_measured_and_runs_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    """A 2-hour bench killed (or a session ended) after 2 of 3 repeats: run again on the same storage, it
+    reads those two and runs the third, setting aside the killed attempt's runs (never read as its own)."""
+    import numpy as np
+
+    ran = []
+
+    def measure(size, storage, cpus, repeat):  # the Ray runs themselves are tested by the quick fixtures
+        ran.append(repeat)
+        assert not (storage / f"grid-{repeat}").exists()  # the killed attempt's run was set aside
+        return {"x": np.float64(0.5 + repeat), "n": np.int64(7), "turn_seconds_median_pbt": 0.09}
+
+    monkeypatch.setattr(bench, "tune_figures", measure)
+    for name in ("figures-cpu-0.json", "figures-quick-1.json"):  # a cpu repeat; another size's
+        (tmp_path / name).write_text(json.dumps({"x": 0.1, "n": 7, "turn_seconds_median_pbt": 0.07}))
+    for run in ("grid-1", "pbt-1", "pbt-11", "grid-0"):
+        (tmp_path / run).mkdir()
+    figures = [bench.repeat_figures("cpu", tmp_path, i) for i in range(3)]
+    assert ran == [1, 2] and "repeat 0: measured before" in capsys.readouterr().out
+    assert figures == [
+        {"x": 0.1, "n": 7, "turn_seconds_median_pbt": 0.07},
+        {"x": 1.5, "n": 7, "turn_seconds_median_pbt": 0.09},
+        {"x": 2.5, "n": 7, "turn_seconds_median_pbt": 0.09},
+    ]  # numpy's numbers kept as numbers, the same whether measured now or read back
+    assert bench.medians(figures)["x_range"] == [0.1, 2.5]
+    runs = sorted(re.sub(r"unfinished-\d{8}-\d{6}$", "unfinished-TIME", p.name) for p in tmp_path.iterdir())
+    assert runs == [
+        "figures-cpu-0.json", "figures-cpu-1.json", "figures-cpu-2.json", "figures-quick-1.json",
+        "grid-0", "grid-1-unfinished-TIME", "pbt-1-unfinished-TIME", "pbt-11",
+    ]  # fmt: skip
+    assert bench.repeat_figures("cpu", tmp_path, 2) == figures[2] and ran == [1, 2]  # read, not rerun
 
 
 def test_the_machine_is_named_in_every_summary(quick_grid):
