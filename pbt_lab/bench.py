@@ -18,9 +18,9 @@ stopped trials would run on to 1,000 steps); study, the study's configs. Goals a
 - lab_vs_ray_pbt_work_share: the lab PBT's work share ÷ that of Ray's own PBT with a textbook Keras
   trainable (``experiments/textbook.py``: ``model.fit`` per interval, ``save_weights``) on the same
   population, data, interval, budget and slots, run right after it; ray_vs_lab_pbt_seconds_to_accuracy:
-  Ray's wall seconds to the lower of the two runs' best validation accuracies ÷ the lab's;
-- tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall × slots) (``share_<run>_<part>``: each
-  part's); ``_past_start``: without the workers' start;
+  Ray's wall seconds to the lower of the two runs' best validation accuracies ÷ the lab's (_wall: to the
+  budget's end); tune_efficiency_grid / _pbt: Σ training seconds ÷ (wall × slots) (``share_<run>_<part>``:
+  each part's); ``_past_start``: without the workers' start;
 - exploit_cost_ratio: median idle seconds of a worker from the report on which PBT exploited a member
   to that member's next training step on the worker, ÷ training seconds per perturbation interval;
   ``exploit_extra_ratio``: the same less an ordinary turn's, what the exploit itself adds;
@@ -304,8 +304,8 @@ SHOWN = (  # reported without a goal (at the quick size, every Tune figure)
     "work_share_grid", "work_share_pbt", "overhead_share_grid", "overhead_share_pbt", "fixed_seconds_pbt",
     "turn_seconds_median_pbt", "check_overhead_seconds_median_pbt", "exploit_extra_ratio",
     "ranking_share_pbt", "lab_vs_ray_pbt_work_share", "ray_vs_lab_pbt_seconds_to_accuracy",
-    "tune_efficiency_grid", "tune_efficiency_pbt", "exploit_cost_ratio", "divergence_savings",
-    "pbt_vs_grid_compute",
+    "ray_vs_lab_pbt_wall", "tune_efficiency_grid", "tune_efficiency_pbt", "exploit_cost_ratio",
+    "divergence_savings", "pbt_vs_grid_compute",
 )  # fmt: skip
 
 
