@@ -261,12 +261,12 @@ def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
 
 
 def repeat_figures(size: str, storage: Path, repeat: int) -> dict:
-    """One repeat's figures, kept in ``figures-SIZE-N.json``: a bench run again on its storage path reads
-    those it has and runs the rest; an unfinished repeat's runs are set aside (``…-unfinished-TIME``)."""
+    """One repeat's figures, kept in ``figures-SIZE-N.json``: a bench run again on its storage reads them."""
     kept = storage / f"figures-{size}-{repeat}.json"
     if not kept.exists():
-        for run in storage.glob(f"*-{repeat}"):
-            run.rename(run.with_name(f"{run.name}-unfinished-{time.strftime('%Y%m%d-%H%M%S')}"))
+        for name in ("grid", "grid-no-divergence-stop", "pbt", "ray-pbt"):  # an unfinished try's runs
+            if (run := storage / f"{name}-{repeat}").exists():  # set aside, never read as this one's
+                run.rename(run.with_name(f"{run.name}-unfinished-{time.strftime('%Y%m%d-%H%M%S')}"))
         figures = tune_figures(size, storage, os.cpu_count() or 1, repeat)
         partial = kept.with_suffix(".partial")  # a kill while writing leaves no half a file to read
         partial.write_text(json.dumps(figures, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
@@ -279,8 +279,8 @@ def repeat_figures(size: str, storage: Path, repeat: int) -> dict:
 def medians(repeats: list[dict]) -> dict:
     """Each numeric figure's median over the repeats, and its range as ``<name>_range`` [min, max]."""
     out = {}
-    for key in repeats[0]:
-        values = [r[key] for r in repeats]
+    for key in dict.fromkeys(k for r in repeats for k in r):  # a figure some repeats lack: a list
+        values = [r.get(key) for r in repeats]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = statistics.median(values)
             out[f"{key}_range"] = [min(values), max(values)]

@@ -116,6 +116,12 @@ def test_repeats_are_reported_as_median_and_range():
         "runs": "a",
     }
     assert bench.medians([{"y": None}, {"y": 0.5}]) == {"y": [None, 0.5]}  # a figure a repeat lacked
+    # A figure only later repeats have (an older bench's files resumed), or only earlier ones: kept, not lost
+    assert bench.medians([{"x": 1.0}, {"x": 2.0, "z": 3.0}]) == {
+        "x": 1.5,
+        "x_range": [1.0, 2.0],
+        "z": [None, 3.0],
+    }
 
 
 def test_a_bench_run_again_on_its_storage_reads_the_repeats_it_measured_and_runs_the_rest(
@@ -135,7 +141,7 @@ def test_a_bench_run_again_on_its_storage_reads_the_repeats_it_measured_and_runs
     monkeypatch.setattr(bench, "tune_figures", measure)
     for name in ("figures-cpu-0.json", "figures-quick-1.json"):  # a cpu repeat; another size's
         (tmp_path / name).write_text(json.dumps({"x": 0.1, "n": 7, "turn_seconds_median_pbt": 0.07}))
-    for run in ("grid-1", "pbt-1", "pbt-11", "grid-0"):
+    for run in ("grid-1", "pbt-1", "pbt-11", "grid-0", "notes-1"):
         (tmp_path / run).mkdir()
     figures = [bench.repeat_figures("cpu", tmp_path, i) for i in range(3)]
     assert ran == [1, 2] and "repeat 0: measured before" in capsys.readouterr().out
@@ -143,13 +149,21 @@ def test_a_bench_run_again_on_its_storage_reads_the_repeats_it_measured_and_runs
         {"x": 0.1, "n": 7, "turn_seconds_median_pbt": 0.07},
         {"x": 1.5, "n": 7, "turn_seconds_median_pbt": 0.09},
         {"x": 2.5, "n": 7, "turn_seconds_median_pbt": 0.09},
-    ]  # numpy's numbers kept as numbers, the same whether measured now or read back
+    ]  # the same whether measured now or read back
+    assert {type(v) for f in figures for v in f.values()} == {int, float}  # numpy's numbers as Python's
     assert bench.medians(figures)["x_range"] == [0.1, 2.5]
     runs = sorted(re.sub(r"unfinished-\d{8}-\d{6}$", "unfinished-TIME", p.name) for p in tmp_path.iterdir())
     assert runs == [
-        "figures-cpu-0.json", "figures-cpu-1.json", "figures-cpu-2.json", "figures-quick-1.json",
-        "grid-0", "grid-1-unfinished-TIME", "pbt-1-unfinished-TIME", "pbt-11",
-    ]  # fmt: skip
+        "figures-cpu-0.json",
+        "figures-cpu-1.json",
+        "figures-cpu-2.json",
+        "figures-quick-1.json",
+        "grid-0",
+        "grid-1-unfinished-TIME",
+        "notes-1",
+        "pbt-1-unfinished-TIME",
+        "pbt-11",
+    ]  # only the bench's own runs set aside
     assert bench.repeat_figures("cpu", tmp_path, 2) == figures[2] and ran == [1, 2]  # read, not rerun
 
 
