@@ -62,6 +62,7 @@ from pbt_lab.names import (
     VALIDATE,
 )
 from pbt_lab.results.breakdown import forecast_lines, forecast_table, worker_gaps
+from pbt_lab.results.tables import write_json
 from pbt_lab.storage import check_storage
 from pbt_lab.training.data import Dataset, load_dataset
 
@@ -207,6 +208,8 @@ SIZES = {  # the configs each size runs (configs/<grid>.yaml, configs/<pbt>.yaml
 }
 
 
+RUNS = ("grid", "grid-no-divergence-stop", "pbt", "ray-pbt")  # a repeat's runs, named RUN-REPEAT
+
 BREAKDOWN_FIGURES = (
     "work_share", "overhead_share", "fixed_seconds", "turn_seconds_median", "check_overhead_seconds_median",
 )  # fmt: skip
@@ -224,13 +227,12 @@ def tune_figures(size: str, storage: Path, cpus: int, repeat: int) -> dict:
     quiet = {"logging_level": "ERROR", "log_to_driver": False}  # workers' lines stay in Ray's logs
     ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, **quiet)
     try:
-        grid_tables = tune_run(grid, grid_config, storage, f"grid-{repeat}")
+        grid_run, no_stop_run, pbt_run, ray_run = (f"{run}-{repeat}" for run in RUNS)
+        grid_tables = tune_run(grid, grid_config, storage, grid_run)
         no_stops = ("train.stop_on_divergence=false", "train.stall_checks=null")
-        no_stop = twin and tune_run(
-            grid, grid_config, storage, f"grid-no-divergence-stop-{repeat}", *no_stops
-        )
-        pbt_tables = tune_run(pbt, pbt_config, storage, f"pbt-{repeat}")
-        ray_pbt = textbook.side_by_side(pbt_tables, str(storage), f"ray-pbt-{repeat}")
+        no_stop = twin and tune_run(grid, grid_config, storage, no_stop_run, *no_stops)
+        pbt_tables = tune_run(pbt, pbt_config, storage, pbt_run)
+        ray_pbt = textbook.side_by_side(pbt_tables, str(storage), ray_run)
     finally:
         ray.shutdown()
     interval = pbt_tables["summary"]["config"]["pbt"]["perturbation_interval"]
@@ -264,13 +266,10 @@ def repeat_figures(size: str, storage: Path, repeat: int) -> dict:
     """One repeat's figures, kept in ``figures-SIZE-N.json``: a bench run again on its storage reads them."""
     kept = storage / f"figures-{size}-{repeat}.json"
     if not kept.exists():
-        for name in ("grid", "grid-no-divergence-stop", "pbt", "ray-pbt"):  # an unfinished try's runs
-            if (run := storage / f"{name}-{repeat}").exists():  # set aside, never read as this one's
+        for run in (storage / f"{name}-{repeat}" for name in RUNS):  # an unfinished try's runs: set
+            if run.exists():  # aside, never read as this one's
                 run.rename(run.with_name(f"{run.name}-unfinished-{time.strftime('%Y%m%d-%H%M%S')}"))
-        figures = tune_figures(size, storage, os.cpu_count() or 1, repeat)
-        partial = kept.with_suffix(".partial")  # a kill while writing leaves no half a file to read
-        partial.write_text(json.dumps(figures, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-        partial.rename(kept)
+        write_json(kept, tune_figures(size, storage, os.cpu_count() or 1, repeat))  # whole or not at all
     else:
         print(f"repeat {repeat}: measured before, read from {kept}", flush=True)
     return json.loads(kept.read_text())  # the same figures, read back or resumed
