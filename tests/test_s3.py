@@ -33,13 +33,19 @@ def lab(module: str, *argv: str, env: dict, log: Path | None = None, wait: bool 
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 
 
+def stored_state(local_s3, key: str) -> dict:
+    """The ``pbt_state.json`` Ray's last snapshot put in the bucket (none yet: {})."""
+    try:
+        return json.loads(
+            local_s3.client(**local_s3.keys).get_object(Bucket=local_s3.bucket, Key=key)["Body"].read()
+        )
+    except Exception:  # not uploaded yet
+        return {}
+
+
 def stored_decisions(local_s3, key: str) -> list[dict]:
     """The decisions in the ``pbt_state.json`` Ray's last snapshot put in the bucket (none yet: [])."""
-    try:
-        body = local_s3.client(**local_s3.keys).get_object(Bucket=local_s3.bucket, Key=key)["Body"].read()
-        return json.loads(body)["decisions"]
-    except Exception:  # not uploaded yet
-        return []
+    return stored_state(local_s3, key).get("decisions", [])
 
 
 @pytest.mark.slow
@@ -53,11 +59,20 @@ def test_pbt_on_s3_resumes_after_a_kill_and_its_tables_rebuild_and_its_winner_re
     argv += ["--set", "resources.gpu=0", "--set", "pbt.perturbation_interval=2"]
     started = time.perf_counter()
     driver = lab("pbt", *argv, env=env, log=tmp_path / "cut.log", wait=False)
-    deadline = time.time() + 600
+    # Killed once the snapshot after the first with an exploit has reached the bucket: Ray uploads one
+    # snapshot at a time, file by file, so the exploit's snapshot is then whole there (its trials'
+    # checkpoints with it) and the resume restores them; the kill may still cut the next upload.
+    deadline, exploit_snapshot = time.time() + 600, None
     while time.time() < deadline and driver.poll() is None:
-        if any(d["action"] == "exploit" for d in stored_decisions(local_s3, "lab/cut/pbt_state.json")):
-            break
-        time.sleep(1)
+        state = stored_state(local_s3, "lab/cut/pbt_state.json")
+        if exploit_snapshot is None and any(d["action"] == "exploit" for d in state.get("decisions", [])):
+            exploit_snapshot = state["snapshot"]
+        if exploit_snapshot is not None and state["snapshot"] > exploit_snapshot:
+            break  # (a state with decisions has its snapshot's number)
+        time.sleep(0.5)
+    assert exploit_snapshot is not None and state.get("snapshot", -1) > exploit_snapshot, (
+        tmp_path / "cut.log"
+    ).read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray: no clean-up at all
     driver.wait(timeout=60)
     before = stored_decisions(local_s3, "lab/cut/pbt_state.json")
