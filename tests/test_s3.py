@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pbt_lab.names import HISTORY, LINEAGE, SUMMARY, TRIALS
+from pbt_lab.names import EXPLOITED, HISTORY, LINEAGE, PBT_STATE_FILE, SUMMARY, TRIALS
 from pbt_lab.results import read_tables
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,18 +43,13 @@ def stored_state(local_s3, key: str) -> dict:
         return {}
 
 
-def stored_decisions(local_s3, key: str) -> list[dict]:
-    """The decisions in the ``pbt_state.json`` Ray's last snapshot put in the bucket (none yet: [])."""
-    return stored_state(local_s3, key).get("decisions", [])
-
-
 @pytest.mark.slow
 def test_pbt_on_s3_resumes_after_a_kill_and_its_tables_rebuild_and_its_winner_replays(
     local_s3, tmp_path, monkeypatch
 ):
     local_s3.use_keys(monkeypatch)  # this process reads the bucket too
     storage, env = local_s3.uri("lab"), local_s3.env()
-    run = local_s3.uri("lab/cut")
+    run, state_key = local_s3.uri("lab/cut"), f"lab/cut/{PBT_STATE_FILE}"
     argv = ["--config", str(CONFIGS / "pbt-quick.yaml"), "--storage-path", storage, "--name", "cut"]
     argv += ["--set", "resources.gpu=0", "--set", "pbt.perturbation_interval=2"]
     started = time.perf_counter()
@@ -64,35 +59,30 @@ def test_pbt_on_s3_resumes_after_a_kill_and_its_tables_rebuild_and_its_winner_re
     # checkpoints with it) and the resume restores them; the kill may still cut the next upload.
     deadline, exploit_snapshot = time.time() + 600, None
     while time.time() < deadline and driver.poll() is None:
-        state = stored_state(local_s3, "lab/cut/pbt_state.json")
-        if exploit_snapshot is None and any(d["action"] == "exploit" for d in state.get("decisions", [])):
+        state = stored_state(local_s3, state_key)
+        if exploit_snapshot is None and any(d["action"] == EXPLOITED for d in state.get("decisions", [])):
             exploit_snapshot = state["snapshot"]
-        if exploit_snapshot is not None and state["snapshot"] > exploit_snapshot:
-            break  # (a state with decisions has its snapshot's number)
+        if exploit_snapshot is not None and state.get("snapshot", -1) > exploit_snapshot:
+            break
         time.sleep(0.5)
-    assert exploit_snapshot is not None and state.get("snapshot", -1) > exploit_snapshot, (
-        tmp_path / "cut.log"
-    ).read_text()[-3000:]
+    else:
+        raise AssertionError((tmp_path / "cut.log").read_text()[-3000:])  # no exploit's snapshot whole
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray: no clean-up at all
     driver.wait(timeout=60)
-    before = stored_decisions(local_s3, "lab/cut/pbt_state.json")
-    assert any(d["action"] == "exploit" for d in before), (tmp_path / "cut.log").read_text()[-3000:]
+    before = stored_state(local_s3, state_key)["decisions"]
+    assert any(d["action"] == EXPLOITED for d in before), (tmp_path / "cut.log").read_text()[-3000:]
 
     resumed = lab("pbt", *argv, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     wall = time.perf_counter() - started
     stored = local_s3.objects("lab/cut/")
     names = {key.removeprefix("lab/cut/") for key in stored}
-    assert TABLES | {LINEAGE, "pbt_state.json"} <= names
+    assert TABLES | {LINEAGE, PBT_STATE_FILE} <= names
     assert any(n.startswith("figures/") and n.endswith(".png") for n in names)
     assert any("/checkpoint_" in n for n in names)
     trials, _, summary = read_tables(run)
     assert len(trials) == 5 and set(trials["status"]) <= {"reached", "capped"}
-    after = json.loads(
-        local_s3.client(**local_s3.keys)
-        .get_object(Bucket="runs", Key="lab/cut/pbt_state.json")["Body"]
-        .read()
-    )["decisions"]
+    after = stored_state(local_s3, state_key)["decisions"]
     # PBT's record went on: what it had decided is still decided (its outcome, e.g. carried_out, is added)
     changed = [(b, a) for b, a in zip(before, after) if {k: a.get(k) for k in b} != b]
     assert not changed and len(after) > len(before), changed
